@@ -1,0 +1,115 @@
+"""What every op family shares: defining the op variants and registering them as backends, and
+the argument checks of the bad-input policy (DESIGN.md §5).
+
+Each public op `X` exists as up to three torch custom ops:
+  recsys_kernels::X            schema in csrc/ops.cpp; C++ kernels on the CPU / CUDA dispatch keys
+  recsys_kernels::X_reference  the pure-PyTorch reference (same schema), runs on any device
+  recsys_kernels::X_triton     the Triton kernel (torch.library.triton_op), where there is one
+All share one fake kernel and one autograd formula. Metadata checks (dtype, rank, device, shape)
+run in the Python front door, where torch.compile can trace them; checks of values (offsets,
+index bounds, finite scales) run inside every kernel, where they are opaque to the compiler.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from .. import _backend, _loader
+
+LIB = "recsys_kernels"
+
+
+def native_op(name: str):
+    """The op whose schema csrc/ops.cpp defines, or None when the C++ extension is not loaded."""
+    if "_C" not in _loader.EXTENSIONS:
+        return None
+    return getattr(torch.ops.recsys_kernels, name)
+
+
+def _native_reason(name: str, key: str) -> str | None:
+    if "_C" not in _loader.EXTENSIONS:
+        return _loader.LOAD_ERRORS.get("_C", "the C++ extension is not loaded")
+    if key == "CUDA" and "_C_cuda" not in _loader.EXTENSIONS:
+        return _loader.LOAD_ERRORS.get("_C_cuda", "the CUDA extension was not built")
+    if not _loader.has_native_kernel(name, key):
+        return f"no {'C++ CPU' if key == 'CPU' else 'CUDA C++'} kernel for {name} yet"
+    return None
+
+
+def define_op(name: str, reference: Callable, fake: Callable):
+    """Define X_reference from the `reference` function (its type hints give the schema, which
+    must equal csrc/ops.cpp's), give every variant the fake kernel, register the backends.
+    Returns {backend: op} for the variants that exist, for autograd registration."""
+    ref_op = torch.library.custom_op(f"{LIB}::{name}_reference", reference, mutates_args=())
+    ref_op.register_fake(fake)
+    _backend.register(name, "reference", ref_op, devices=("cpu", "cuda"))
+    variants = {"reference": ref_op}
+    native = native_op(name)
+    if native is not None:
+        torch.library.register_fake(f"{LIB}::{name}")(fake)
+        variants["cpu"] = variants["cuda"] = native
+    _backend.register(name, "cpu", native, devices=("cpu",), reason=_native_reason(name, "CPU"))
+    _backend.register(name, "cuda", native, devices=("cuda",), reason=_native_reason(name, "CUDA"))
+    return variants
+
+
+def triton_devices() -> tuple[str, ...]:
+    """Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how it is tested
+    on machines without a GPU)."""
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def register_autograd(variants: dict, backward: Callable, setup_context: Callable) -> None:
+    """One autograd formula for every variant op (native, reference, triton)."""
+    for op in {id(op): op for op in variants.values()}.values():
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def call(name: str, device: torch.device, backend: str | None, *args):
+    """Run op `name` through the backend that the selection rules pick."""
+    _, fn = _backend.resolve(name, device.type, backend)
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------- argument checks
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(t, name: str, *, dtypes=None, dim=None) -> None:
+    """TypeError unless `t` is a tensor of one of `dtypes`; ValueError unless it has `dim` dims
+    (an int or a tuple of allowed ranks)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if dim is not None:
+        allowed = (dim,) if isinstance(dim, int) else tuple(dim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must be {' or '.join(f'{d}-D' for d in allowed)}, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    """ValueError unless all the given (non-None) tensors are on one device; returns it."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return next(iter(present.values())).device
+
+
+def check_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_bits(bits) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")

@@ -1,0 +1,94 @@
+"""Build recsys_kernels: the C++ CPU extension always, the CUDA extension when it can.
+
+Environment switches:
+  RECSYS_KERNELS_CUDA=auto|0|1   auto (default): build CUDA sources when torch is a CUDA build and
+                                 a CUDA toolkit is found; 0: never (fast CPU-only iteration);
+                                 1: always, and fail loudly if that is impossible.
+  TORCH_CUDA_ARCH_LIST           honoured as usual; default below.
+  MAX_JOBS                       parallel compile jobs (ninja), honoured by torch's build_ext.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Ampere (8.0, 8.6), Ada (8.9), Hopper (9.0) as SASS, plus PTX of the newest for future cards.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def cuda_build_requested():
+    switch = os.environ.get("RECSYS_KERNELS_CUDA", "auto").lower()
+    if switch in ("0", "off", "false", "no"):
+        return False, "disabled by RECSYS_KERNELS_CUDA=0"
+    problems = []
+    if torch.version.cuda is None:
+        problems.append("torch is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        problems.append("no CUDA toolkit found (set CUDA_HOME)")
+    if problems:
+        if switch in ("1", "on", "true", "yes"):
+            sys.exit("RECSYS_KERNELS_CUDA=1 but the CUDA extension cannot be built: " + "; ".join(problems))
+        return False, "; ".join(problems)
+    return True, ""
+
+
+def cuda_include_dirs():
+    """cuBLAS/cuSPARSE/CCCL headers shipped by the nvidia-* pip wheels that torch depends on."""
+    dirs = []
+    for site in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cublas/include"):
+            path = os.path.join(site, sub)
+            if os.path.isdir(path) and path not in dirs:
+                dirs.append(path)
+    return dirs
+
+
+# Naming convention: *.cpp -> the CPU extension _C; *.cu and *.cc (host code of the CUDA
+# extension, e.g. its module init) -> _C_cuda.
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
+
+
+def extensions():
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    exts = [
+        cpp_extension.CppExtension(
+            "recsys_kernels._C",
+            sources("**/*.cpp"),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    build_cuda, why_not = cuda_build_requested()
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "recsys_kernels._C_cuda",
+                sources("**/*.cu") + sources("**/*.cc"),
+                include_dirs=include_dirs + cuda_include_dirs(),
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++20"],
+                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
+                },
+            )
+        )
+        print(f"recsys_kernels: building the CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    else:
+        print(f"recsys_kernels: not building the CUDA extension ({why_not})")
+    return exts
+
+
+setup(
+    packages=find_packages(include=["recsys_kernels", "recsys_kernels.*"]) + ["recsys_kernels._triton"],
+    package_dir={"recsys_kernels._triton": "kernels"},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,44 @@
+"""Shared test helpers: run a test over every (device, backend) pair that can run an op, so later
+issues add backends without touching the tests. Pairs that cannot run show up as skips with the
+reason (no GPU, backend not built, no kernel yet), never as passes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys_kernels import _backend
+
+DEVICES = ("cpu", "cuda")
+
+
+def backend_params(op: str, *, include_reference: bool = True):
+    """pytest params of (device, backend) for `op`: runnable ones plain, the rest as skips."""
+    params = []
+    for device in DEVICES:
+        for name in _backend.BACKENDS:
+            if name == "reference" and not include_reference:
+                continue
+            pid = f"{device}-{name}"
+            if device == "cuda" and not torch.cuda.is_available():
+                params.append(pytest.param(device, name, id=pid, marks=pytest.mark.skip(reason="no CUDA GPU")))
+                continue
+            reason = _backend.availability(op)[name]
+            if name in _backend.available_backends(op, device):
+                params.append(pytest.param(device, name, id=pid))
+            else:
+                if reason.startswith("yes"):
+                    reason = f"{name} does not run on {device} tensors"
+                params.append(pytest.param(device, name, id=pid, marks=pytest.mark.skip(reason=reason)))
+    return params
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape filled with NaN (floats) or a sentinel (ints), for outputs a kernel
+    must fully overwrite."""
+    if t.dtype.is_floating_point:
+        return torch.full_like(t, float("nan"))
+    return torch.full_like(t, 123)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+import recsys_kernels as rk
+from helpers import backend_params
+
+PREPACK = {8: "embedding_bag_byte_prepack", 4: "embedding_bag_4bit_prepack"}
+
+
+@pytest.mark.parametrize("device,backend", backend_params("quantize_rowwise"))
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(1, 2), (7, 4), (33, 64), (5, 130), (0, 8)])
+def test_quantize_matches_torch_prepack_bytes(device, backend, bits, shape):
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 10
+    expected = getattr(torch.ops.quantized, PREPACK[bits])(w)
+    got = rk.quantize_rowwise(w.to(device), bits, backend=backend).cpu()
+    assert got.dtype == torch.uint8 and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("dequantize_rowwise"))
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16])
+def test_dequantize_roundtrip(device, backend, bits, out_dtype):
+    w = torch.randn(40, 18)
+    q = torch.ops.quantized.embedding_bag_byte_prepack(w) if bits == 8 else torch.ops.quantized.embedding_bag_4bit_prepack(w)
+    got = rk.dequantize_rowwise(q.to(device), bits, output_dtype=out_dtype, backend=backend).cpu()
+    assert got.dtype == (out_dtype or torch.float32)
+    # value = code * scale + bias: the error is at most half a quantization step per row
+    step = (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)) / (255 if bits == 8 else 15)
+    assert ((got.float() - w).abs() <= step * 0.5 + 2e-2 * (out_dtype is not None) + 1e-3).all()
+
+
+def test_constant_rows_and_zero_rows():
+    w = torch.tensor([[3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    for bits in (8, 4):
+        q = rk.quantize_rowwise(w, bits)
+        torch.testing.assert_close(rk.dequantize_rowwise(q, bits), w)
+
+
+@pytest.mark.parametrize("bad,exc", [
+    (lambda: rk.quantize_rowwise(torch.randn(4, 4), 3), ValueError),
+    (lambda: rk.quantize_rowwise(torch.randn(4, 5), 4), ValueError),
+    (lambda: rk.quantize_rowwise(torch.randint(0, 3, (4, 4)), 8), TypeError),
+    (lambda: rk.quantize_rowwise(torch.randn(4), 8), ValueError),
+    (lambda: rk.quantize_rowwise(torch.tensor([[1.0, float("nan")]]), 8), ValueError),
+    (lambda: rk.dequantize_rowwise(torch.zeros(4, 8, dtype=torch.uint8), 8), ValueError),
+    (lambda: rk.dequantize_rowwise(torch.zeros(4, 12), 8), TypeError),
+    (lambda: rk.dequantize_rowwise(torch.full((2, 12), 255, dtype=torch.uint8), 8), ValueError),
+])
+def test_bad_input(bad, exc):
+    with pytest.raises(exc):
+        bad()
