@@ -25,7 +25,7 @@ def native_op(name: str):
     """The op whose schema csrc/ops.cpp defines, or None when the C++ extension is not loaded."""
     if "_C" not in _loader.EXTENSIONS:
         return None
-    return getattr(torch.ops.recsys_kernels, name)
+    return getattr(torch.ops.recsys_kernels, name).default
 
 
 def _native_reason(name: str, key: str) -> str | None:

@@ -1,0 +1,115 @@
+"""pytest-benchmark setup shared by every benchmark in bench/ (DESIGN.md §7).
+
+- Files named bench_*.py are collected (their functions are still test_*).
+- The `run_bench` fixture times a call with pytest-benchmark, synchronising CUDA around each call
+  when any tensor argument is on a GPU (so the time is the kernel's, not the launch's), and records
+  in `extra_info` the shape, the bytes the op must move (each input read once, each output written
+  once), its operation count, and this machine's measured memory bandwidth.
+- The memory bandwidth is measured once per device and session: the best of a few copies of a
+  large tensor, counting bytes read plus bytes written.
+- At the end, a table prints each benchmark's median time, GB/s, % of the measured bandwidth and
+  GOP/s. The same numbers are in --benchmark-json's extra_info.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+_BANDWIDTH_GBPS: dict[str, float] = {}  # device type -> measured copy bandwidth, GB/s
+_PROBE_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+
+
+def pytest_collect_file(parent, file_path):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_bandwidth(device: torch.device | str) -> float:
+    """GB/s of a large device-local copy (bytes read + bytes written), best of several runs."""
+    device = torch.device(device)
+    if device.type not in _BANDWIDTH_GBPS:
+        nbytes = _PROBE_BYTES.get(device.type, 256 << 20)
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()  # not zeros
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # warm-up: page faults, allocator
+        best = float("inf")
+        for _ in range(5):
+            _sync(device)
+            start = time.perf_counter()
+            dst.copy_(src)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        _BANDWIDTH_GBPS[device.type] = 2 * nbytes / best / 1e9
+        del src, dst
+    return _BANDWIDTH_GBPS[device.type]
+
+
+def _device_of(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def run_bench(benchmark):
+    """run_bench(fn, *args, bytes_moved=..., ops=0, shape=...) -> fn's result.
+
+    Times fn(*args) after one untimed warm-up call. `bytes_moved`: the fewest bytes the op must
+    move through memory; `ops`: its arithmetic operations (0 where counting makes no sense)."""
+
+    def run(fn, *args, bytes_moved: int, ops: int = 0, shape=None, **info):
+        device = _device_of(args)
+        benchmark.extra_info.update(
+            device=device.type,
+            shape=list(shape) if shape is not None else None,
+            bytes=int(bytes_moved),
+            ops=int(ops),
+            bandwidth_GBps=round(measured_bandwidth(device), 2),
+            **info,
+        )
+        if device.type == "cuda":
+            benchmark.extra_info["gpu"] = torch.cuda.get_device_name(device)
+
+            def call():
+                out = fn(*args)
+                torch.cuda.synchronize(device)
+                return out
+        else:
+            def call():
+                return fn(*args)
+
+        call()  # warm-up outside the timing: lazy init, allocator, first-touch page faults
+        _sync(device)
+        return benchmark(call)
+
+    return run
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    results = [b for b in (session.benchmarks if session else []) if b and "bytes" in b.extra_info]
+    if not results:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "throughput (median time; bytes = inputs read once + outputs written once)")
+    for dev, bw in sorted(_BANDWIDTH_GBPS.items()):
+        tr.write_line(f"measured {dev} memory bandwidth: {bw:.1f} GB/s "
+                      f"(copy of {_PROBE_BYTES.get(dev, 256 << 20) >> 20} MiB, read + write)")
+    width = max(len(b.name) for b in results)
+    tr.write_line(f"{'benchmark':<{width}}  {'device':<6} {'median':>10} {'GB/s':>9} {'% of bw':>8} {'GOP/s':>9}")
+    for b in results:
+        info, median = b.extra_info, b.stats.median
+        gbps = info["bytes"] / median / 1e9
+        pct = 100 * gbps / info["bandwidth_GBps"] if info.get("bandwidth_GBps") else float("nan")
+        gops = f"{info['ops'] / median / 1e9:9.2f}" if info.get("ops") else f"{'-':>9}"
+        tr.write_line(f"{b.name:<{width}}  {info['device']:<6} {median * 1e3:8.3f}ms {gbps:9.2f} {pct:7.1f}% {gops}")

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (DESIGN.md §8). On a fresh GPU machine, from any directory:
+#   bash bench/gpu_check.sh
+# builds the package with the CUDA extension (sm_90 only, to save time), runs the whole test suite
+# (the CUDA tests run there), runs the benchmarks, and writes everything under $OUT (default
+# ./gpu_check_out): summary.txt (read this first), nvidia-smi.txt, build.log, tests.log,
+# junit.xml, bench.log, bench.json. Everything fits in 8 minutes (each step has a `timeout`).
+#
+# The machine has no network: it uses the python3 that holds PyTorch there (override with
+# PYTHON=...), and that torch, whatever its version; nothing is downloaded. Exit status: 0 when
+# every step passed, 1 when a step failed, 2 when the machine cannot run the check at all.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"   # 8 minutes minus a margin for the caller
+STATUS=0
+
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+# Seconds a step may take: its own cap, never past the overall budget.
+cap() { local left=$(( BUDGET_S - ($(date +%s) - START) )); (( left < $1 )) && echo $(( left > 10 ? left : 10 )) || echo "$1"; }
+step() {  # step NAME CAP_S LOG CMD...: run CMD under timeout, log its outcome
+  local name=$1 limit; limit=$(cap "$2"); local logf=$3; shift 3
+  log "$name: start (timeout ${limit}s, log $(basename "$logf"))"
+  timeout --kill-after=10 "$limit" "$@" > "$logf" 2>&1
+  local rc=$?
+  if (( rc == 0 )); then log "$name: ok"; else
+    (( rc == 124 || rc == 137 )) && log "$name: TIMED OUT after ${limit}s" || log "$name: FAILED (exit $rc)"
+    STATUS=1
+  fi
+  return $rc
+}
+
+: > "$OUT/summary.txt"
+log "repo $(pwd) at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), output in $OUT"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || log "WARNING: nvidia-smi failed (see nvidia-smi.txt)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null \
+  | sed 's/^/GPU: /' | tee -a "$OUT/summary.txt"
+
+# --- what this machine has: torch with CUDA, a GPU, nvcc
+if ! "$PY" -c "import torch" > /dev/null 2>&1; then
+  log "FATAL: '$PY' cannot import torch, and this machine has no network to install it."
+  log "       Run with PYTHON=/path/to/a/python-with-torch, or carry torch wheels (device README)."
+  exit 2
+fi
+"$PY" -c "
+import sys, torch
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| torch CUDA', torch.version.cuda,
+      '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NOT VISIBLE')
+" 2>&1 | tee -a "$OUT/summary.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  log "FATAL: torch sees no CUDA GPU here; nothing to check."
+  exit 2
+fi
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  if [[ -x /usr/local/cuda/bin/nvcc ]]; then CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc > /dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  fi
+fi
+if [[ -z "${CUDA_HOME:-}" || ! -x "$CUDA_HOME/bin/nvcc" ]]; then
+  log "FATAL: no nvcc found (set CUDA_HOME); the CUDA extension cannot be built."
+  exit 2
+fi
+export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+log "nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -2 | head -1)"
+
+# --- build: editable install into that python, no index, no build isolation (use its torch)
+export RECSYS_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+if ! step build 270 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v -e .; then
+  tail -30 "$OUT/build.log" | tee -a "$OUT/summary.txt"
+  exit 1
+fi
+grep -E -- "-o [^ ]*_C_cuda[^ ]*\.so" "$OUT/build.log" | tail -1 | cut -c1-300 | sed 's/^/linked: /' | tee -a "$OUT/summary.txt"
+"$PY" -c "
+import recsys_kernels as rk
+from recsys_kernels import _loader
+print(rk.format_info())
+missing = [n for n in ('_C', '_C_cuda') if n not in _loader.EXTENSIONS]
+raise SystemExit('extensions not loaded: ' + str({n: _loader.LOAD_ERRORS.get(n) for n in missing}) if missing else 0)
+" 2>&1 | tee -a "$OUT/summary.txt"
+(( ${PIPESTATUS[0]} == 0 )) || { log "FATAL: the built extensions do not load"; exit 1; }
+
+# --- the whole test suite; the CUDA parametrizations run here
+step tests 200 "$OUT/tests.log" "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/junit.xml"
+tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+
+# --- benchmarks (GPU and CPU side by side), numbers in bench.json
+step bench 150 "$OUT/bench.log" "$PY" -m pytest bench -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,ops
+sed -n '/throughput (median/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+
+log "done, status $STATUS"
+exit $STATUS

@@ -1,0 +1,317 @@
+"""Embedding-bag modules over `recsys_kernels.ops.embedding.embedding_bag`.
+
+- `FusedEmbeddingBag`: a drop-in for `nn.EmbeddingBag` (same constructor, same forward calling
+  conventions, same default mode "mean", same `weight` name, so state dicts load both ways), plus
+  `.quantize(bits)` to an int8/int4 fused row-wise table (inference only) and `from_packed` for
+  tables prepacked by torch's `embedding_bag_byte_prepack` / `embedding_bag_4bit_prepack`.
+- `FusedEmbeddingBagCollection`: several tables, TorchRec flavoured: `{feature: (indices, offsets)}`
+  in, `[B, sum(D)]` (or a dict) out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.embedding import MODES, embedding_bag
+from ..ops.rowwise import check_packed_table, packed_width, quantize_rowwise
+
+
+class FusedEmbeddingBag(nn.Module):
+    """nn.EmbeddingBag with the recsys_kernels embedding_bag op underneath.
+
+    Same arguments as nn.EmbeddingBag; `max_norm` and `scale_grad_by_freq=True` are not supported
+    (NotImplementedError). Extra keyword arguments: `bounds` ("raise" | "zero" | "clamp", how
+    out-of-range indices are treated) and `backend` (force one backend). `offsets` follow
+    nn.EmbeddingBag: `[B]` bag starts, or `[B+1]` with include_last_offset=True, whose last entry
+    must equal the number of indices; a 2-D input `[B, L]` takes no offsets.
+
+    After `.quantize(bits)` (or `from_packed`), `weight` is a uint8 row-wise buffer (inference
+    only; the output is float32) and `bits` says its code width; `bits` is None for float tables.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: float | None = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                 sparse: bool = False, _weight: Tensor | None = None, include_last_offset: bool = False,
+                 padding_idx: int | None = None, device=None, dtype=None, *, bounds: str = "raise",
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if max_norm is not None:
+            raise NotImplementedError("FusedEmbeddingBag does not support max_norm (it renormalizes the table "
+                                      "in place during forward); renormalize the weight yourself")
+        if scale_grad_by_freq:
+            raise NotImplementedError("FusedEmbeddingBag does not support scale_grad_by_freq=True")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+            padding_idx %= num_embeddings
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self.scale_grad_by_freq = scale_grad_by_freq
+        self.mode = mode
+        self.sparse = sparse
+        self.include_last_offset = include_last_offset
+        self.padding_idx = padding_idx
+        self.bounds = bounds
+        self.backend = backend
+        self.bits: int | None = None
+        if _weight is None:
+            self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+            self.reset_parameters()
+        else:
+            if list(_weight.shape) != [num_embeddings, embedding_dim]:
+                raise ValueError(f"_weight must have shape [{num_embeddings}, {embedding_dim}], "
+                                 f"got {list(_weight.shape)}")
+            self.weight = nn.Parameter(_weight)
+
+    def reset_parameters(self) -> None:
+        if self.bits is not None:
+            raise RuntimeError("reset_parameters: the table is quantized (inference only)")
+        nn.init.normal_(self.weight)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].fill_(0)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_embedding_bag(cls, module: nn.EmbeddingBag, *, bounds: str = "raise",
+                           backend: str | None = None) -> "FusedEmbeddingBag":
+        """The same bag over the same Parameter object (shared, so optimizers keep working)."""
+        if not isinstance(module, nn.EmbeddingBag):
+            raise TypeError(f"module must be an nn.EmbeddingBag, got {type(module).__name__}")
+        placeholder = torch.empty(module.num_embeddings, module.embedding_dim, device="meta")  # allocates nothing
+        fused = cls(module.num_embeddings, module.embedding_dim, module.max_norm, module.norm_type,
+                    module.scale_grad_by_freq, module.mode, module.sparse, placeholder, module.include_last_offset,
+                    module.padding_idx, bounds=bounds, backend=backend)
+        fused.weight = module.weight
+        return fused
+
+    @classmethod
+    def from_pretrained(cls, embeddings: Tensor, freeze: bool = True, max_norm: float | None = None,
+                        norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                        sparse: bool = False, include_last_offset: bool = False, padding_idx: int | None = None,
+                        *, bounds: str = "raise", backend: str | None = None) -> "FusedEmbeddingBag":
+        """As nn.EmbeddingBag.from_pretrained (the module wraps `embeddings`, not a copy)."""
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+            raise ValueError("embeddings must be a 2-D tensor [num_embeddings, embedding_dim]")
+        module = cls(embeddings.shape[0], embeddings.shape[1], max_norm, norm_type, scale_grad_by_freq, mode,
+                     sparse, embeddings, include_last_offset, padding_idx, bounds=bounds, backend=backend)
+        module.weight.requires_grad = not freeze
+        return module
+
+    @classmethod
+    def from_packed(cls, packed: Tensor, bits: int = 8, *, mode: str = "mean", include_last_offset: bool = False,
+                    padding_idx: int | None = None, bounds: str = "raise",
+                    backend: str | None = None) -> "FusedEmbeddingBag":
+        """A quantized module over a fused row-wise table, e.g. the output of
+        torch.ops.quantized.embedding_bag_byte_prepack (bits=8) or _4bit_prepack (bits=4)."""
+        dim = check_packed_table(packed, bits, "packed")
+        n_rows = packed.shape[0]
+        module = cls(n_rows, dim, mode=mode, _weight=torch.empty(n_rows, dim, device="meta"),
+                     include_last_offset=include_last_offset, padding_idx=padding_idx, bounds=bounds,
+                     backend=backend)
+        module._set_packed(packed, bits)
+        return module
+
+    # ------------------------------------------------------------------ quantization
+    def _set_packed(self, packed: Tensor, bits: int) -> None:
+        del self.weight  # the Parameter goes; a buffer of the same name keeps state_dict keys
+        self.register_buffer("weight", packed)
+        self.bits = bits
+
+    @torch.no_grad()
+    def quantize(self, bits: int = 8) -> "FusedEmbeddingBag":
+        """Convert in place to a uint8 fused row-wise table (inference only). Returns self."""
+        if self.bits is not None:
+            raise RuntimeError(f"the table is already quantized ({self.bits}-bit)")
+        self._set_packed(quantize_rowwise(self.weight.detach(), bits, backend=self.backend), bits)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        incoming = state_dict.get(key)
+        if isinstance(incoming, Tensor):
+            if self.bits is not None and incoming.is_floating_point():
+                # a float checkpoint into a quantized module: quantize it the same way
+                state_dict[key] = quantize_rowwise(incoming.to(self.weight.device), self.bits, backend=self.backend)
+            elif self.bits is None and incoming.dtype == torch.uint8:
+                bits = 8 if incoming.shape[-1] == packed_width(self.embedding_dim, 8) else 4
+                error_msgs.append(f"{key}: the checkpoint holds a quantized (uint8, {bits}-bit) table; call "
+                                  f".quantize({bits}) on the module before loading it")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        if input.dim() == 2:
+            if offsets is not None:
+                raise ValueError("offsets must be None when input is 2-D [B, L] (fixed-length bags)")
+        elif input.dim() == 1:
+            if offsets is None:
+                raise ValueError("offsets is required when input is 1-D")
+            if offsets.dim() != 1:
+                raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
+            if not self.include_last_offset:  # torch's [B] bag starts -> CSR [B+1]; no data-dependent step
+                offsets = torch.cat([offsets, offsets.new_full((1,), input.shape[0])])
+        if per_sample_weights is not None and per_sample_weights.shape != input.shape:
+            raise ValueError(f"per_sample_weights must have the shape of input {tuple(input.shape)}, "
+                             f"got {tuple(per_sample_weights.shape)}")
+        return embedding_bag(self.weight, input, offsets, per_sample_weights=per_sample_weights, mode=self.mode,
+                             padding_idx=self.padding_idx, bounds=self.bounds, bits=self.bits or 8,
+                             sparse=self.sparse, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        if self.include_last_offset:
+            s += ", include_last_offset=True"
+        if self.sparse:
+            s += ", sparse=True"
+        if self.bits is not None:
+            s += f", bits={self.bits}"
+        if self.bounds != "raise":
+            s += f", bounds={self.bounds!r}"
+        return s
+
+
+# ----------------------------------------------------------------------------- collection
+@dataclass
+class TableConfig:
+    """One table of a FusedEmbeddingBagCollection (cf. TorchRec's EmbeddingBagConfig).
+    feature_names: the features looked up in this table (default: [name]). pooling: "sum" |
+    "mean" | "max". bits: None for a float table, 8 or 4 for a quantized one."""
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: list[str] = field(default_factory=list)
+    pooling: str = "sum"
+    bits: int | None = None
+
+    def __post_init__(self):
+        self.feature_names = list(self.feature_names) or [self.name]
+
+
+def _jagged(feature: str, value):
+    """(indices, offsets, lengths, weights) of one feature's input: a tuple (indices, offsets) or
+    (indices, offsets, per_sample_weights), or a dict with "values" (or "indices") and "offsets"
+    or "lengths", optionally "weights"."""
+    if isinstance(value, Mapping):
+        indices = value.get("values", value.get("indices"))
+        if indices is None:
+            raise ValueError(f"feature {feature!r}: the dict needs 'values' (or 'indices')")
+        if ("offsets" in value) == ("lengths" in value):
+            raise ValueError(f"feature {feature!r}: the dict needs exactly one of 'offsets' and 'lengths'")
+        return indices, value.get("offsets"), value.get("lengths"), value.get("weights")
+    if isinstance(value, (tuple, list)) and len(value) in (2, 3):
+        return value[0], value[1], None, (value[2] if len(value) == 3 else None)
+    raise TypeError(f"feature {feature!r}: expected (indices, offsets[, weights]) or a dict with values and "
+                    f"offsets/lengths, got {type(value).__name__}")
+
+
+class _Tables(nn.Module):
+    """name -> FusedEmbeddingBag. Not an nn.ModuleDict: that reserves names such as "items",
+    "keys" or "values", which are natural table names."""
+
+    def __getitem__(self, name: str) -> FusedEmbeddingBag:
+        return self._modules[name]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def _batch_size(offsets, lengths) -> int | None:
+    """B of one feature (None when the tensors are malformed: embedding_bag then says why)."""
+    t, extra = (lengths, 0) if lengths is not None else (offsets, 1)
+    return t.shape[0] - extra if isinstance(t, Tensor) and t.dim() == 1 else None
+
+
+class FusedEmbeddingBagCollection(nn.Module):
+    """Several embedding tables (different N and D), each serving one or more features.
+
+    forward({feature: (indices, offsets)}) -> [B, sum of D over (table, feature)], concatenated
+    in table order and, within a table, in feature_names order; with return_dict=True a dict
+    {feature: [B, D]}. offsets are CSR [B+1] (TorchRec's convention); see `_jagged` for the
+    other accepted forms (lengths, per-sample weights). Every feature must have the same B.
+    Features not in any table are ignored. State dict keys: `embedding_bags.<table>.weight`.
+    """
+
+    def __init__(self, tables: Sequence[TableConfig], *, device=None, dtype=None, bounds: str = "raise",
+                 backend: str | None = None) -> None:
+        super().__init__()
+        self.tables = list(tables)
+        if not self.tables:
+            raise ValueError("tables must not be empty")
+        names = [t.name for t in self.tables]
+        features = [f for t in self.tables for f in t.feature_names]
+        for what, values in (("table name", names), ("feature name", features)):
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"duplicate {what}(s): {dup}")
+        self.embedding_bags = _Tables()
+        for t in self.tables:
+            bag = FusedEmbeddingBag(t.num_embeddings, t.embedding_dim, mode=t.pooling, include_last_offset=True,
+                                    device=device, dtype=dtype, bounds=bounds, backend=backend)
+            if t.bits is not None:
+                bag.quantize(t.bits)
+            try:
+                self.embedding_bags.add_module(t.name, bag)
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"table name {t.name!r} cannot name a submodule: {exc}") from None
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f for t in self.tables for f in t.feature_names]
+
+    def quantize(self, bits: int = 8) -> "FusedEmbeddingBagCollection":
+        """Quantize every float table in place. Returns self."""
+        for t in self.tables:
+            bag = self.embedding_bags[t.name]
+            if bag.bits is None:
+                bag.quantize(bits)
+            t.bits = bag.bits
+        return self
+
+    def _pooled(self, lookups: list[tuple[str, Tensor, Tensor | None, Tensor | None, Tensor | None]]) -> list[Tensor]:
+        """One pooled [B, D] per (table, indices, offsets, lengths, weights), in order. This loop is
+        the one place a single multi-table launch will replace."""
+        out = []
+        for table, indices, offsets, lengths, weights in lookups:
+            bag = self.embedding_bags[table]
+            out.append(embedding_bag(bag.weight, indices, offsets, lengths=lengths, per_sample_weights=weights,
+                                     mode=bag.mode, padding_idx=bag.padding_idx, bounds=bag.bounds,
+                                     bits=bag.bits or 8, sparse=bag.sparse, backend=bag.backend))
+        return out
+
+    def forward(self, features: Mapping[str, object], *, return_dict: bool = False):
+        lookups, names, batch = [], [], None
+        for t in self.tables:
+            for f in t.feature_names:
+                if f not in features:
+                    raise KeyError(f"features: missing feature {f!r} (table {t.name!r})")
+                indices, offsets, lengths, weights = _jagged(f, features[f])
+                b = _batch_size(offsets, lengths)
+                if batch is None:
+                    batch, first = b, f
+                elif b is not None and b != batch:
+                    raise ValueError(f"features: every feature needs the same batch size; {f!r} has {b} bags, "
+                                     f"{first!r} has {batch}")
+                lookups.append((t.name, indices, offsets, lengths, weights))
+                names.append(f)
+        pooled = self._pooled(lookups)
+        if return_dict:
+            return dict(zip(names, pooled))
+        return torch.cat(pooled, dim=1)  # mixed float/quantized tables promote (e.g. bf16 + fp32 -> fp32)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{t.name}: {t.num_embeddings}x{t.embedding_dim} {t.pooling} {t.feature_names}"
+                         + (f" int{t.bits}" if t.bits else "") for t in self.tables)

@@ -1,0 +1,85 @@
+"""Int8Linear: a drop-in inference replacement for nn.Linear with int8 weights."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.int8_matmul import ACT_QUANTS, ACTIVATIONS, int8_linear, quantize_weight_int8
+
+
+def _normalize_activation(activation) -> str:
+    activation = "none" if activation is None else activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
+class Int8Linear(nn.Module):
+    """y = activation(x @ W.T + b) with W stored as symmetric per-output-channel int8.
+
+    Buffers (saved in the state dict): `weight_q` int8 [out, in], `weight_scale` fp32 [out]
+    (W ≈ weight_q * weight_scale[:, None]) and `bias` fp32 [out] or None. `act_quant="dynamic"`
+    quantizes each input row to int8 and runs the int8 GEMM; `"none"` keeps x in float
+    (weight-only, for small batches). The activation ("none" | "relu" | "gelu" (erf) | "silu")
+    is fused into the GEMM epilogue. Output dtype: `out_dtype`, default x's dtype.
+
+    Inference only: backward through it raises. There is no `.weight` attribute; code that reads
+    `linear.weight` directly (nn.MultiheadAttention's out_proj, fused transformer fast paths)
+    needs the float layer, which is why `quantize_` leaves those alone. Build one with
+    `Int8Linear.from_float(linear)`; `Int8Linear(in, out)` makes an empty one to load a state
+    dict into. Convert after casting a model (`model.half()` would round the scales to fp16).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "none",
+                 act_quant: str = "dynamic", device=None, out_dtype: torch.dtype | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        if act_quant not in ACT_QUANTS:
+            raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = _normalize_activation(activation)
+        self.act_quant = act_quant
+        self.out_dtype = out_dtype
+        self.backend = backend
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, activation: str | None = None, act_quant: str = "dynamic", *,
+                   out_dtype: torch.dtype | None = None, backend: str | None = None) -> "Int8Linear":
+        """Quantize `linear` (per output channel, scale = absmax / 127) into a new Int8Linear on
+        the same device, fusing `activation` (None | "relu" | "gelu" | "silu") after it."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     activation=activation, act_quant=act_quant, device=weight.device,
+                     out_dtype=out_dtype, backend=backend)
+        # The reference backend runs anywhere and is the specification every kernel matches.
+        weight_q, weight_scale = quantize_weight_int8(weight.float(), backend="reference")
+        module.weight_q.copy_(weight_q)
+        module.weight_scale.copy_(weight_scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        return module
+
+    def dequantized_weight(self) -> Tensor:
+        """The fp32 weight [out, in] this layer multiplies by."""
+        return self.weight_q.float() * self.weight_scale.float()[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        # .float(): a no-op for the fp32 buffers, and keeps a model cast with .half() working.
+        return int8_linear(x, self.weight_q, self.weight_scale.float(), self.bias,
+                           activation=self.activation, act_quant=self.act_quant,
+                           out_dtype=self.out_dtype, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}, act_quant={self.act_quant!r}")
+        if self.out_dtype is not None:
+            text += f", out_dtype={self.out_dtype}"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text

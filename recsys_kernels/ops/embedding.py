@@ -1,0 +1,327 @@
+"""Embedding bag: gather rows of a table (float, or an int8/int4 fused row-wise table), optionally
+weight them per sample, and pool each bag by sum, mean or max (DESIGN.md §4 Embedding).
+
+Conventions, for every backend:
+- `offsets` is CSR `[B+1]`: offsets[0] == 0, non-decreasing, offsets[B] == nnz. torch's `[B]`
+  offsets (without the trailing nnz) are not accepted here: `[B]` and `[B+1]` cannot be told
+  apart without a flag, so the conversion lives in `nn.FusedEmbeddingBag` (include_last_offset),
+  like in nn.EmbeddingBag. `lengths [B]` is the alternative to offsets; 2-D indices `[B, L]`
+  (one bag per row, no offsets) are accepted as in F.embedding_bag.
+- Indices and offsets are int32 or int64; all index arithmetic is int64 (tables and batches
+  over 2^31 elements are fine). Mixed index/offset dtypes are promoted to int64.
+- Accumulation is fp32 (fp64 for fp64 tables, which are allowed so that gradcheck can run in
+  double precision). The output dtype is `output_dtype`, else the table's dtype for float
+  tables and float32 for quantized tables.
+- Empty bags give 0 in every mode. `padding_idx` rows are skipped and not counted by mean.
+- bounds: "raise" -> IndexError naming the bad index and N (negative indices are out of range);
+  "zero" -> an out-of-range index contributes nothing and is not counted by mean; "clamp" ->
+  clamped to [0, N-1] (padding_idx is compared after clamping: it names a row).
+- max mode: the gradient of each output element goes to the first index of the bag that attains
+  the maximum (ties -> the earliest position, as torch's CPU kernel).
+- Backward: dense grad [N, D], or with sparse=True a sparse COO gradient with one row per index
+  (like torch's sparse embedding gradient; padding and out-of-range positions give zero rows,
+  out-of-range ones at a clamped coordinate). Quantized (uint8) tables are inference only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _loader
+from . import _common
+from .rowwise import check_packed_table, dequantize_rows, unpacked_dim
+
+MODES = ("sum", "mean", "max")
+BOUNDS = ("raise", "zero", "clamp")
+# fp64 tables are accepted on top of the common float dtypes (gradcheck runs in double)
+TABLE_DTYPES = _common.FLOAT_DTYPES + (torch.float64,)
+
+
+# ----------------------------------------------------------------------------- reference
+def _check_offsets(off: Tensor, nnz: int) -> None:
+    """Value checks of CSR offsets (int64). Errors also name lengths: the front door turns
+    lengths into offsets, so a negative length shows up here as a decreasing offset."""
+    if off.numel() == 0:
+        raise ValueError("offsets must have B + 1 >= 1 entries, got an empty tensor")
+    first, last = int(off[0]), int(off[-1])
+    if first != 0:
+        raise ValueError(f"offsets[0] must be 0, got {first}")
+    steps = off[1:] - off[:-1]
+    if bool((steps < 0).any()):
+        i = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"offsets must be non-decreasing (lengths >= 0), got offsets[{i}]={int(off[i])} "
+                         f"> offsets[{i + 1}]={int(off[i + 1])}")
+    if last != nnz:
+        raise ValueError(f"offsets[-1] (the sum of lengths) must equal the number of indices {nnz}, got {last}")
+
+
+def _bags(indices: Tensor, offsets: Tensor, n_rows: int, bounds: str, padding_idx: Optional[int]):
+    """What forward and backward share: (row per index, safe to gather; bag per index; mask of the
+    indices that contribute). All int64."""
+    idx = indices.long()
+    off = offsets.long()
+    nnz = idx.numel()
+    _check_offsets(off, nnz)
+    n_bags = off.numel() - 1
+    bag = torch.repeat_interleave(torch.arange(n_bags, device=idx.device), off[1:] - off[:-1],
+                                  output_size=nnz)
+    valid = (idx >= 0) & (idx < n_rows)
+    if bounds == "raise":
+        if not bool(valid.all()):
+            bad = int(idx[~valid][0])
+            raise IndexError(f"indices: index {bad} is out of range for a table of {n_rows} rows "
+                             f"(valid: 0 <= index < {n_rows}; bounds='raise')")
+    elif bounds == "clamp":
+        if n_rows == 0 and nnz > 0:
+            raise IndexError("indices: bounds='clamp' cannot clamp into an empty table (weight has 0 rows)")
+        valid = torch.ones_like(valid)
+    row = idx.clamp(0, max(n_rows - 1, 0))
+    keep = valid if padding_idx is None else valid & (row != padding_idx)
+    return row, bag, keep
+
+
+def _acc_dtype(weight: Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _gather(weight: Tensor, row: Tensor, keep: Tensor, bits: int, dim: int, acc: torch.dtype) -> Tensor:
+    """The rows [nnz, D] in the accumulation dtype, 0 where an index does not contribute (masked,
+    not multiplied, so an inf in a skipped row cannot turn into NaN)."""
+    if weight.shape[0] == 0:  # only reachable with bounds="zero", where nothing contributes
+        return torch.zeros(row.numel(), dim, dtype=acc, device=weight.device)
+    rows = weight[row]
+    rows = dequantize_rows(rows, bits) if weight.dtype == torch.uint8 else rows
+    return rows.to(acc).masked_fill(~keep[:, None], 0)
+
+
+def _max_pool(vals: Tensor, bag: Tensor, keep: Tensor, n_bags: int):
+    """Per (bag, column): the max over contributing indices, and the position of the first index
+    attaining it (nnz where the bag has none)."""
+    nnz, dim = vals.shape
+    src = vals.masked_fill(~keep[:, None], float("-inf"))
+    where = bag[:, None].expand(nnz, dim)
+    best = src.new_full((n_bags, dim), float("-inf")).scatter_reduce_(0, where, src, "amax")
+    is_best = (src == best[bag]) & keep[:, None]
+    pos = torch.arange(nnz, device=vals.device)[:, None].expand(nnz, dim)
+    first = torch.full((n_bags, dim), nnz, dtype=torch.long, device=vals.device)
+    first.scatter_reduce_(0, where, torch.where(is_best, pos, nnz), "amin")
+    return best, first
+
+
+def _counts(bag: Tensor, keep: Tensor, n_bags: int) -> Tensor:
+    return torch.zeros(n_bags, dtype=torch.long, device=bag.device).index_add_(0, bag, keep.long())
+
+
+def _embedding_bag_ref(weight: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
+                       mode: str, padding_idx: Optional[int], bounds: str, bits: int,
+                       output_dtype: Optional[torch.dtype], sparse: bool) -> Tensor:
+    quantized = weight.dtype == torch.uint8
+    dim = unpacked_dim(weight.shape[1], bits) if quantized else weight.shape[1]
+    acc = _acc_dtype(weight)
+    row, bag, keep = _bags(indices, offsets, weight.shape[0], bounds, padding_idx)
+    n_bags = offsets.numel() - 1
+    vals = _gather(weight, row, keep, bits, dim, acc)
+    if per_sample_weights is not None:
+        vals = vals * per_sample_weights.to(acc)[:, None]
+    counts = _counts(bag, keep, n_bags)
+    if mode == "max":
+        out, _ = _max_pool(vals, bag, keep, n_bags)
+        out = torch.where(counts[:, None] > 0, out, 0)
+    else:
+        out = torch.zeros(n_bags, dim, dtype=acc, device=weight.device).index_add_(0, bag, vals)
+        if mode == "mean":
+            out = out / counts.clamp(min=1)[:, None]
+    return out.to(output_dtype or (torch.float32 if quantized else weight.dtype)).contiguous()
+
+
+def _embedding_bag_backward_ref(grad_output: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor,
+                                per_sample_weights: Optional[Tensor], mode: str, padding_idx: Optional[int],
+                                bounds: str, sparse: bool) -> tuple[Tensor, Tensor]:
+    n_rows, dim = weight.shape
+    acc = _acc_dtype(weight)
+    row, bag, keep = _bags(indices, offsets, n_rows, bounds, padding_idx)
+    n_bags = offsets.numel() - 1
+    grad = grad_output.to(acc)[bag].masked_fill(~keep[:, None], 0)  # [nnz, D]: d out[bag[p]] / d row p
+    if mode == "mean":
+        grad = grad / _counts(bag, keep, n_bags).clamp(min=1)[bag, None]
+    elif mode == "max":
+        _, first = _max_pool(_gather(weight, row, keep, 8, dim, acc), bag, keep, n_bags)
+        pos = torch.arange(row.numel(), device=grad.device)[:, None]
+        grad = torch.where(first[bag] == pos, grad, 0)
+    grad_psw = weight.new_empty(0)
+    if per_sample_weights is not None:
+        rows = _gather(weight, row, keep, 8, dim, acc)
+        grad_psw = (grad * rows).sum(1).to(per_sample_weights.dtype)
+        grad = grad * per_sample_weights.to(acc)[:, None]
+    if sparse:
+        grad_weight = grad.to(weight.dtype)
+    else:
+        grad_weight = torch.zeros(n_rows, dim, dtype=acc, device=weight.device)
+        if n_rows > 0:  # an empty table only has (masked) out-of-range indices
+            grad_weight.index_add_(0, row, grad)
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_weight.contiguous(), grad_psw.contiguous()
+
+
+# ----------------------------------------------------------------------------- fake kernels
+def _embedding_bag_fake(weight, indices, offsets, per_sample_weights, mode, padding_idx, bounds, bits,
+                        output_dtype, sparse):
+    quantized = weight.dtype == torch.uint8
+    dim = unpacked_dim(weight.shape[1], bits) if quantized else weight.shape[1]
+    dtype = output_dtype or (torch.float32 if quantized else weight.dtype)
+    return weight.new_empty(offsets.shape[0] - 1, dim, dtype=dtype)
+
+
+def _embedding_bag_backward_fake(grad_output, weight, indices, offsets, per_sample_weights, mode, padding_idx,
+                                 bounds, sparse):
+    rows = indices.shape[0] if sparse else weight.shape[0]
+    grad_weight = weight.new_empty(rows, weight.shape[1])
+    if per_sample_weights is None:
+        return grad_weight, weight.new_empty(0)
+    return grad_weight, per_sample_weights.new_empty(indices.shape[0])
+
+
+FORWARD = _common.define_op("embedding_bag", _embedding_bag_ref, _embedding_bag_fake)
+BACKWARD = _common.define_op("embedding_bag_backward", _embedding_bag_backward_ref, _embedding_bag_backward_fake)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    weight, indices, offsets, per_sample_weights, mode, padding_idx, bounds, _bits, _out_dtype, sparse = inputs
+    ctx.save_for_backward(weight, indices, offsets, per_sample_weights)
+    ctx.args = (mode, padding_idx, bounds, sparse)
+
+
+def _sparse_grad(grad_rows: Tensor, indices: Tensor, n_rows: int) -> Tensor:
+    """Per-index rows [nnz, D] -> sparse COO [N, D], as torch's sparse embedding gradient. Under
+    bounds="zero" an out-of-range index has a zero row; it sits at a clamped (valid) coordinate."""
+    dim = grad_rows.shape[1]
+    if n_rows == 0:
+        return torch.sparse_coo_tensor(indices.new_zeros(1, 0, dtype=torch.long), grad_rows[:0], (0, dim),
+                                       check_invariants=False)
+    coords = indices.long().clamp(0, n_rows - 1).view(1, -1)
+    # the coordinates are in range by construction, so the (costly) invariant check is skipped
+    return torch.sparse_coo_tensor(coords, grad_rows, (n_rows, dim), check_invariants=False)
+
+
+def _make_backward(backward_op, fallback_op):
+    def backward(ctx, grad):
+        weight, indices, offsets, per_sample_weights = ctx.saved_tensors
+        mode, padding_idx, bounds, sparse = ctx.args
+        if weight.dtype == torch.uint8:
+            raise NotImplementedError("embedding_bag: quantized (uint8) tables are inference only; "
+                                      "there is no gradient through them")
+        op = backward_op
+        if op is BACKWARD.get("cpu") and not _loader.has_native_kernel(
+                "embedding_bag_backward", "CUDA" if weight.is_cuda else "CPU"):
+            op = fallback_op  # a native forward kernel may land before its backward
+        grad_weight, grad_psw = op(grad.contiguous(), weight, indices, offsets, per_sample_weights,
+                                   mode, padding_idx, bounds, sparse)
+        if not ctx.needs_input_grad[0]:
+            grad_weight = None
+        elif sparse:
+            grad_weight = _sparse_grad(grad_weight, indices, weight.shape[0])
+        if per_sample_weights is None or not ctx.needs_input_grad[3]:
+            grad_psw = None
+        return grad_weight, None, None, grad_psw, None, None, None, None, None, None
+
+    return backward
+
+
+_registered: list = []  # forward ops that already have the formula
+
+
+def register_autograd(forward_variants: dict, backward_variants: dict) -> None:
+    """The one autograd formula, on every forward variant; each calls the backward op of its own
+    backend (the reference backward where that backend has none). Later backends (triton) call
+    this with their variants."""
+    for key, fwd in forward_variants.items():
+        if any(fwd is done for done in _registered):
+            continue  # the native op serves both the cpu and cuda keys
+        bwd = backward_variants.get(key, BACKWARD["reference"])
+        _common.register_autograd({key: fwd}, _make_backward(bwd, BACKWARD["reference"]), _setup_context)
+        _registered.append(fwd)
+
+
+register_autograd(FORWARD, BACKWARD)
+
+
+# ----------------------------------------------------------------------------- front door
+def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None, *,
+                  lengths: Tensor | None = None, per_sample_weights: Tensor | None = None,
+                  mode: str = "sum", padding_idx: int | None = None, bounds: str = "raise", bits: int = 8,
+                  output_dtype: torch.dtype | None = None, sparse: bool = False,
+                  backend: str | None = None) -> Tensor:
+    """Pooled embedding lookup -> [B, D]. See the module docstring for the conventions.
+
+    weight: float32/float16/bfloat16/float64 [N, D], or a uint8 fused row-wise table read with
+    `bits` (8 or 4; see recsys_kernels.ops.rowwise). indices: int32/int64 [nnz], or [B, L] (one
+    bag per row, with neither offsets nor lengths). offsets: CSR [B+1]; or lengths [B].
+    per_sample_weights: float [nnz] (or [B, L] with 2-D indices), mode="sum" only.
+    sparse: the weight gradient is a sparse COO tensor (one row per index).
+    """
+    _common.check_tensor(weight, "weight", dim=2)
+    quantized = weight.dtype == torch.uint8
+    _common.check_bits(bits)
+    if quantized:
+        check_packed_table(weight, bits, "weight")
+    elif weight.dtype not in TABLE_DTYPES:
+        raise TypeError(f"weight must be a float32, float16, bfloat16 or float64 table, or a uint8 row-wise "
+                        f"table, got {str(weight.dtype).replace('torch.', '')}")
+    _common.check_tensor(indices, "indices", dtypes=_common.INDEX_DTYPES, dim=(1, 2))
+    _common.check_choice(mode, "mode", MODES)
+    _common.check_choice(bounds, "bounds", BOUNDS)
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
+    if output_dtype is not None and output_dtype not in TABLE_DTYPES:
+        raise TypeError(f"output_dtype must be float32, float16, bfloat16 or float64, got {output_dtype}")
+
+    if indices.dim() == 2:  # [B, L]: every row is a bag of L indices, as in F.embedding_bag
+        if offsets is not None or lengths is not None:
+            raise ValueError("offsets and lengths must be None when indices is 2-D [B, L] (one bag per row), "
+                             f"got indices of shape {tuple(indices.shape)}")
+        n_bags, bag_len = indices.shape
+        offsets = torch.arange(n_bags + 1, device=indices.device, dtype=indices.dtype) * bag_len
+        if per_sample_weights is not None and per_sample_weights.shape == indices.shape:
+            per_sample_weights = per_sample_weights.reshape(-1)
+        indices = indices.reshape(-1)
+    elif (offsets is None) == (lengths is None):
+        raise ValueError("give exactly one of offsets (CSR [B+1]) and lengths ([B]) with 1-D indices")
+    elif lengths is not None:
+        _common.check_tensor(lengths, "lengths", dtypes=_common.INDEX_DTYPES, dim=1)
+        # cumsum, not a Python loop: stays traceable; a negative length or a wrong total is caught
+        # by the op's offset checks
+        offsets = torch.cat([lengths.new_zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0, dtype=torch.int64)])
+    else:
+        _common.check_tensor(offsets, "offsets", dtypes=_common.INDEX_DTYPES, dim=1)
+        if offsets.shape[0] == 0:
+            raise ValueError("offsets must have B + 1 >= 1 entries (CSR, offsets[0] = 0, offsets[B] = nnz), "
+                             "got an empty tensor")
+    if offsets.dtype != indices.dtype:  # one index dtype for the kernels; int64 loses nothing
+        indices, offsets = indices.long(), offsets.long()
+
+    if per_sample_weights is not None:
+        _common.check_tensor(per_sample_weights, "per_sample_weights", dtypes=TABLE_DTYPES, dim=1)
+        if mode != "sum":
+            raise ValueError(f"per_sample_weights is only supported with mode='sum', got mode={mode!r}")
+        if per_sample_weights.shape[0] != indices.shape[0]:
+            raise ValueError(f"per_sample_weights must have one weight per index ({indices.shape[0]}), "
+                             f"got shape {tuple(per_sample_weights.shape)}")
+        if quantized and per_sample_weights.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("embedding_bag: quantized (uint8) tables are inference only; "
+                                      "per_sample_weights must not require grad with them")
+    if padding_idx is not None:
+        if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
+            raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        n_rows = weight.shape[0]
+        if not -n_rows <= padding_idx < n_rows:
+            raise ValueError(f"padding_idx must be within [-{n_rows}, {n_rows}) for a table of {n_rows} rows, "
+                             f"got {padding_idx}")
+        padding_idx = padding_idx % n_rows  # negative counts from the end, as in nn.EmbeddingBag
+    device = _common.check_same_device(weight=weight, indices=indices, offsets=offsets,
+                                       per_sample_weights=per_sample_weights)
+    return _common.call("embedding_bag", device, backend, weight.contiguous(), indices.contiguous(),
+                        offsets.contiguous(), None if per_sample_weights is None else per_sample_weights.contiguous(),
+                        mode, padding_idx, bounds, bits, output_dtype, sparse)

@@ -1,0 +1,94 @@
+"""Model-level int8 quantization: `quantize_` swaps nn.Linear layers for Int8Linear in place."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import nn
+
+from .nn.linear import Int8Linear
+from .ops.int8_matmul import ACT_QUANTS
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _fusable_activation(module: nn.Module) -> Optional[str]:
+    """The epilogue name of an activation module Int8Linear can fuse, else None."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    if type(module) is nn.SiLU:
+        return "silu"
+    return None
+
+
+def _is_candidate(module: nn.Module, parent: nn.Module) -> bool:
+    # nn.MultiheadAttention reads out_proj.weight / .bias directly (F.multi_head_attention_forward),
+    # so its out_proj (a NonDynamicallyQuantizableLinear) must stay a float Linear.
+    return isinstance(module, nn.Linear) and not isinstance(parent, nn.MultiheadAttention)
+
+
+def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn], act_quant: str) -> None:
+    children = list(parent.named_children())
+    fused = set()  # names of activation modules already folded into the Linear before them
+    for i, (name, child) in enumerate(children):
+        if name in fused:
+            continue
+        fqn = f"{prefix}{name}"
+        if _is_candidate(child, parent) and (filter_fn is None or filter_fn(child, fqn)):
+            activation = None
+            # Fuse only inside a Sequential, where "directly followed by" is the execution order.
+            if isinstance(parent, nn.Sequential) and i + 1 < len(children):
+                next_name, next_child = children[i + 1]
+                activation = _fusable_activation(next_child)
+                if activation is not None:
+                    setattr(parent, next_name, nn.Identity())
+                    fused.add(next_name)
+            setattr(parent, name, Int8Linear.from_float(child, activation=activation, act_quant=act_quant))
+        else:
+            _swap_children(child, f"{fqn}.", filter_fn, act_quant)
+
+
+def _disable_transformer_fast_paths(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer / nn.TransformerEncoder have eval-mode fast paths that read
+    linear1.weight etc. and call one fused C++ kernel; with Int8Linear there they would fail. Both
+    fall back to their module-by-module forward when these flags are off (the flags gate nothing
+    else)."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and (
+                isinstance(module.linear1, Int8Linear) or isinstance(module.linear2, Int8Linear)):
+            module.activation_relu_or_gelu = 0
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(m, Int8Linear) for m in module.modules()):
+            module.use_nested_tensor = False
+
+
+def quantize_(model: nn.Module, filter_fn: Optional[FilterFn] = None, *, act_quant: str = "dynamic") -> nn.Module:
+    """Replace every nn.Linear in `model` (recursively, in place) by an Int8Linear with
+    per-output-channel int8 weights and, with act_quant="dynamic", int8 activations quantized
+    per row at run time ("none": weight-only). Returns the model.
+
+    filter_fn(module, fqn) -> bool picks which Linear layers to convert (fqn is the dotted name,
+    e.g. "encoder.layers.0.linear1"); default: all. A Linear directly followed, inside an
+    nn.Sequential, by nn.ReLU, nn.GELU(approximate="none") or nn.SiLU gets that activation fused
+    into its epilogue and the activation module becomes nn.Identity.
+
+    Always left in float: nn.MultiheadAttention's out_proj (MHA reads its .weight directly).
+    nn.TransformerEncoderLayer / nn.TransformerEncoder whose Linear layers are converted have
+    their fused eval-mode fast path switched off (it reads .weight directly too). If `model`
+    itself is an nn.Linear it cannot be replaced in place: the converted module is returned.
+    Inference only: the converted layers have no backward.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+    if act_quant not in ACT_QUANTS:
+        raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
+    if isinstance(model, nn.Linear):
+        if filter_fn is None or filter_fn(model, ""):
+            return Int8Linear.from_float(model, act_quant=act_quant)
+        return model
+    _swap_children(model, "", filter_fn, act_quant)
+    _disable_transformer_fast_paths(model)
+    return model

@@ -1,0 +1,217 @@
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from recsys_kernels.nn.linear import Int8Linear
+from recsys_kernels.ops.int8_matmul import int8_linear, quantize_weight_int8
+from recsys_kernels.quant import quantize_
+
+
+def _rel(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+# ----------------------------------------------------------------------------- Int8Linear
+@pytest.mark.parametrize("activation,act", [(None, lambda t: t), ("relu", torch.relu),
+                                            ("gelu", nn.functional.gelu), ("silu", nn.functional.silu)])
+@pytest.mark.parametrize("act_quant", ["dynamic", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_float(activation, act, act_quant, bias):
+    linear = nn.Linear(50, 23, bias=bias)
+    q = Int8Linear.from_float(linear, activation=activation, act_quant=act_quant)
+    wq, ws = quantize_weight_int8(linear.weight.detach())
+    assert torch.equal(q.weight_q, wq) and torch.equal(q.weight_scale, ws)
+    assert (q.bias is None) == (not bias)
+    x = torch.randn(4, 3, 50)
+    with torch.no_grad():
+        got = q(x)
+        exp = act(linear(x))
+    assert got.shape == (4, 3, 23) and got.dtype == torch.float32
+    assert torch.equal(got, int8_linear(x, wq, ws, q.bias, activation=q.activation, act_quant=act_quant))
+    assert _rel(got, exp) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_linear_and_input(dtype):
+    linear = nn.Linear(32, 8).to(dtype)
+    q = Int8Linear.from_float(linear)
+    assert q.weight_scale.dtype == torch.float32 and q.bias.dtype == torch.float32
+    x = torch.randn(5, 32, dtype=dtype)
+    with torch.no_grad():
+        got = q(x)
+        exp = linear(x)
+    assert got.dtype == dtype
+    assert _rel(got, exp) < 3e-2
+    # out_dtype overrides x's dtype; a model cast after conversion still runs
+    assert Int8Linear.from_float(linear, out_dtype=torch.float32)(x).dtype == torch.float32
+    assert q.half()(x).dtype == dtype
+
+
+def test_extra_repr():
+    q = Int8Linear.from_float(nn.Linear(4, 3), activation="gelu", act_quant="none")
+    text = repr(q)
+    for part in ("in_features=4", "out_features=3", "bias=True", "activation='gelu'", "act_quant='none'"):
+        assert part in text
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_round_trip(bias):
+    q = Int8Linear.from_float(nn.Linear(17, 9, bias=bias), activation="relu")
+    assert set(q.state_dict()) == {"weight_q", "weight_scale"} | ({"bias"} if bias else set())
+    buffer = io.BytesIO()
+    torch.save(q.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Int8Linear(17, 9, bias=bias, activation="relu")
+    fresh.load_state_dict(torch.load(buffer))
+    x = torch.randn(6, 17)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_empty_module_and_bad_arguments():
+    m = Int8Linear(5, 2)
+    assert m.weight_q.dtype == torch.int8 and m.weight_q.shape == (2, 5)
+    assert torch.equal(m(torch.randn(3, 5)), torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="linear"):
+        Int8Linear.from_float(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="activation"):
+        Int8Linear.from_float(nn.Linear(3, 3), activation="tanh")
+    with pytest.raises(ValueError, match="act_quant"):
+        Int8Linear(3, 3, act_quant="static")
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(3, 4))
+
+
+def test_backward_raises_clearly():
+    q = Int8Linear.from_float(nn.Linear(8, 4))
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q(x).sum().backward()
+
+
+# ----------------------------------------------------------------------------- quantize_
+def _mlp():
+    return nn.Sequential(
+        nn.Linear(24, 40), nn.ReLU(),
+        nn.Linear(40, 40), nn.GELU(),
+        nn.Linear(40, 40), nn.SiLU(),
+        nn.Linear(40, 40), nn.GELU(approximate="tanh"),  # not fusable: the epilogue's gelu is erf
+        nn.Linear(40, 40), nn.Dropout(0.0), nn.ReLU(),   # not directly after the Linear
+        nn.Linear(40, 8),
+    ).eval()
+
+
+def test_quantize_sequential_fuses_activations():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    assert quantize_(model) is model
+    kinds = [(type(m).__name__, getattr(m, "activation", None)) for m in model]
+    assert kinds == [("Int8Linear", "relu"), ("Identity", None), ("Int8Linear", "gelu"), ("Identity", None),
+                     ("Int8Linear", "silu"), ("Identity", None), ("Int8Linear", "none"), ("GELU", None),
+                     ("Int8Linear", "none"), ("Dropout", None), ("ReLU", None), ("Int8Linear", "none")]
+    x = torch.randn(16, 24)
+    with torch.no_grad():
+        assert _rel(model(x), ref(x)) < 5e-2
+
+
+def test_quantize_filter_fn_and_nesting():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.mlp(x))
+
+    model = Block()
+    ref = copy.deepcopy(model)
+    seen = []
+
+    def only_first(module, fqn):
+        seen.append((type(module), fqn))
+        return fqn in ("mlp.0", "head")
+
+    quantize_(model, only_first, act_quant="none")
+    assert seen == [(nn.Linear, "mlp.0"), (nn.Linear, "mlp.2"), (nn.Linear, "head")]
+    assert isinstance(model.mlp[0], Int8Linear) and model.mlp[0].activation == "relu"
+    assert model.mlp[0].act_quant == "none" and isinstance(model.mlp[1], nn.Identity)
+    assert type(model.mlp[2]) is nn.Linear and isinstance(model.mlp[3], nn.ReLU)  # left alone, not fused
+    assert isinstance(model.head, Int8Linear)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert _rel(model(x), ref(x)) < 2e-2
+
+
+def test_quantize_root_linear_and_bad_arguments():
+    linear = nn.Linear(4, 4)
+    assert isinstance(quantize_(linear), Int8Linear)
+    assert quantize_(linear, lambda m, fqn: False) is linear
+    with pytest.raises(TypeError, match="model"):
+        quantize_(torch.randn(3))
+    with pytest.raises(TypeError, match="filter_fn"):
+        quantize_(nn.Sequential(nn.Linear(2, 2)), filter_fn="linear")
+    with pytest.raises(ValueError, match="act_quant"):
+        quantize_(nn.Sequential(nn.Linear(2, 2)), act_quant="static")
+
+
+def test_quantized_state_dict_loads_into_fresh_quantized_model():
+    model = quantize_(_mlp())
+    fresh = quantize_(_mlp())  # different random weights, same structure
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(3, 24)
+    assert torch.equal(fresh(x), model(x))
+
+
+class _TinyBert(nn.Module):
+    """Embedding + post-norm transformer encoder + pooled classification head."""
+
+    def __init__(self, vocab=50, d=32, heads=4, layers=2, batch_first=True, norm_first=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu",
+                                           batch_first=batch_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=batch_first and not norm_first)
+        self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 3))
+        self.batch_first = batch_first
+
+    def forward(self, tokens, pad_mask=None):
+        h = self.embed(tokens)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.encoder(h, src_key_padding_mask=pad_mask)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("batch_first,norm_first", [(True, False), (False, True)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_quantize_transformer_encoder(batch_first, norm_first, with_mask):
+    model = _TinyBert(batch_first=batch_first, norm_first=norm_first).eval()
+    ref = copy.deepcopy(model)
+    quantize_(model)
+    for layer in model.encoder.layers:
+        assert isinstance(layer.linear1, Int8Linear) and isinstance(layer.linear2, Int8Linear)
+        assert type(layer.self_attn.out_proj) is not Int8Linear  # MHA reads its .weight directly
+    assert model.head[0].activation == "gelu"
+    tokens = torch.randint(0, 50, (3, 9))
+    mask = None
+    if with_mask:
+        mask = torch.zeros(3, 9, dtype=torch.bool)
+        mask[0, 6:] = True
+        mask[2, 4:] = True
+    with torch.no_grad():
+        got, exp = model(tokens, mask), ref(tokens, mask)
+    if mask is not None:  # the reference's nested-tensor fast path zeroes padded positions
+        got, exp = got[~mask], exp[~mask]
+    assert _rel(got, exp) < 5e-2
+
+
+def test_compiled_quantized_model_fullgraph():
+    model = quantize_(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)).eval())
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))

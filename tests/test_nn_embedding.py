@@ -1,0 +1,313 @@
+"""FusedEmbeddingBag as a drop-in for nn.EmbeddingBag, its quantized form, and the collection."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from recsys_kernels.nn.embedding import FusedEmbeddingBag, FusedEmbeddingBagCollection, TableConfig
+from recsys_kernels.ops.embedding import embedding_bag
+from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
+
+
+def pair(mode="mean", padding_idx=None, include_last_offset=False, sparse=False, n=12, d=5, dtype=None):
+    """An nn.EmbeddingBag and a FusedEmbeddingBag with identical weights (loaded via state_dict)."""
+    ref = nn.EmbeddingBag(n, d, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset,
+                          sparse=sparse, dtype=dtype)
+    fused = FusedEmbeddingBag(n, d, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset,
+                              sparse=sparse, dtype=dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def bag_starts(n_bags, n_rows=12, max_len=4):
+    lengths = torch.randint(0, max_len + 1, (n_bags,))
+    lengths[0] = 0  # an empty bag
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    return torch.randint(0, n_rows, (int(lengths.sum()),)), starts
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 0, -2])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_calling_conventions_match_embedding_bag(mode, padding_idx, index_dtype):
+    for include_last_offset in (False, True):
+        ref, fused = pair(mode, padding_idx, include_last_offset)
+        assert fused.padding_idx == ref.padding_idx
+        indices, starts = bag_starts(5)
+        indices[:2] = 0
+        indices, starts = indices.to(index_dtype), starts.to(index_dtype)
+        offsets = torch.cat([starts, starts.new_full((1,), indices.numel())]) if include_last_offset else starts
+        torch.testing.assert_close(fused(indices, offsets), ref(indices, offsets))
+        if mode == "sum":
+            psw = torch.rand(indices.numel())
+            torch.testing.assert_close(fused(indices, offsets, psw), ref(indices, offsets, psw))
+        # 2-D input [B, L]: fixed-length bags, no offsets (include_last_offset does not apply)
+        idx2 = torch.randint(0, 12, (4, 3), dtype=index_dtype)
+        torch.testing.assert_close(fused(idx2), ref(idx2))
+        if mode == "sum":
+            psw2 = torch.rand(4, 3)
+            torch.testing.assert_close(fused(idx2, per_sample_weights=psw2), ref(idx2, per_sample_weights=psw2))
+
+
+def test_default_mode_and_attributes():
+    fused, ref = FusedEmbeddingBag(7, 3, padding_idx=-1), nn.EmbeddingBag(7, 3, padding_idx=-1)
+    assert fused.mode == ref.mode == "mean"
+    assert fused.padding_idx == ref.padding_idx == 6
+    assert torch.equal(fused.weight[6], torch.zeros(3))  # the padding row starts at zero, as in torch
+    assert [n for n, _ in fused.named_parameters()] == ["weight"]
+    assert "mode='mean'" in repr(fused)
+
+
+def test_bad_module_input():
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        FusedEmbeddingBag(4, 2, max_norm=1.0)
+    with pytest.raises(NotImplementedError, match="scale_grad_by_freq"):
+        FusedEmbeddingBag(4, 2, scale_grad_by_freq=True)
+    with pytest.raises(ValueError, match="mode"):
+        FusedEmbeddingBag(4, 2, mode="median")
+    with pytest.raises(ValueError, match="padding_idx"):
+        FusedEmbeddingBag(4, 2, padding_idx=4)
+    with pytest.raises(ValueError, match="_weight"):
+        FusedEmbeddingBag(4, 2, _weight=torch.randn(4, 3))
+    m = FusedEmbeddingBag(4, 2)
+    with pytest.raises(ValueError, match="offsets"):
+        m(torch.tensor([[0, 1]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="offsets"):
+        m(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="per_sample_weights"):
+        m(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(3))
+    with pytest.raises(IndexError, match="index 4"):
+        m(torch.tensor([0, 4]), torch.tensor([0]))
+    # include_last_offset=True: the last offset must be the number of indices
+    with pytest.raises(ValueError, match="offsets"):
+        FusedEmbeddingBag(4, 2, include_last_offset=True)(torch.tensor([0, 1, 2]), torch.tensor([0, 2]))
+
+
+def test_bounds_and_backend_arguments():
+    m = FusedEmbeddingBag(4, 2, mode="sum", bounds="zero", backend="reference")
+    out = m(torch.tensor([1, 9]), torch.tensor([0]))
+    torch.testing.assert_close(out, m.weight[1:2].detach())
+    with pytest.raises(ValueError, match="bounds"):
+        FusedEmbeddingBag(4, 2, bounds="wrap")(torch.tensor([1]), torch.tensor([0]))
+
+
+def test_from_embedding_bag_shares_the_parameter():
+    ref = nn.EmbeddingBag(9, 4, mode="sum", padding_idx=2, include_last_offset=True)
+    fused = FusedEmbeddingBag.from_embedding_bag(ref)
+    assert fused.weight is ref.weight
+    assert (fused.mode, fused.padding_idx, fused.include_last_offset) == ("sum", 2, True)
+    idx, off = torch.tensor([0, 2, 5, 8]), torch.tensor([0, 1, 4])
+    torch.testing.assert_close(fused(idx, off), ref(idx, off))
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        FusedEmbeddingBag.from_embedding_bag(nn.EmbeddingBag(3, 2, max_norm=1.0))
+    with pytest.raises(TypeError):
+        FusedEmbeddingBag.from_embedding_bag(nn.Linear(2, 2))
+
+
+def test_from_pretrained():
+    table = torch.randn(6, 3)
+    fused = FusedEmbeddingBag.from_pretrained(table, mode="max")
+    ref = nn.EmbeddingBag.from_pretrained(table, mode="max")
+    assert not fused.weight.requires_grad
+    idx, off = torch.tensor([1, 4, 5]), torch.tensor([0, 2])
+    torch.testing.assert_close(fused(idx, off), ref(idx, off))
+    assert FusedEmbeddingBag.from_pretrained(table, freeze=False).weight.requires_grad
+
+
+def test_state_dict_round_trips():
+    ref, fused = pair("sum", padding_idx=1, dtype=torch.float64)
+    assert list(fused.state_dict()) == list(ref.state_dict()) == ["weight"]
+    with torch.no_grad():
+        fused.weight.mul_(3)
+    back = nn.EmbeddingBag(12, 5, mode="sum", padding_idx=1, dtype=torch.float64)
+    back.load_state_dict(fused.state_dict())
+    assert torch.equal(back.weight, fused.weight)
+    # and through torch.save / load
+    import io
+    buf = io.BytesIO()
+    torch.save(fused.state_dict(), buf)
+    buf.seek(0)
+    again = FusedEmbeddingBag(12, 5, mode="sum", padding_idx=1, dtype=torch.float64)
+    again.load_state_dict(torch.load(buf))
+    assert torch.equal(again.weight, fused.weight)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_quantize_matches_dequantized_reference(bits, mode):
+    ref, fused = pair(mode, padding_idx=3, n=10, d=6)
+    fused.quantize(bits)
+    assert fused.bits == bits and fused.weight.dtype == torch.uint8 and not fused.weight.requires_grad
+    assert list(fused.state_dict()) == ["weight"] and [n for n, _ in fused.named_parameters()] == []
+    assert torch.equal(fused.weight, quantize_rowwise(ref.weight.detach(), bits))
+    idx, starts = bag_starts(6, n_rows=10)
+    expected = nn.EmbeddingBag.from_pretrained(dequantize_rowwise(fused.weight, bits), mode=mode, padding_idx=3)
+    out = fused(idx, starts)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected(idx, starts), rtol=1e-5, atol=1e-5)
+    # close to the float module too (quantization error only)
+    torch.testing.assert_close(out, ref(idx, starts), rtol=0, atol=0.6 if bits == 4 else 0.04)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_state_dict(bits):
+    src = FusedEmbeddingBag(10, 6, mode="sum")
+    float_sd = copy.deepcopy(src.state_dict())
+    src.quantize(bits)
+    dst = FusedEmbeddingBag(10, 6, mode="sum").quantize(bits)
+    dst.load_state_dict(src.state_dict())  # quantized -> quantized
+    assert torch.equal(dst.weight, src.weight)
+    other = FusedEmbeddingBag(10, 6, mode="sum").quantize(bits)
+    other.load_state_dict(float_sd)  # float checkpoint -> quantized module: quantized on load
+    assert torch.equal(other.weight, src.weight)
+    with pytest.raises(RuntimeError, match=rf"quantize\({bits}\)"):
+        FusedEmbeddingBag(10, 6).load_state_dict(src.state_dict())  # no silent uint8 -> float copy
+    with pytest.raises(RuntimeError, match="already quantized"):
+        src.quantize(bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_from_packed_torch_prepack(bits):
+    table = torch.randn(15, 8)
+    prepack = torch.ops.quantized.embedding_bag_byte_prepack if bits == 8 else \
+        torch.ops.quantized.embedding_bag_4bit_prepack
+    packed = prepack(table)
+    fused = FusedEmbeddingBag.from_packed(packed, bits, mode="sum", include_last_offset=True)
+    assert (fused.num_embeddings, fused.embedding_dim, fused.bits) == (15, 8, bits)
+    idx, off = torch.tensor([0, 14, 3, 3]), torch.tensor([0, 1, 1, 4])
+    expected = embedding_bag(dequantize_rowwise(packed, bits), idx, off)
+    torch.testing.assert_close(fused(idx, off), expected, rtol=1e-5, atol=1e-5)
+    if bits == 8:  # and torch's own quantized op on the same bytes
+        theirs = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(packed, idx, off, mode=0,
+                                                                         include_last_offset=True)
+        torch.testing.assert_close(fused(idx, off), theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="packed"):
+        FusedEmbeddingBag.from_packed(torch.zeros(3, 4, dtype=torch.uint8), 8)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_sgd_training_matches_embedding_bag(mode, padding_idx):
+    ref, fused = pair(mode, padding_idx, dtype=torch.float64)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (ref, fused)]
+    for _ in range(3):
+        idx, starts = bag_starts(6)
+        target = torch.randn(6, 5, dtype=torch.float64)
+        for m, opt in zip((ref, fused), opts):
+            opt.zero_grad()
+            ((m(idx, starts) - target) ** 2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(fused.weight, ref.weight, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_sparse_adam_training_matches_embedding_bag(mode, padding_idx):
+    ref, fused = pair(mode, padding_idx, sparse=True, dtype=torch.float64)
+    opts = [torch.optim.SparseAdam(list(m.parameters()), lr=0.1) for m in (ref, fused)]
+    for _ in range(3):
+        idx, starts = bag_starts(6)
+        idx[:3] = 2  # repeats, and the padding row
+        psw = torch.rand(idx.numel(), dtype=torch.float64) if mode == "sum" else None
+        target = torch.randn(6, 5, dtype=torch.float64)
+        for m, opt in zip((ref, fused), opts):
+            opt.zero_grad()
+            ((m(idx, starts, psw) - target) ** 2).sum().backward()
+            assert m.weight.grad.is_sparse
+            opt.step()
+    torch.testing.assert_close(fused.weight, ref.weight, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- collection
+TABLES = [TableConfig("users", 10, 4, ["user_id", "user_prev"], pooling="sum"),
+          TableConfig("items", 7, 3, ["item_id"], pooling="mean"),
+          TableConfig("cats", 5, 2, pooling="max")]
+
+
+def features(batch=4):
+    out = {}
+    for t in TABLES:
+        for f in t.feature_names:
+            lengths = torch.randint(0, 4, (batch,))
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+            out[f] = (torch.randint(0, t.num_embeddings, (int(offsets[-1]),)), offsets)
+    return out
+
+
+def expected(ebc, feats):
+    cols = []
+    for t in TABLES:
+        bag = ebc.embedding_bags[t.name]
+        table = bag.weight if bag.bits is None else dequantize_rowwise(bag.weight, bag.bits)
+        for f in t.feature_names:
+            cols.append(embedding_bag(table, *feats[f], mode=t.pooling))
+    return cols
+
+
+def test_collection_forward_and_dict():
+    ebc = FusedEmbeddingBagCollection(TABLES)
+    assert ebc.feature_names == ["user_id", "user_prev", "item_id", "cats"]
+    assert list(ebc.state_dict()) == ["embedding_bags.users.weight", "embedding_bags.items.weight",
+                                      "embedding_bags.cats.weight"]
+    feats = features()
+    feats["unused"] = (torch.tensor([0]), torch.tensor([0, 1]))  # features of no table are ignored
+    out = ebc(feats)
+    assert out.shape == (4, 4 + 4 + 3 + 2)
+    torch.testing.assert_close(out, torch.cat(expected(ebc, feats), 1))
+    as_dict = ebc(feats, return_dict=True)
+    assert list(as_dict) == ebc.feature_names
+    for got, exp in zip(as_dict.values(), expected(ebc, feats)):
+        torch.testing.assert_close(got, exp)
+    out.sum().backward()
+    assert ebc.embedding_bags["users"].weight.grad is not None
+
+
+def test_collection_lengths_and_weights_dicts():
+    ebc = FusedEmbeddingBagCollection(TABLES)
+    feats = features(batch=3)
+    jagged = {}
+    for f, (idx, off) in feats.items():
+        jagged[f] = {"values": idx, "lengths": off[1:] - off[:-1]}
+    jagged["user_id"]["weights"] = w = torch.rand(feats["user_id"][0].numel())
+    got = ebc(jagged, return_dict=True)
+    torch.testing.assert_close(got["user_id"], embedding_bag(ebc.embedding_bags["users"].weight,
+                                                             *feats["user_id"], per_sample_weights=w))
+    torch.testing.assert_close(got["item_id"], ebc(feats, return_dict=True)["item_id"])
+    torch.testing.assert_close(ebc({f: (*v, None) for f, v in feats.items()}), ebc(feats))
+
+
+def test_collection_quantize():
+    ebc = FusedEmbeddingBagCollection(TABLES + [TableConfig("q", 6, 4, ["q_id"], bits=4)])
+    assert ebc.embedding_bags["q"].bits == 4
+    ebc.quantize(8)
+    assert [t.bits for t in ebc.tables] == [8, 8, 8, 4]
+    feats = features()
+    feats["q_id"] = (torch.tensor([5, 0, 1]), torch.tensor([0, 0, 1, 2, 3]))
+    cols = expected(ebc, feats) + [embedding_bag(dequantize_rowwise(ebc.embedding_bags["q"].weight, 4),
+                                                 *feats["q_id"])]
+    out = ebc(feats)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.cat(cols, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_collection_bad_input():
+    with pytest.raises(ValueError, match="duplicate feature"):
+        FusedEmbeddingBagCollection([TableConfig("a", 3, 2, ["f"]), TableConfig("b", 3, 2, ["f"])])
+    with pytest.raises(ValueError, match="duplicate table"):
+        FusedEmbeddingBagCollection([TableConfig("a", 3, 2, ["f"]), TableConfig("a", 3, 2, ["g"])])
+    with pytest.raises(ValueError, match="empty"):
+        FusedEmbeddingBagCollection([])
+    with pytest.raises(ValueError, match="a.b"):
+        FusedEmbeddingBagCollection([TableConfig("a.b", 3, 2)])
+    ebc = FusedEmbeddingBagCollection(TABLES)
+    feats = features()
+    with pytest.raises(KeyError, match="item_id"):
+        ebc({k: v for k, v in feats.items() if k != "item_id"})
+    feats["cats"] = (torch.tensor([0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="batch size"):
+        ebc(feats)
+    with pytest.raises(TypeError, match="user_id"):
+        ebc({**features(), "user_id": torch.tensor([1])})
+    with pytest.raises(ValueError, match="offsets"):
+        ebc({**features(), "user_id": {"values": torch.tensor([1])}})

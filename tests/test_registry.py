@@ -1,0 +1,140 @@
+"""The op registry: every schema has a reference and a fake kernel; backend selection rules."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import recsys_kernels as rk
+from recsys_kernels import _backend, _loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpp_schemas() -> dict[str, str]:
+    """name -> schema string of every m.def in csrc/ops.cpp (adjacent literals joined)."""
+    src = open(os.path.join(ROOT, "csrc", "ops.cpp")).read()
+    schemas = {}
+    for call in re.findall(r'm\.def\(((?:\s*"[^"]*")+)\s*\)', src):
+        schema = "".join(re.findall(r'"([^"]*)"', call))
+        schemas[schema.split("(", 1)[0]] = schema
+    return schemas
+
+
+SCHEMAS = cpp_schemas()
+
+
+def test_ops_cpp_parsed():
+    assert {"embedding_bag", "int8_linear", "topk_scores", "quantize_rowwise"} <= set(SCHEMAS)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema_has_reference_and_fake(name):
+    ref = getattr(torch.ops.recsys_kernels, f"{name}_reference").default
+    # Compare the parsed schemas, not their spelling.
+    expected = torch._C.parse_schema(f"recsys_kernels::{name}_reference" + SCHEMAS[name][len(name):])
+    assert ref._schema == expected, f"{name}: reference schema {ref._schema} != ops.cpp {expected}"
+    for qualname in (f"recsys_kernels::{name}", f"recsys_kernels::{name}_reference"):
+        if qualname == f"recsys_kernels::{name}" and "_C" not in _loader.EXTENSIONS:
+            continue
+        entry = torch._library.simple_registry.singleton.find(qualname)
+        assert entry.fake_impl.kernel is not None, f"{qualname} has no fake kernel"
+
+
+def test_native_schemas_match_ops_cpp():
+    if "_C" not in _loader.EXTENSIONS:
+        pytest.skip("C++ extension not loaded")
+    for name, schema in SCHEMAS.items():
+        native = getattr(torch.ops.recsys_kernels, name).default
+        assert native._schema == torch._C.parse_schema(f"recsys_kernels::{schema}")
+
+
+def test_every_public_op_is_registered_with_a_reference():
+    for op in _backend.ops():
+        assert _backend.availability(op)["reference"].startswith("yes")
+    assert set(_backend.ops()) >= {n for n in SCHEMAS if not n.endswith("_backward")}
+
+
+def test_explicit_unknown_backend_raises():
+    with pytest.raises(ValueError, match="unknown backend"):
+        rk.quantize_rowwise(torch.randn(2, 4), 8, backend="tpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        rk.set_backend("nope")
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    # CUDA C++ on CPU tensors can never run: the error names the backend and the reason.
+    with pytest.raises(rk.BackendUnavailableError, match="cuda"):
+        rk.quantize_rowwise(torch.randn(2, 4), 8, backend="cuda")
+
+
+def test_set_backend_precedence():
+    w = torch.randn(3, 4)
+    prev = rk.set_backend("reference")
+    try:
+        assert rk.get_backend() == "reference"
+        assert _backend.resolve("quantize_rowwise", "cpu")[0] == "reference"
+        # the argument beats the global selection
+        with pytest.raises(rk.BackendUnavailableError):
+            rk.quantize_rowwise(w, 8, backend="cuda")
+        rk.set_backend("cuda")
+        with pytest.raises(rk.BackendUnavailableError):
+            rk.quantize_rowwise(w, 8)
+        rk.quantize_rowwise(w, 8, backend="reference")
+    finally:
+        rk.set_backend(prev)
+
+
+def test_auto_prefers_native_then_reference():
+    name, _ = _backend.resolve("quantize_rowwise", "cpu", "auto")
+    expected = "cpu" if "cpu" in _backend.available_backends("quantize_rowwise", "cpu") else "reference"
+    assert name == expected
+
+
+def _run(code: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_env_var_selects_backend():
+    out = _run("import recsys_kernels as rk; print(rk.get_backend())", {"RECSYS_KERNELS_BACKEND": "reference"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
+
+
+def test_missing_extension_falls_back_to_reference():
+    # Block the compiled module: the package must still import, warn, and run on the reference.
+    code = (
+        "import sys; sys.modules['recsys_kernels._C'] = None\n"
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import recsys_kernels as rk\n"
+        "assert any('Falling back to the reference backend' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "from recsys_kernels import _backend\n"
+        "assert _backend.resolve('quantize_rowwise', 'cpu')[0] == 'reference'\n"
+        "q = rk.quantize_rowwise(torch.randn(4, 8), 8)\n"
+        "assert q.shape == (4, 16)\n"
+        "print('ok')\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_info_reports_everything():
+    d = rk.info()
+    assert d["torch"] == torch.__version__
+    assert set(d["backends"]) == set(_backend.ops())
+    if "_C" in _loader.EXTENSIONS:
+        assert d["cpu_features"]["avx2"] in ("yes", "no")
+    text = rk.format_info(d)
+    assert "quantize_rowwise" in text and "CPU features" in text
+
+
+def test_cli_info():
+    out = _run("from recsys_kernels.cli import main; raise SystemExit(main(['info']))")
+    assert out.returncode == 0, out.stderr
+    assert "backend selection" in out.stdout
