@@ -73,6 +73,10 @@ def to_csr(rows: Tensor, cols: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     within a row (stable sort), so pass them pre-sorted by time to get time-ordered rows."""
     rows = torch.as_tensor(rows, dtype=torch.int64)
     cols = torch.as_tensor(cols, dtype=torch.int64)
+    if rows.shape != cols.shape or rows.dim() != 1:
+        raise ValueError(f"rows and cols must be 1-D and of one length, got {tuple(rows.shape)}, {tuple(cols.shape)}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
+        raise IndexError(f"rows: ids must be in [0, num_rows={num_rows})")
     order = torch.sort(rows, stable=True).indices
     counts = torch.bincount(rows, minlength=num_rows)
     offsets = torch.zeros(num_rows + 1, dtype=torch.int64)
@@ -147,7 +151,7 @@ def synthetic_interactions(
     seed: int = 0,
     interactions_per_user: int = 20,
     min_per_user: int = 5,
-    latent_dim: int = 16,
+    latent_dim: int = 8,
     affinity_scale: float = 2.5,
     zipf_exponent: float = 0.8,
     num_item_attrs: int = 8,
@@ -250,24 +254,39 @@ def train_test_split(data: InteractionData, num_test: int = 1, *, min_train: int
 # ----------------------------------------------------------------------------- negatives
 def sample_negatives(users: Tensor, num_items: int, num_negatives: int, *,
                      exclude: Optional[tuple[Tensor, Tensor]] = None,
-                     generator: Optional[torch.Generator] = None, max_rounds: int = 3) -> Tensor:
-    """Uniform negative items [len(users), num_negatives] int64.
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    """Uniform negative items [len(users), num_negatives] int64 (with replacement).
 
-    With `exclude` (the full user CSR of positives), draws that hit one of the user's positives
-    are redrawn up to `max_rounds` times; after that a collision is kept (cheap, and rare unless
-    a user has interacted with most of the catalog)."""
+    With `exclude` (a CSR of positives with one row per user id, e.g. the full training
+    history), each draw is uniform over the items NOT in the user's row, exactly and without
+    rejection loops: draw r uniform in [0, num_items - |positives|) and map it to the r-th item
+    that is not a positive. A user whose positives cover the whole catalog gets uniform draws."""
     users = torch.as_tensor(users, dtype=torch.int64)
-    neg = torch.randint(num_items, (users.numel(), num_negatives), generator=generator)
+    shape = (users.numel(), num_negatives)
     if exclude is None:
-        return neg
-    rows = users[:, None].expand_as(neg)
-    for _ in range(max_rounds):
-        bad = csr_contains(exclude[0], exclude[1], rows, neg)
-        n_bad = int(bad.sum())
-        if n_bad == 0:
-            break
-        neg[bad] = torch.randint(num_items, (n_bad,), generator=generator)
-    return neg
+        return torch.randint(num_items, shape, generator=generator)
+    offsets, items = exclude[0].long(), exclude[1].long()
+    num_rows = offsets.numel() - 1
+    if items.numel() and (int(items.min()) < 0 or int(items.max()) >= num_items):
+        raise ValueError(f"exclude: item ids must be in [0, num_items={num_items})")
+    # distinct positives of every row, sorted by (row, item), as keys row * num_items + item
+    row_of = torch.repeat_interleave(torch.arange(num_rows), offsets.diff(), output_size=items.numel())
+    keys = torch.unique(row_of * num_items + items)  # sorted
+    key_row = keys // num_items
+    n_pos = torch.bincount(key_row, minlength=num_rows)
+    row_start = torch.cumsum(n_pos, 0) - n_pos
+    # p_j - j (j = rank inside the row) counts the non-positives below the j-th positive p_j,
+    # so the r-th non-positive is r + #{j : p_j - j <= r}; the adjusted keys stay sorted
+    rank = torch.arange(keys.numel()) - row_start[key_row]
+    adjusted = keys - rank
+    free = (num_items - n_pos[users])[:, None]  # non-positives per user
+    u01 = torch.rand(shape, generator=generator, dtype=torch.float64)
+    r = torch.minimum((u01 * free.clamp(min=1)).long(), free.clamp(min=1) - 1)
+    base = users[:, None] * num_items
+    below = torch.searchsorted(adjusted, base + r, right=True) - row_start[users][:, None]
+    neg = r + below
+    # rows without any non-positive item: plain uniform
+    return torch.where(free > 0, neg, (u01 * num_items).long().clamp(max=num_items - 1))
 
 
 # ----------------------------------------------------------------------------- MovieLens

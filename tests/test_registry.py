@@ -138,3 +138,23 @@ def test_cli_info():
     out = _run("from recsys_kernels.cli import main; raise SystemExit(main(['info']))")
     assert out.returncode == 0, out.stderr
     assert "backend selection" in out.stdout
+
+
+@pytest.mark.parametrize("cap", ["scalar", "avx2", "amx"])
+def test_cpu_isa_env_caps_the_path(cap):
+    if "_C" not in _loader.EXTENSIONS:
+        pytest.skip("C++ extension not loaded")
+    order = ["scalar", "avx2", "avx512", "avx512_vnni", "amx"]
+    best = rk._C.cpu_features()["best_path"]
+    out = _run("import recsys_kernels as rk; print(rk._C.cpu_features()['selected_path'])",
+               {"RECSYS_KERNELS_CPU_ISA": cap})
+    assert out.returncode == 0, out.stderr
+    # the cap lowers the path and never raises it above what the machine has
+    assert out.stdout.strip() == order[min(order.index(cap), order.index(best))]
+
+
+def test_cpu_isa_env_rejects_unknown_names():
+    if "_C" not in _loader.EXTENSIONS:
+        pytest.skip("C++ extension not loaded")
+    out = _run("import recsys_kernels as rk; rk._C.cpu_features()", {"RECSYS_KERNELS_CPU_ISA": "sse9"})
+    assert out.returncode != 0 and "RECSYS_KERNELS_CPU_ISA" in out.stderr

@@ -18,6 +18,17 @@ def test_quantize_matches_torch_prepack_bytes(device, backend, bits, shape):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("quantize_rowwise"))
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_large_table_bytes(device, backend, bits, dtype):
+    # Large enough that an ulp-level difference in the scale arithmetic shows up in some row.
+    w = (torch.randn(20000, 64) * torch.rand(20000, 1) * 4).to(dtype)
+    expected = getattr(torch.ops.quantized, PREPACK[bits])(w.float() if dtype == torch.bfloat16 else w)
+    got = rk.quantize_rowwise(w.to(device), bits, backend=backend).cpu()
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("device,backend", backend_params("dequantize_rowwise"))
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16])

@@ -1,8 +1,8 @@
 // What the CPU and CUDA kernels of quantize_rowwise / dequantize_rowwise share: the argument
-// checks, and the arithmetic of the fused row-wise formats, shared so that
-// both produce the same bytes as torch.ops.quantized.embedding_bag_byte_prepack /
-// embedding_bag_4bit_prepack (FBGEMM's FloatOrHalfToFused{8,N}BitRowwiseQuantized*). The order of
-// the float operations below is FBGEMM's; do not "simplify" it (e.g. a * (1 / b) for a / b).
+// checks, and the arithmetic of the fused row-wise formats, so that both produce the same bytes
+// as torch.ops.quantized.embedding_bag_byte_prepack / embedding_bag_4bit_prepack (FBGEMM's
+// FloatOrHalfToFused{8,N}BitRowwiseQuantized*). The order of the float operations below is
+// FBGEMM's; do not "simplify" it (e.g. a * (1 / b) for a / b).
 //
 // On the device every operation is an explicit round-to-nearest intrinsic: nvcc would otherwise
 // fuse a * b + c into one FMA (different rounding from the CPU) and -use_fast_math would
@@ -11,8 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
-
 #include <optional>
+#include <utility>
 
 #include <c10/macros/Macros.h>
 #include <c10/util/Half.h>
@@ -55,12 +55,17 @@ C10_HOST_DEVICE inline float div_rn(float a, float b) {
 #endif
 }
 
-// Round half to even, as torch.round and FBGEMM's lrintf (default rounding mode) do.
+// Round half to even, as torch.round and FBGEMM's lrintf (default rounding mode) do. On the host,
+// adding and subtracting 1.5 * 2^23 rounds exactly like nearbyintf for |x| < 2^22, and passes
+// inf / NaN through; unlike a libm call it lets the compiler vectorise the row loops. Larger x
+// cannot occur for codes ((x - bias) * inv_scale is at most about 255) and would clamp the same.
+// (Needs IEEE semantics: never build this with -ffast-math, which would fold it to x.)
 C10_HOST_DEVICE inline float round_even(float x) {
 #ifdef __CUDA_ARCH__
   return rintf(x);
 #else
-  return std::nearbyint(x);
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (x + kMagic) - kMagic;
 #endif
 }
 

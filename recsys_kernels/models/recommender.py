@@ -31,6 +31,7 @@ import time
 from typing import Optional, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -133,7 +134,9 @@ class Recommender(nn.Module):
     # -- towers
     def user_vectors(self, users: Tensor, hist_offsets: Tensor, hist_items: Tensor) -> Tensor:
         """f(u) [B, dim] for users [B]; (hist_offsets [B+1], hist_items) is each user's history."""
-        if hist_offsets.numel() != users.numel() + 1:
+        # (skipped under torch.fx symbolic tracing, where sizes are proxies: the graph passes
+        # trace this model to swap its EmbeddingBag / Linear layers)
+        if not isinstance(users, torch.fx.Proxy) and hist_offsets.numel() != users.numel() + 1:
             raise ValueError(f"hist_offsets must have len(users) + 1 = {users.numel() + 1} entries, "
                              f"got {hist_offsets.numel()}")
         pooled = self.history(hist_items, hist_offsets[:-1])  # empty history -> zeros
@@ -151,12 +154,15 @@ class Recommender(nn.Module):
 
     def score(self, users: Tensor, items: Tensor, hist_offsets: Tensor, hist_items: Tensor) -> Tensor:
         """Scores [P] of pairs (users[p], items[p]); the history CSR has one row per pair.
-        Differentiable; without autograd (inference) it runs the fused `pair_scores` op."""
+        Differentiable; without autograd (inference) it runs the fused `pair_scores` op.
+        Traceable by torch.fx (the plain-PyTorch formula is what gets traced)."""
         u = self.user_vectors(users, hist_offsets, hist_items)
         scoring = _scoring_ops()
-        if scoring is not None and not torch.is_grad_enabled():
+        if scoring is not None and not torch.is_grad_enabled() and not isinstance(u, torch.fx.Proxy):
             rows = torch.arange(users.numel(), device=users.device)
-            return scoring.pair_scores(u, self.item_vectors(), rows, items, item_bias=self.item_bias())
+            bias = self.catalog_bias if self.catalog_bias is not None else self.item_bias()
+            return scoring.pair_scores(u.float().contiguous(), self.item_vectors().float().contiguous(), rows,
+                                       items, item_bias=bias.float().contiguous())
         return (u * self.item_emb(items)).sum(-1) + self.item_bias(items)
 
     forward = score
@@ -236,16 +242,19 @@ class _ProgressBar:
 
 
 def train_model(model: Recommender, train_data: "_data.InteractionData", epochs: int = 5,
-                batch_size: int = 1024, lr: float = 5e-3, weight_decay: float = 1e-6,
+                batch_size: int = 1024, lr: float = 1e-2, weight_decay: float = 1e-6,
                 num_negatives: int = 4, seed: int = 0, progress: bool = True,
-                loss: str = "bpr") -> list[float]:
+                loss: str = "bpr", leave_target_out: bool = True) -> list[float]:
     """Train on implicit feedback; returns the mean loss of every epoch.
 
-    Each training interaction (u, i) is a positive; `num_negatives` items drawn uniformly
-    (redrawn when they hit one of u's training items) are its negatives. The user's history is
-    all of u's training items. loss="bpr": -log sigmoid(s_ui - s_uj) averaged over the
-    negatives; loss="bce": BCE-with-logits, label 1 for positives and 0 for negatives. Adam with
-    `weight_decay` as L2. Seeded: the same seed gives the same model."""
+    Each training interaction (u, i) is a positive; its negatives are `num_negatives` items
+    drawn uniformly from the items u has no training interaction with. The history pooled into
+    the user vector is u's training items, without i itself when `leave_target_out` (otherwise
+    the model learns "an item in the history scores high", which never helps on held-out items,
+    and overfits faster). loss="bpr": -log sigmoid(s_ui - s_uj) averaged over the negatives;
+    loss="bce": BCE-with-logits, label 1 for positives and 0 for negatives. Adam with
+    `weight_decay` as L2. Batches go to the model's device. Seeded: the same seed (and the same
+    initial model) gives the same model."""
     if loss not in ("bpr", "bce"):
         raise ValueError(f"loss must be 'bpr' or 'bce', got {loss!r}")
     if model.catalog is not None:
@@ -253,6 +262,7 @@ def train_model(model: Recommender, train_data: "_data.InteractionData", epochs:
     if len(train_data) == 0:
         raise ValueError("train_data has no interactions")
     g = torch.Generator().manual_seed(seed)
+    device = model.item_emb.weight.device
     hist_off, hist_items = train_data.user_history()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
@@ -269,9 +279,12 @@ def train_model(model: Recommender, train_data: "_data.InteractionData", epochs:
             neg = _data.sample_negatives(users, model.num_items, num_negatives,
                                          exclude=(hist_off, hist_items), generator=g)
             h_off, h_items = _data.csr_rows(hist_off, hist_items, users)
+            if leave_target_out:
+                h_off, h_items = _drop_items(h_off, h_items, pos)
+            users, h_off, h_items = users.to(device), h_off.to(device), h_items.to(device)
+            item_ids = torch.cat([pos[:, None], neg], dim=1).to(device)  # [B, 1 + negatives]
             # one user vector per positive, shared by its negatives
             u = model.user_vectors(users, h_off, h_items)
-            item_ids = torch.cat([pos[:, None], neg], dim=1)  # [B, 1 + negatives]
             s = torch.einsum("bd,bnd->bn", u, model.item_emb(item_ids)) + model.item_bias(item_ids)
             if loss == "bpr":
                 batch_loss = -F.logsigmoid(s[:, :1] - s[:, 1:]).mean()
@@ -288,6 +301,15 @@ def train_model(model: Recommender, train_data: "_data.InteractionData", epochs:
         epoch_losses.append(total / n)
     model.eval()
     return epoch_losses
+
+
+def _drop_items(offsets: Tensor, items: Tensor, drop: Tensor) -> Csr:
+    """The CSR without item drop[r] in row r."""
+    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff(), output_size=items.numel())
+    keep = items != drop[rows]
+    new_offsets = torch.zeros_like(offsets)
+    new_offsets[1:] = torch.cumsum(torch.bincount(rows[keep], minlength=offsets.numel() - 1), 0)
+    return new_offsets, items[keep]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -315,12 +337,14 @@ def evaluate(model: Recommender, train_data: "_data.InteractionData", test_data:
     catalog minus the user's training items (history = training items) and score the top k
     against the test items. Returns {"ndcg@k", "recall@k", "hit_rate@k", "mrr", "users"}."""
     model.eval()
+    device = model.item_emb.weight.device
     users, (h_off, h_items), relevant = held_out_users(train_data, test_data)
     ranked = []
     for start in range(0, users.numel(), batch_size):
         rows = torch.arange(start, min(start + batch_size, users.numel()))
         b_off, b_items = _data.csr_rows(h_off, h_items, rows)
-        ranked.append(model.recommend(users[rows], k, b_off, b_items)[1])
+        ids = model.recommend(users[rows].to(device), k, b_off.to(device), b_items.to(device))[1]
+        ranked.append(ids.cpu())
     ranked = torch.cat(ranked) if ranked else torch.empty(0, k, dtype=torch.int64)
     out = ranking_metrics(ranked, relevant, k)
     out["users"] = int(users.numel())

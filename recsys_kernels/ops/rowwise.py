@@ -41,17 +41,19 @@ def _quantize_rowwise_ref(weight: Tensor, bits: int) -> Tensor:
         return torch.zeros(n, packed_width(d, bits), dtype=torch.uint8, device=w.device)
     lo = w.amin(dim=1, keepdim=True)
     hi = w.amax(dim=1, keepdim=True)
+    # Divide by tensors, never by Python numbers: torch turns `x / 255.0` and `255.0 / x` into a
+    # multiply by a reciprocal, which is off by an ulp from FBGEMM's true division.
     if bits == 8:
         rng = hi - lo
-        scale = rng / 255.0
-        inv_scale = 255.0 / (rng + _EPS_8BIT)
+        scale = rng / torch.full_like(rng, 255.0)
+        inv_scale = torch.full_like(rng, 255.0) / (rng + _EPS_8BIT)
         codes = torch.round((w - lo) * inv_scale).clamp_(0, 255).to(torch.uint8)
         tail = torch.cat([scale, lo], dim=1).contiguous().view(torch.uint8)  # [n, 8]
         return torch.cat([codes, tail], dim=1)
     lo = lo.half().float()  # the fp16 bias is what dequantization will see
     rng = hi - lo
-    scale = torch.where(rng == 0, torch.ones_like(rng), rng / 15.0).half().float()
-    inv_scale = 1.0 / scale
+    scale = torch.where(rng == 0, torch.ones_like(rng), rng / torch.full_like(rng, 15.0)).half().float()
+    inv_scale = torch.ones_like(scale) / scale
     bad = (scale == 0) | torch.isinf(inv_scale)
     scale = torch.where(bad, torch.ones_like(scale), scale)
     inv_scale = torch.where(bad, torch.ones_like(inv_scale), inv_scale)
