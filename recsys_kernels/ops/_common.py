@@ -67,6 +67,26 @@ def register_autograd(variants: dict, backward: Callable, setup_context: Callabl
         torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def register_autograd_with_backward_op(forward_variants: dict, backward_variants: dict, backward_name: str,
+                                       make_backward: Callable, setup_context: Callable) -> None:
+    """One autograd formula on every forward variant, each calling the backward op of its own
+    backend. `make_backward(pick)` builds the formula; `pick(is_cuda)` returns the backward op to
+    call: the reference backward where the forward's backend has no backward kernel for that
+    device (a native forward kernel may land before its backward). A later backend (triton)
+    calls this again with only its own variants."""
+    reference = backward_variants["reference"]
+    for key, fwd in {id(op): (k, op) for k, op in forward_variants.items()}.values():
+        own = backward_variants.get(key, reference)
+        native = key in ("cpu", "cuda")
+
+        def pick(is_cuda: bool, own=own, native=native):
+            if native and not _loader.has_native_kernel(backward_name, "CUDA" if is_cuda else "CPU"):
+                return reference
+            return own
+
+        torch.library.register_autograd(fwd, make_backward(pick), setup_context=setup_context)
+
+
 def call(name: str, device: torch.device, backend: str | None, *args):
     """Run op `name` through the backend that the selection rules pick."""
     _, fn = _backend.resolve(name, device.type, backend)

@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _loader
 from . import _common
 from .rowwise import check_packed_table, dequantize_rows, unpacked_dim
 
@@ -206,19 +205,16 @@ def _sparse_grad(grad_rows: Tensor, indices: Tensor, n_rows: int) -> Tensor:
     return torch.sparse_coo_tensor(coords, grad_rows, (n_rows, dim), check_invariants=False)
 
 
-def _make_backward(backward_op, fallback_op):
+def _make_backward(pick):
+    """The autograd formula of embedding_bag; pick(is_cuda) gives the backward op to call."""
     def backward(ctx, grad):
         weight, indices, offsets, per_sample_weights = ctx.saved_tensors
         mode, padding_idx, bounds, sparse = ctx.args
         if weight.dtype == torch.uint8:
             raise NotImplementedError("embedding_bag: quantized (uint8) tables are inference only; "
                                       "there is no gradient through them")
-        op = backward_op
-        if op is BACKWARD.get("cpu") and not _loader.has_native_kernel(
-                "embedding_bag_backward", "CUDA" if weight.is_cuda else "CPU"):
-            op = fallback_op  # a native forward kernel may land before its backward
-        grad_weight, grad_psw = op(grad.contiguous(), weight, indices, offsets, per_sample_weights,
-                                   mode, padding_idx, bounds, sparse)
+        grad_weight, grad_psw = pick(weight.is_cuda)(grad.contiguous(), weight, indices, offsets,
+                                                     per_sample_weights, mode, padding_idx, bounds, sparse)
         if not ctx.needs_input_grad[0]:
             grad_weight = None
         elif sparse:
@@ -230,22 +226,8 @@ def _make_backward(backward_op, fallback_op):
     return backward
 
 
-_registered: list = []  # forward ops that already have the formula
-
-
-def register_autograd(forward_variants: dict, backward_variants: dict) -> None:
-    """The one autograd formula, on every forward variant; each calls the backward op of its own
-    backend (the reference backward where that backend has none). Later backends (triton) call
-    this with their variants."""
-    for key, fwd in forward_variants.items():
-        if any(fwd is done for done in _registered):
-            continue  # the native op serves both the cpu and cuda keys
-        bwd = backward_variants.get(key, BACKWARD["reference"])
-        _common.register_autograd({key: fwd}, _make_backward(bwd, BACKWARD["reference"]), _setup_context)
-        _registered.append(fwd)
-
-
-register_autograd(FORWARD, BACKWARD)
+_common.register_autograd_with_backward_op(FORWARD, BACKWARD, "embedding_bag_backward", _make_backward,
+                                           _setup_context)
 
 
 # ----------------------------------------------------------------------------- front door

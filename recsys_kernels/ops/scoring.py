@@ -35,7 +35,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _loader
 from . import _common
 from .rowwise import check_packed_table, dequantize_rows
 
@@ -198,15 +197,11 @@ def _pair_setup_context(ctx, inputs, output):
     ctx.save_for_backward(user_emb, item_emb, user_idx, item_idx, item_bias)
 
 
-def _make_pair_backward(backward_op):
-    """The autograd formula of one pair_scores variant, calling that backend's backward op."""
+def _make_pair_backward(pick):
+    """The autograd formula of pair_scores; pick(is_cuda) gives the backward op to call."""
     def backward(ctx, grad_output):
         user_emb, item_emb, user_idx, item_idx, item_bias = ctx.saved_tensors
-        op = backward_op
-        if op is _PAIR_BACKWARD_VARIANTS.get("cpu") and not _loader.has_native_kernel(
-                "pair_scores_backward", "CUDA" if user_emb.is_cuda else "CPU"):
-            op = _PAIR_BACKWARD_VARIANTS["reference"]  # a native forward may land before its backward
-        grad_user, grad_item, grad_bias = op(
+        grad_user, grad_item, grad_bias = pick(user_emb.is_cuda)(
             grad_output.contiguous(), user_emb, item_emb, user_idx, item_idx, item_bias)
         needs = ctx.needs_input_grad
         return (grad_user if needs[0] else None,
@@ -219,22 +214,8 @@ def _make_pair_backward(backward_op):
 _PAIR_VARIANTS = _common.define_op("pair_scores", _pair_scores_ref, _pair_scores_fake)
 _PAIR_BACKWARD_VARIANTS = _common.define_op(
     "pair_scores_backward", _pair_scores_backward_ref, _pair_scores_backward_fake)
-_pair_registered: list = []  # forward ops that already have the formula
-
-
-def register_pair_scores_autograd(forward_variants: dict, backward_variants: dict) -> None:
-    """The one autograd formula on every pair_scores variant, each calling the backward op of its
-    own backend (the reference backward where that backend has none). Later backends (triton)
-    call this with their variants."""
-    for name, fwd in forward_variants.items():
-        if any(fwd is done for done in _pair_registered):
-            continue  # the native op serves both the cpu and cuda backends
-        bwd = backward_variants.get(name, _PAIR_BACKWARD_VARIANTS["reference"])
-        _common.register_autograd({name: fwd}, _make_pair_backward(bwd), _pair_setup_context)
-        _pair_registered.append(fwd)
-
-
-register_pair_scores_autograd(_PAIR_VARIANTS, _PAIR_BACKWARD_VARIANTS)
+_common.register_autograd_with_backward_op(_PAIR_VARIANTS, _PAIR_BACKWARD_VARIANTS, "pair_scores_backward",
+                                           _make_pair_backward, _pair_setup_context)
 
 
 # ----------------------------------------------------------------------------- candidate ops
