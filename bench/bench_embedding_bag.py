@@ -1,0 +1,124 @@
+"""embedding_bag on CPU: our C++ kernel against the peers a user would otherwise pick.
+
+Shape A: a 1,000,000 x 128 table, B = 4096 bags of L = 32 uniform indices, mode="sum": memory-bound
+random row gathers (the table is far larger than the caches). fp32 against F.embedding_bag (int64
+and int32 indices), and the 8-bit / 4-bit row-wise tables against
+torch.ops.quantized.embedding_bag_{byte,4bit}_rowwise_offsets (the same packed bytes).
+Shape B: a 50,000 x 64 fp32 table with Zipf(1.05) indices, same B and L: hot rows stay cached.
+
+bytes = the row bytes gathered (nnz x bytes per row) + the indices, offsets and output: the GB/s
+column is the gather throughput. Shape B's hot rows come from cache, so it can pass the copy
+bandwidth. The CPU path follows RECSYS_KERNELS_CPU_ISA (set it to "scalar" to time the fallback).
+
+Run: pytest bench/bench_embedding_bag.py -q (add --benchmark-json=out.json to keep the numbers)."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recsys_kernels as rk
+from recsys_kernels import _backend
+
+B, L = 4096, 32
+SHAPE_A = (1_000_000, 128)
+SHAPE_B = (50_000, 64)
+
+
+@functools.cache
+def _table(n, d):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g)
+
+
+@functools.cache
+def _packed(n, d, bits):
+    return rk.quantize_rowwise(_table(n, d), bits)
+
+
+@functools.cache
+def _bags(n, dist):
+    g = torch.Generator().manual_seed(1)
+    if dist == "uniform":
+        idx = torch.randint(0, n, (B * L,), generator=g)
+    else:  # Zipf(1.05) over a shuffled vocabulary: hot rows scattered through the table
+        p = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** 1.05
+        idx = torch.randperm(n, generator=g)[torch.multinomial(p, B * L, replacement=True, generator=g)]
+    return idx, torch.arange(B + 1) * L
+
+
+def _ours_available():
+    return "cpu" in _backend.available_backends("embedding_bag", "cpu")
+
+
+def _skip_unless_ours(impl):
+    if impl in ("ours", "ours_int32") and not _ours_available():
+        pytest.skip(_backend.availability("embedding_bag")["cpu"])
+
+
+def _bytes(row_bytes, idx, out_bytes):
+    return idx.numel() * row_bytes + idx.numel() * idx.element_size() + (B + 1) * idx.element_size() + out_bytes
+
+
+@pytest.mark.benchmark(group=f"embedding_bag sum fp32 {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
+                       min_rounds=5, max_time=1.0)
+@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "ours", "ours_int32"])
+def test_fp32_uniform(run_bench, impl):
+    _skip_unless_ours(impl)
+    w = _table(*SHAPE_A)
+    idx, off = _bags(SHAPE_A[0], "uniform")
+    if impl.endswith("int32"):
+        idx, off = idx.int(), off.int()
+    if impl.startswith("torch"):
+        def fn(w, i, o):
+            return F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
+    else:
+        def fn(w, i, o):
+            return rk.embedding_bag(w, i, o, backend="cpu")
+        expected = F.embedding_bag(idx[:4096], w, off[:129], mode="sum", include_last_offset=True)
+        torch.testing.assert_close(fn(w, idx[:4096], off[:129]), expected, rtol=1e-5, atol=1e-5)
+    run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_A[1] * 4, idx, B * SHAPE_A[1] * 4),
+              ops=idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl)
+
+
+@pytest.mark.benchmark(group=f"embedding_bag sum row-wise quantized {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
+                       min_rounds=5, max_time=1.0)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("impl", ["torch_quantized", "ours"])
+def test_quantized_uniform(run_bench, impl, bits):
+    _skip_unless_ours(impl)
+    packed = _packed(*SHAPE_A, bits)
+    idx, off = _bags(SHAPE_A[0], "uniform")
+    if impl == "torch_quantized":
+        op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
+              else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+
+        def fn(q, i, o):
+            return op(q, i, o, mode=0, include_last_offset=True)
+    else:
+        def fn(q, i, o):
+            return rk.embedding_bag(q, i, o, bits=bits, backend="cpu")
+    row_bytes = packed.shape[1]
+    run_bench(fn, packed, idx, off, bytes_moved=_bytes(row_bytes, idx, B * SHAPE_A[1] * 4),
+              ops=2 * idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, bits=bits)
+
+
+@pytest.mark.benchmark(group=f"embedding_bag sum fp32 {SHAPE_B[0]}x{SHAPE_B[1]} B={B} L={L} zipf",
+                       min_rounds=5, max_time=1.0)
+@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "ours", "reference"])
+def test_fp32_zipf(run_bench, impl):
+    _skip_unless_ours(impl)
+    w = _table(*SHAPE_B)
+    idx, off = _bags(SHAPE_B[0], "zipf")
+    if impl.endswith("int32"):
+        idx, off = idx.int(), off.int()
+    if impl.startswith("torch"):
+        def fn(w, i, o):
+            return F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
+    else:
+        def fn(w, i, o):
+            return rk.embedding_bag(w, i, o, backend=impl if impl == "reference" else "cpu")
+        torch.testing.assert_close(fn(w, idx, off), F.embedding_bag(idx, w, off, mode="sum", include_last_offset=True),
+                                   rtol=1e-5, atol=1e-5)
+    run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_B[1] * 4, idx, B * SHAPE_B[1] * 4),
+              ops=idx.numel() * SHAPE_B[1], shape=(*SHAPE_B, B, L), impl=impl)

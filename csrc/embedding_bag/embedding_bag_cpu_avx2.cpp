@@ -1,0 +1,252 @@
+// The AVX2+FMA+F16C pooling kernel of embedding_bag (see embedding_bag_cpu_kernels.h). Every
+// function here carries the target attribute (the build has no -mavx2); embedding_bag_cpu.cpp
+// calls pool_bag_avx2 only after recsys_kernels::cpu_isa() said AVX2 is there. No torch headers:
+// nothing from this file may be picked by the linker for the baseline-ISA code.
+//
+// Per bag, the columns go in blocks of up to 8 vectors of 8 floats: the block's fp32 accumulators
+// stay in registers while the kernel walks the bag's rows in index order, prefetching the block's
+// lines of the row kPrefetch indices ahead (running on into the next bags). Columns past the last
+// full vector go through a scalar loop with the same operations. fp-contract=off: a * b + c must stay two roundings, as in the reference.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "embedding_bag/embedding_bag_cpu_kernels.h"
+
+#define RK_AVX2 __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off")))
+#define RK_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"), always_inline)) inline
+
+namespace recsys_kernels::embedding_bag_cpu {
+namespace {
+
+constexpr int64_t kPrefetch = 16;  // indices ahead
+constexpr int kMaxVecs = 8;       // 8 x 8 floats of accumulators per column block
+
+struct RowParams {
+  float scale = 1.0f, bias = 0.0f;
+};
+
+RK_AVX2_INLINE float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// Loaders: vector of 8 columns from column c (a multiple of 8), scalar column c, the row's scale
+// and bias, and where a column's byte is (for prefetching).
+struct F32 {
+  static constexpr bool kQuant = false;
+  RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    float v;
+    std::memcpy(&v, row + 4 * c, 4);
+    return v;
+  }
+  static constexpr int64_t byte_of(int64_t c) { return 4 * c; }
+};
+
+struct F16 {
+  static constexpr bool kQuant = false;
+  RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, 2);
+    return half_to_float(h);
+  }
+  static constexpr int64_t byte_of(int64_t c) { return 2 * c; }
+};
+
+struct BF16 {
+  static constexpr bool kQuant = false;
+  RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, 2);
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float v;
+    std::memcpy(&v, &u, 4);
+    return v;
+  }
+  static constexpr int64_t byte_of(int64_t c) { return 2 * c; }
+};
+
+// 8-bit: D codes, fp32 scale, fp32 bias.
+struct Q8 {
+  static constexpr bool kQuant = true;
+  RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
+    RowParams p;
+    std::memcpy(&p.scale, row + dim, 4);
+    std::memcpy(&p.bias, row + dim + 4, 4);
+    ok &= std::isfinite(p.scale) && std::isfinite(p.bias);
+    return p;
+  }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams& p) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
+    const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    return _mm256_add_ps(_mm256_mul_ps(codes, _mm256_set1_ps(p.scale)), _mm256_set1_ps(p.bias));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams& p) {
+    return static_cast<float>(row[c]) * p.scale + p.bias;
+  }
+  static constexpr int64_t byte_of(int64_t c) { return c; }
+};
+
+// 4-bit: D/2 bytes of codes (low nibble first), fp16 scale, fp16 bias.
+struct Q4 {
+  static constexpr bool kQuant = true;
+  RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
+    uint16_t h[2];
+    std::memcpy(h, row + dim / 2, 4);
+    RowParams p{half_to_float(h[0]), half_to_float(h[1])};
+    ok &= std::isfinite(p.scale) && std::isfinite(p.bias);
+    return p;
+  }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams& p) {
+    int32_t packed;
+    std::memcpy(&packed, row + c / 2, 4);
+    const __m128i x = _mm_cvtsi32_si128(packed);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(x, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), mask);
+    const __m128i nib = _mm_unpacklo_epi8(lo, hi);  // lo0 hi0 lo1 hi1 ...: column order
+    const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
+    return _mm256_add_ps(_mm256_mul_ps(codes, _mm256_set1_ps(p.scale)), _mm256_set1_ps(p.bias));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams& p) {
+    const uint8_t b = row[c / 2];
+    const uint8_t code = (c & 1) ? (b >> 4) : (b & 0x0F);
+    return static_cast<float>(code) * p.scale + p.bias;
+  }
+  static constexpr int64_t byte_of(int64_t c) { return c / 2; }
+};
+
+// max that propagates NaN (as amax does): a NaN value wins, a NaN accumulator stays.
+RK_AVX2_INLINE __m256 max_nan(__m256 acc, __m256 v) {
+  const __m256 m = _mm256_max_ps(v, acc);  // acc where either is NaN
+  return _mm256_blendv_ps(m, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+RK_AVX2_INLINE float max_nan(float acc, float v) { return (std::isnan(v) || v > acc) ? v : acc; }
+
+template <class L>
+RK_AVX2_INLINE void prefetch_row(const PoolArgs& a, int64_t row, int64_t c_begin, int64_t c_end);
+
+// At compacted position p: the columns [c0, c1) of the row kPrefetch raw indices ahead, which may
+// be in one of the next bags.
+template <class L>
+RK_AVX2_INLINE void prefetch_ahead(const PoolArgs& a, int64_t p, int64_t c0, int64_t c1) {
+  const int64_t q = p + kPrefetch;
+  if (a.raw_idx == nullptr) {
+    if (q < a.n) prefetch_row<L>(a, a.rows[q], c0, c1);
+    return;
+  }
+  if (q >= a.raw_left) return;
+  const int64_t r = a.raw_is_int64 ? static_cast<const int64_t*>(a.raw_idx)[q]
+                                   : static_cast<int64_t>(static_cast<const int32_t*>(a.raw_idx)[q]);
+  if (r >= 0 && r < a.n_rows) prefetch_row<L>(a, r, c0, c1);
+}
+
+template <class L>
+RK_AVX2_INLINE void prefetch_row(const PoolArgs& a, int64_t row, int64_t c_begin, int64_t c_end) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(a.table + row * a.row_bytes);
+  const uintptr_t end = base + L::byte_of(c_end);
+  for (uintptr_t line = (base + L::byte_of(c_begin)) & ~uintptr_t{63}; line < end; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+  if constexpr (L::kQuant) _mm_prefetch(reinterpret_cast<const char*>(base + a.row_bytes - 1), _MM_HINT_T0);
+}
+
+// One column block [c0, c0 + 8 * NV) of a bag.
+template <class L, int NV, bool MAX, bool W>
+RK_AVX2 bool pool_block(const PoolArgs& a, int64_t c0) {
+  __m256 acc[NV];
+  const __m256 init = MAX ? _mm256_set1_ps(-INFINITY) : _mm256_setzero_ps();
+  for (int k = 0; k < NV; ++k) acc[k] = init;
+  bool ok = true;
+  for (int64_t p = 0; p < a.n; ++p) {
+    prefetch_ahead<L>(a, p, c0, c0 + 8 * NV);
+    const uint8_t* row = a.table + a.rows[p] * a.row_bytes;
+    const RowParams prm = L::params(row, a.dim, ok);
+    const uint8_t* block = row + L::byte_of(c0);  // constant offsets below (c0 is a multiple of 8)
+    __m256 w;
+    if constexpr (W) w = _mm256_set1_ps(a.weights[p]);
+    for (int k = 0; k < NV; ++k) {
+      __m256 v = L::load(block, 8 * k, prm);
+      if constexpr (W) v = _mm256_mul_ps(v, w);
+      acc[k] = MAX ? max_nan(acc[k], v) : _mm256_add_ps(acc[k], v);
+    }
+  }
+  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(a.out + c0 + 8 * k, acc[k]);
+  return ok;
+}
+
+// Columns [c0, dim), fewer than 8.
+template <class L, bool MAX, bool W>
+RK_AVX2 bool pool_tail(const PoolArgs& a, int64_t c0) {
+  float acc[8];
+  const int64_t nc = a.dim - c0;
+  for (int64_t c = 0; c < nc; ++c) acc[c] = MAX ? -INFINITY : 0.0f;
+  bool ok = true;
+  for (int64_t p = 0; p < a.n; ++p) {
+    prefetch_ahead<L>(a, p, c0, a.dim);
+    const uint8_t* row = a.table + a.rows[p] * a.row_bytes;
+    const RowParams prm = L::params(row, a.dim, ok);
+    for (int64_t c = 0; c < nc; ++c) {
+      float v = L::scalar(row, c0 + c, prm);
+      if constexpr (W) v = v * a.weights[p];
+      acc[c] = MAX ? max_nan(acc[c], v) : acc[c] + v;
+    }
+  }
+  for (int64_t c = 0; c < nc; ++c) a.out[c0 + c] = acc[c];
+  return ok;
+}
+
+template <class L, bool MAX, bool W>
+RK_AVX2 bool pool(const PoolArgs& a) {
+  bool ok = true;
+  const int64_t nvec = a.dim / 8;
+  for (int64_t v0 = 0; v0 < nvec; v0 += kMaxVecs) {
+    const int64_t c0 = 8 * v0;
+    switch (nvec - v0 < kMaxVecs ? nvec - v0 : kMaxVecs) {
+      case 1: ok &= pool_block<L, 1, MAX, W>(a, c0); break;
+      case 2: ok &= pool_block<L, 2, MAX, W>(a, c0); break;
+      case 3: ok &= pool_block<L, 3, MAX, W>(a, c0); break;
+      case 4: ok &= pool_block<L, 4, MAX, W>(a, c0); break;
+      case 5: ok &= pool_block<L, 5, MAX, W>(a, c0); break;
+      case 6: ok &= pool_block<L, 6, MAX, W>(a, c0); break;
+      case 7: ok &= pool_block<L, 7, MAX, W>(a, c0); break;
+      default: ok &= pool_block<L, 8, MAX, W>(a, c0); break;
+    }
+  }
+  if (8 * nvec < a.dim) ok &= pool_tail<L, MAX, W>(a, 8 * nvec);
+  return ok;
+}
+
+template <class L>
+RK_AVX2 bool pool_kind(const PoolArgs& a) {
+  const bool w = a.weights != nullptr;
+  if (a.is_max) return w ? pool<L, true, true>(a) : pool<L, true, false>(a);
+  return w ? pool<L, false, true>(a) : pool<L, false, false>(a);
+}
+
+}  // namespace
+
+RK_AVX2 bool pool_bag_avx2(const PoolArgs& a) {
+  switch (a.kind) {
+    case TableKind::kF32: return pool_kind<F32>(a);
+    case TableKind::kF16: return pool_kind<F16>(a);
+    case TableKind::kBF16: return pool_kind<BF16>(a);
+    case TableKind::kQ8: return pool_kind<Q8>(a);
+    case TableKind::kQ4: return pool_kind<Q4>(a);
+  }
+  return true;
+}
+
+}  // namespace recsys_kernels::embedding_bag_cpu

@@ -1,0 +1,188 @@
+"""The Triton backend of embedding_bag: recsys_kernels::embedding_bag_triton and
+recsys_kernels::embedding_bag_backward_triton, torch.library.triton_ops with the schemas of the
+reference ops, around the kernels in kernels/embedding_bag.py (recsys_kernels._triton). The
+forward's autograd formula is embedding.py's, calling the Triton backward op.
+
+Value checks. A Triton kernel cannot raise, so the checks of values that the reference makes
+(offsets CSR, indices in range under bounds="raise", clamping into an empty table, finite scales
+of the gathered rows of a quantized table) run in torch before the launch, with one host sync:
+every condition is reduced into one flag, and only when it is set are the errors worked out in
+the reference's order and with its wording (same exception types). They live in a separate
+custom op, recsys_kernels::embedding_bag_triton_check: a triton_op's body is traced by
+torch.compile, and a data-dependent `if` there would break fullgraph compilation; a custom op is
+opaque to the compiler. It returns an empty "token" tensor that is passed to the kernel launch
+(unused by the kernel): without that data dependency, tracing drops the check as dead code.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from . import _common
+from .embedding import (BACKWARD, _acc_dtype, _check_offsets, _embedding_bag_backward_fake, _embedding_bag_fake,
+                        _make_backward, _setup_context)
+from .rowwise import unpacked_dim
+
+try:
+    from .._triton import embedding_bag as _k
+    _REASON = None
+except Exception as e:  # noqa: BLE001 - no triton, or a triton that cannot import
+    _k = None
+    _REASON = f"triton cannot be imported: {type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- value checks
+def _index_error(indices: Tensor, n_rows: int) -> None:
+    idx = indices.long()
+    valid = (idx >= 0) & (idx < n_rows)
+    if not bool(valid.all()):
+        bad = int(idx[~valid][0])
+        raise IndexError(f"indices: index {bad} is out of range for a table of {n_rows} rows "
+                         f"(valid: 0 <= index < {n_rows}; bounds='raise')")
+
+
+def _gathered_tails(weight: Tensor, indices: Tensor, bits: int) -> Tensor:
+    """The fp32 scale and bias of every row the reference gathers (index clamped) [nnz, 2]; only
+    the tail bytes are gathered."""
+    n_rows = weight.shape[0]
+    dim = unpacked_dim(weight.shape[1], bits)
+    tail = weight[:, dim:] if bits == 8 else weight[:, dim // 2:]
+    tails = tail.index_select(0, indices.long().clamp(0, n_rows - 1)).contiguous()
+    return tails.view(torch.float32) if bits == 8 else tails.view(torch.float16).float()
+
+
+def _embedding_bag_triton_check(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: str,
+                                bits: int) -> Tensor:
+    n_rows = weight.shape[0]
+    nnz = indices.numel()
+    if offsets.numel() == 0:
+        _check_offsets(offsets.long(), nnz)  # raises
+    if bounds == "clamp" and n_rows == 0 and nnz > 0:
+        raise IndexError("indices: bounds='clamp' cannot clamp into an empty table (weight has 0 rows)")
+    off = offsets.long() if offsets.dtype != torch.int64 else offsets
+    bad = (off[0] != 0) | (off[-1] != nnz)
+    if off.numel() > 1:
+        bad = bad | (off[1:] < off[:-1]).any()
+    if bounds == "raise" and nnz > 0:
+        out_of_range = indices < 0
+        if n_rows <= torch.iinfo(indices.dtype).max:  # else no int32 index can reach n_rows
+            out_of_range = out_of_range | (indices >= n_rows)
+        bad = bad | out_of_range.any()
+    quantized = weight.dtype == torch.uint8
+    if quantized and n_rows > 0 and nnz > 0:
+        tails = _gathered_tails(weight, indices, bits)
+        bad = bad | ~torch.isfinite(tails).all()
+    if bool(bad):  # the one host sync; then the errors in the reference's order
+        _check_offsets(off, nnz)
+        if bounds == "raise":
+            _index_error(indices, n_rows)
+        if quantized:
+            raise ValueError("packed table has non-finite scales or biases")
+    return indices.new_empty(0)
+
+
+def _embedding_bag_triton_check_fake(weight, indices, offsets, bounds, bits):
+    return indices.new_empty(0)
+
+
+CHECK = torch.library.custom_op(f"{_common.LIB}::embedding_bag_triton_check", _embedding_bag_triton_check,
+                                mutates_args=())
+CHECK.register_fake(_embedding_bag_triton_check_fake)
+
+
+# ----------------------------------------------------------------------------- the op
+def _embedding_bag_triton(weight: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
+                          mode: str, padding_idx: Optional[int], bounds: str, bits: int,
+                          output_dtype: Optional[torch.dtype], sparse: bool) -> Tensor:
+    quantized = weight.dtype == torch.uint8
+    dim = unpacked_dim(weight.shape[1], bits) if quantized else weight.shape[1]
+    n_rows = weight.shape[0]
+    n_bags = offsets.shape[0] - 1
+    out_dtype = output_dtype or (torch.float32 if quantized else weight.dtype)
+    token = CHECK(weight, indices, offsets, bounds, bits)
+    if n_rows == 0 or n_bags <= 0 or dim == 0:
+        # an empty table (bounds="zero" only, after the check): nothing contributes. Adding the
+        # (empty) token's sum keeps the check alive under compilation.
+        zeros = torch.zeros(max(n_bags, 0), dim, dtype=out_dtype, device=weight.device)
+        return zeros + token.sum().to(out_dtype)
+    weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()
+    psw = None if per_sample_weights is None else per_sample_weights.contiguous()
+    out = torch.empty(n_bags, dim, dtype=out_dtype, device=weight.device)
+    cfg = _k.launch_config(dim, weight.is_cuda)
+    torch.library.wrap_triton(_k._embedding_bag_fwd_kernel)[_k.grid(n_bags, dim, cfg["BLOCK_D"])](
+        weight, indices, offsets, psw if psw is not None else token, out, token,
+        n_rows, weight.stride(0), dim,
+        -1 if padding_idx is None else padding_idx,
+        MODE=_k.MODE_CODES[mode], BOUNDS=_k.BOUNDS_CODES[bounds], HAS_PAD=padding_idx is not None,
+        HAS_PSW=psw is not None, BITS=bits if quantized else 0, ACC64=weight.dtype == torch.float64,
+        **cfg)
+    return out
+
+
+def _embedding_bag_backward_triton(grad_output: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor,
+                                   per_sample_weights: Optional[Tensor], mode: str, padding_idx: Optional[int],
+                                   bounds: str, sparse: bool) -> tuple[Tensor, Tensor]:
+    n_rows, dim = weight.shape
+    nnz = indices.shape[0]
+    n_bags = offsets.shape[0] - 1
+    acc = _acc_dtype(weight)
+    token = CHECK(weight, indices, offsets, bounds, 8)
+    psw = None if per_sample_weights is None else per_sample_weights.contiguous()
+    # dense: an [N, D] buffer in the accumulation dtype for the atomic adds (the output itself
+    # for fp32 / fp64 tables); sparse: the per-index rows, zeroed where max routes nothing
+    if sparse:
+        grad_weight = (torch.zeros if mode == "max" else torch.empty)(nnz, dim, dtype=weight.dtype,
+                                                                      device=weight.device)
+    else:
+        grad_weight = torch.zeros(n_rows, dim, dtype=acc, device=weight.device)
+    grad_psw = torch.zeros(nnz if psw is not None else 0, dtype=acc, device=weight.device)
+    if n_rows == 0 or n_bags <= 0 or dim == 0 or nnz == 0:
+        # nothing contributes; the token's sum keeps the check alive under compilation
+        grad_weight = torch.zeros_like(grad_weight) + token.sum().to(grad_weight.dtype)
+    else:
+        grad_output, weight = grad_output.contiguous(), weight.contiguous()
+        indices, offsets = indices.contiguous(), offsets.contiguous()
+        cfg = _k.launch_config(dim, weight.is_cuda)
+        torch.library.wrap_triton(_k._embedding_bag_bwd_kernel)[_k.grid(n_bags, dim, cfg["BLOCK_D"])](
+            grad_output, weight, indices, offsets, psw if psw is not None else token, grad_weight, grad_psw, token,
+            n_rows, dim,
+            -1 if padding_idx is None else padding_idx,
+            MODE=_k.MODE_CODES[mode], BOUNDS=_k.BOUNDS_CODES[bounds], HAS_PAD=padding_idx is not None,
+            HAS_PSW=psw is not None, SPARSE=sparse, ACC64=acc == torch.float64, **cfg)
+    grad_weight = grad_weight.to(weight.dtype)
+    grad_psw = grad_psw.to(psw.dtype) if psw is not None else weight.new_empty(0)
+    return grad_weight, grad_psw
+
+
+def _keep_opaque_under_interpreter(op) -> None:
+    """Under TRITON_INTERPRET=1 wrap_triton returns the kernel itself, so tracing the body (what
+    triton_op does under torch.compile) would launch it on fake tensors. Keep the op opaque to
+    the compiler instead, as torch.export does for triton ops: the compiled graph calls it
+    eagerly. On a GPU the body is traced and Inductor sees the kernel."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def opaque(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, opaque)
+
+
+if _k is not None:
+    OP = torch.library.triton_op(f"{_common.LIB}::embedding_bag_triton", _embedding_bag_triton, mutates_args=())
+    BACKWARD_OP = torch.library.triton_op(f"{_common.LIB}::embedding_bag_backward_triton",
+                                          _embedding_bag_backward_triton, mutates_args=())
+    # the fake kernels the other variants share (a triton_op's own would trace the body)
+    OP.register_fake(_embedding_bag_fake)
+    BACKWARD_OP.register_fake(_embedding_bag_backward_fake)
+    if _k.interpreted():
+        _keep_opaque_under_interpreter(OP)
+        _keep_opaque_under_interpreter(BACKWARD_OP)
+    _common.register_autograd_with_backward_op({"triton": OP}, {**BACKWARD, "triton": BACKWARD_OP},
+                                               "embedding_bag_backward", _make_backward, _setup_context)
+else:
+    OP = BACKWARD_OP = None
+_backend.register("embedding_bag", "triton", OP, devices=_common.triton_devices(), reason=_REASON)
+_backend.register("embedding_bag_backward", "triton", BACKWARD_OP, devices=_common.triton_devices(), reason=_REASON)

@@ -1,0 +1,338 @@
+"""The C++ CPU kernels of embedding_bag / embedding_bag_backward beyond the shared matrix of
+test_embedding_bag.py: both CPU paths (AVX2 and the forced scalar fallback, which must agree bit for
+bit), wide and odd D, skewed bags, many bags with int32 offsets, quantized tables, the backward op
+against the reference backward op, errors of the native op called directly, opcheck, compile."""
+import os
+
+import pytest
+import torch
+
+from recsys_kernels import _loader
+from recsys_kernels.ops.embedding import embedding_bag
+from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
+
+pytestmark = pytest.mark.skipif(
+    "_C" not in _loader.EXTENSIONS or not _loader.has_native_kernel("embedding_bag", "CPU"),
+    reason="the C++ CPU kernel of embedding_bag is not built")
+
+OPS = torch.ops.recsys_kernels
+ISA_VAR = "RECSYS_KERNELS_CPU_ISA"
+
+
+def _has_avx2():
+    import recsys_kernels._C as C
+    return C.cpu_features()["avx2"] == "yes"
+
+
+ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not _has_avx2(), reason="CPU has no AVX2"))]
+
+
+def on_isa(isa, fn):
+    """fn() with the CPU path capped at `isa` (cpu_isa() reads the variable on every call)."""
+    old = os.environ.get(ISA_VAR)
+    os.environ[ISA_VAR] = isa
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[ISA_VAR]
+        else:
+            os.environ[ISA_VAR] = old
+
+
+def bags(lengths, n_rows, lo=0, hi=None, dtype=torch.long, generator=None):
+    lengths = torch.as_tensor(lengths)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    indices = torch.randint(lo, n_rows if hi is None else hi, (int(offsets[-1]),), generator=generator)
+    return indices.to(dtype), offsets.to(dtype)
+
+
+def both_paths(*args, **kwargs):
+    """(scalar result, avx2 result or None), each via backend="cpu"."""
+    kwargs.setdefault("backend", "cpu")
+    scalar = on_isa("scalar", lambda: embedding_bag(*args, **kwargs))
+    avx2 = on_isa("avx2", lambda: embedding_bag(*args, **kwargs)) if _has_avx2() else None
+    return scalar, avx2
+
+
+def reference(*args, **kwargs):
+    return embedding_bag(*args, backend="reference", **kwargs)
+
+
+def tol(dtype):
+    return {torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}.get(dtype, (1e-5, 1e-5))
+
+
+# ----------------------------------------------------------------------------- forward, both paths
+@pytest.mark.parametrize("d", [1, 3, 8, 64, 129, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
+def test_paths_agree_with_reference(d, dtype, mode, weighted):
+    g = torch.Generator().manual_seed(d)
+    weight = torch.randn(50, d, generator=g).to(dtype)
+    lengths = torch.randint(0, 20, (33,), generator=g)
+    lengths[3] = 0
+    indices, offsets = bags(lengths, 53, lo=-2, generator=g)  # a few out of range
+    psw = torch.rand(indices.numel(), generator=g).to(dtype) if weighted else None
+    kw = dict(per_sample_weights=psw, mode=mode, padding_idx=7, bounds="zero")
+    scalar, avx2 = both_paths(weight, indices, offsets, **kw)
+    expected = reference(weight, indices, offsets, **kw)
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(scalar, expected, rtol=rtol, atol=atol)
+    if avx2 is not None:
+        assert torch.equal(scalar, avx2)  # same operations in the same order
+    if dtype == torch.float32:  # fp32: the same sums as index_add_, to rounding
+        torch.testing.assert_close(scalar, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_skewed_bags(isa, mode):
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 4, (300,), generator=g)
+    lengths[137] = 10_000  # one huge bag among tiny ones
+    weight = torch.randn(5_000, 64, generator=g)
+    indices, offsets = bags(lengths, 5_000, generator=g)
+    got = on_isa(isa, lambda: embedding_bag(weight, indices, offsets, mode=mode, backend="cpu"))
+    torch.testing.assert_close(got, reference(weight, indices, offsets, mode=mode), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_many_bags_int32(isa):
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(0, 6, (20_000,), generator=g)
+    weight = torch.randn(1_000, 24, generator=g)
+    indices, offsets = bags(lengths, 1_000, dtype=torch.int32, generator=g)
+    psw = torch.rand(indices.numel(), generator=g)
+    got = on_isa(isa, lambda: embedding_bag(weight, indices, offsets, per_sample_weights=psw, backend="cpu"))
+    expected = reference(weight, indices, offsets, per_sample_weights=psw)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,d", [(8, 5), (8, 8), (8, 64), (8, 129), (8, 256), (4, 2), (4, 16), (4, 130), (4, 256)])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
+def test_quantized_paths(bits, d, mode, weighted):
+    g = torch.Generator().manual_seed(bits * 1000 + d)
+    weight = torch.randn(40, d, generator=g) * torch.rand(40, 1, generator=g) * 3
+    packed = quantize_rowwise(weight, bits)
+    table = dequantize_rowwise(packed, bits)
+    indices, offsets = bags(torch.randint(0, 12, (17,), generator=g), 40, generator=g)
+    psw = torch.rand(indices.numel(), generator=g) if weighted else None
+    kw = dict(per_sample_weights=psw, mode=mode, padding_idx=5)
+    scalar, avx2 = both_paths(packed, indices, offsets, bits=bits, **kw)
+    expected = reference(table, indices, offsets, **kw)
+    assert scalar.dtype == torch.float32
+    torch.testing.assert_close(scalar, expected, rtol=1e-5, atol=1e-5)
+    if avx2 is not None:
+        assert torch.equal(scalar, avx2)
+    # and the reference reading the packed table itself
+    torch.testing.assert_close(scalar, reference(packed, indices, offsets, bits=bits, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_non_finite_scale_raises():
+    packed = quantize_rowwise(torch.randn(4, 8))
+    packed[2, 8:12] = torch.tensor([float("inf")]).view(torch.uint8)
+    idx, off = torch.tensor([0, 2]), torch.tensor([0, 2])
+    for isa in ("scalar", "avx2"):
+        with pytest.raises(ValueError, match="non-finite"):
+            on_isa(isa, lambda: embedding_bag(packed, idx, off, backend="cpu"))
+    with pytest.raises(ValueError, match="non-finite"):
+        reference(packed, idx, off)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_max_propagates_nan_and_keeps_neg_inf(isa):
+    weight = torch.randn(4, 11)
+    weight[1, 2] = float("nan")
+    weight[2, :] = float("-inf")
+    idx, off = torch.tensor([0, 1, 3, 2, 2]), torch.tensor([0, 3, 5])
+    got = on_isa(isa, lambda: embedding_bag(weight, idx, off, mode="max", backend="cpu"))
+    expected = reference(weight, idx, off, mode="max")
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    assert torch.isnan(got[0, 2]) and (got[1] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_output_dtypes(dtype, out_dtype):
+    weight = torch.randn(30, 20).to(dtype)
+    idx, off = bags([3, 0, 5, 9], 30)
+    got = embedding_bag(weight, idx, off, mode="mean", output_dtype=out_dtype, backend="cpu")
+    expected = reference(weight, idx, off, mode="mean", output_dtype=out_dtype)
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- native op, value checks
+def _native(weight, idx, off, bounds="raise"):
+    return OPS.embedding_bag(weight, idx, off, None, "sum", None, bounds, 8, None, False)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_native_op_value_checks(index_dtype):
+    weight = torch.randn(5, 3)
+    idx = torch.tensor([0, 1, 2, 3], dtype=index_dtype)
+    for offsets, match in [([1, 2, 4], r"offsets\[0\] must be 0, got 1"),
+                           ([0, 3, 2, 4], r"non-decreasing .*offsets\[1\]=3 > offsets\[2\]=2"),
+                           ([0, 2, 5], r"offsets\[-1\].*indices 4, got 5")]:
+        with pytest.raises(ValueError, match=match):
+            _native(weight, idx, torch.tensor(offsets, dtype=index_dtype))
+    with pytest.raises(ValueError, match="offsets"):
+        _native(weight, idx, torch.zeros(0, dtype=index_dtype))
+    off = torch.tensor([0, 2, 4], dtype=index_dtype)
+    bad = torch.tensor([0, 7, -1, 9], dtype=index_dtype)
+    with pytest.raises(IndexError, match=r"index 7 is out of range for a table of 5 rows"):
+        _native(weight, bad, off)
+    with pytest.raises(IndexError, match="empty table"):
+        _native(torch.randn(0, 3), idx, off, bounds="clamp")
+    with pytest.raises(ValueError, match="mode"):
+        OPS.embedding_bag(weight, idx, off, None, "median", None, "raise", 8, None, False)
+    with pytest.raises(ValueError, match="bounds"):
+        OPS.embedding_bag(weight, idx, off, None, "sum", None, "wrap", 8, None, False)
+    with pytest.raises(TypeError, match="weight"):
+        _native(weight.int(), idx, off)
+
+
+def test_native_op_first_bad_index_in_a_large_batch():
+    weight = torch.randn(100, 4)
+    idx = torch.randint(0, 100, (200_000,))
+    idx[150_001] = 100
+    idx[170_000] = -5
+    off = torch.tensor([0, 100_000, 200_000])
+    with pytest.raises(IndexError, match="index 100 "):
+        _native(weight, idx, off)
+
+
+# ----------------------------------------------------------------------------- backward
+def _backward_both(grad, weight, idx, off, psw, mode, padding_idx, bounds, sparse):
+    args = (grad, weight, idx, off, psw, mode, padding_idx, bounds, sparse)
+    return OPS.embedding_bag_backward(*args), OPS.embedding_bag_backward_reference(*args)
+
+
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False),
+                                           ("mean", True), ("max", True)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bounds,padding_idx", [("raise", None), ("zero", 3), ("clamp", 0)])
+def test_backward_matches_reference_backward(mode, weighted, sparse, dtype, bounds, padding_idx):
+    g = torch.Generator().manual_seed(5)
+    n, d = 23, 13
+    weight = torch.randn(n, d, generator=g).to(dtype)
+    lo, hi = (0, n) if bounds == "raise" else (-3, n + 3)
+    idx, off = bags(torch.randint(0, 7, (9,), generator=g), n, lo=lo, hi=hi, generator=g)
+    idx[:3] = 3 if idx.numel() >= 3 else idx[:3]  # repeated and padding rows
+    psw = torch.rand(idx.numel(), generator=g).to(dtype) if weighted else None
+    grad = torch.randn(off.numel() - 1, d, generator=g)
+    (gw, gp), (gw_ref, gp_ref) = _backward_both(grad, weight, idx, off, psw, mode, padding_idx, bounds, sparse)
+    assert gw.dtype == gw_ref.dtype and gw.shape == gw_ref.shape
+    assert gp.dtype == gp_ref.dtype and gp.shape == gp_ref.shape
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(gw, gw_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gp, gp_ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_dense_backward_large_and_deterministic(mode):
+    # enough work for several row-owning threads; a hot row gets thousands of contributions
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(3_000, 64, generator=g)
+    lengths = torch.randint(0, 40, (2_000,), generator=g)
+    lengths[10] = 10_000
+    idx, off = bags(lengths, 3_000, generator=g)
+    idx[::7] = 11
+    grad = torch.randn(off.numel() - 1, 64, generator=g)
+    (gw, _), (gw_ref, _) = _backward_both(grad, weight, idx, off, None, mode, None, "raise", False)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
+    again, _ = OPS.embedding_bag_backward(grad, weight, idx, off, None, mode, None, "raise", False)
+    assert torch.equal(gw, again)
+
+
+def test_backward_max_ties_and_nan():
+    weight = torch.tensor([[1.0, 5.0], [3.0, float("nan")], [3.0, 2.0]])
+    idx, off = torch.tensor([0, 2, 1, 1]), torch.tensor([0, 3, 4])
+    grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    (gw, _), (gw_ref, _) = _backward_both(grad, weight, idx, off, None, "max", None, "raise", True)
+    torch.testing.assert_close(gw, gw_ref)
+    assert gw[1, 0] == 1.0 and gw[2, 0] == 0.0  # tie: the first index attaining the max
+
+
+def test_backward_autograd_uses_native_op():
+    weight = torch.randn(10, 6, requires_grad=True)
+    psw = torch.rand(7, requires_grad=True)
+    idx, off = torch.tensor([1, 2, 2, 9, 0, 1, 5]), torch.tensor([0, 3, 3, 7])
+    out = embedding_bag(weight, idx, off, per_sample_weights=psw, backend="cpu", sparse=True)
+    gw, gp = torch.autograd.grad(out.square().sum(), [weight, psw])
+    w2, p2 = weight.detach().clone().requires_grad_(), psw.detach().clone().requires_grad_()
+    out2 = embedding_bag(w2, idx, off, per_sample_weights=p2, backend="reference", sparse=True)
+    gw2, gp2 = torch.autograd.grad(out2.square().sum(), [w2, p2])
+    assert gw.is_sparse
+    torch.testing.assert_close(gw.to_dense(), gw2.to_dense())
+    torch.testing.assert_close(gp, gp2)
+
+
+def test_backward_rejects_quantized_table():
+    packed = quantize_rowwise(torch.randn(5, 8))
+    with pytest.raises(TypeError, match="inference only"):
+        OPS.embedding_bag_backward(torch.randn(1, 8), packed, torch.tensor([0]), torch.tensor([0, 1]), None, "sum",
+                                   None, "raise", False)
+
+
+# ----------------------------------------------------------------------------- opcheck / compile
+def _opcheck_cases():
+    idx, off = torch.tensor([0, 3, 3, 1, 4]), torch.tensor([0, 2, 2, 5])
+    packed = quantize_rowwise(torch.randn(5, 8), 4)
+    return [
+        (torch.randn(5, 4, requires_grad=True), idx, off, None, "mean", None, "raise", 8, None, False),
+        (torch.randn(5, 4, dtype=torch.float64, requires_grad=True), idx.int(), off.int(),
+         torch.rand(5, dtype=torch.float64, requires_grad=True), "sum", 3, "raise", 8, torch.float32, False),
+        (torch.randn(5, 4, requires_grad=True), idx, off, None, "max", None, "clamp", 8, None, False),
+        (torch.randn(5, 4), idx, off, None, "sum", 0, "zero", 8, None, True),
+        (packed, idx, off, None, "sum", None, "raise", 4, torch.float16, False),
+        (quantize_rowwise(torch.randn(5, 12)), idx, off, torch.rand(5), "sum", None, "raise", 8, None, False),
+        (torch.randn(5, 4), idx[:0], torch.zeros(1, dtype=torch.long), None, "max", None, "raise", 8, None, False),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_opcheck_forward(case):
+    torch.library.opcheck(OPS.embedding_bag.default, _opcheck_cases()[case])
+
+
+@pytest.mark.parametrize("mode,sparse,weighted", [("sum", False, True), ("mean", True, False),
+                                                  ("max", False, False), ("sum", True, True)])
+def test_opcheck_backward(mode, sparse, weighted):
+    idx, off = torch.tensor([0, 3, 3, 1, 4]), torch.tensor([0, 2, 2, 5])
+    psw = torch.rand(5) if weighted else None
+    args = (torch.randn(3, 4), torch.randn(5, 4), idx, off, psw, mode, 1, "raise", sparse)
+    torch.library.opcheck(OPS.embedding_bag_backward.default, args)
+
+
+def test_compile_fullgraph_cpu_backend():
+    weight = torch.randn(9, 16)
+    idx, off = bags([2, 0, 3, 4], 9)
+    lengths = off[1:] - off[:-1]
+    packed = quantize_rowwise(weight)
+
+    @torch.compile(fullgraph=True)
+    def f(w, q, idx, off, lengths, psw):
+        a = embedding_bag(w, idx, off, per_sample_weights=psw, padding_idx=-1, backend="cpu")
+        b = embedding_bag(w, idx, lengths=lengths, mode="max", bounds="clamp", backend="cpu")
+        c = embedding_bag(q, idx, off, mode="mean", backend="cpu")
+        return a, b, c
+
+    psw = torch.rand(idx.numel())
+    a, b, c = f(weight, packed, idx, off, lengths, psw)
+    torch.testing.assert_close(a, reference(weight, idx, off, per_sample_weights=psw, padding_idx=8))
+    torch.testing.assert_close(b, reference(weight, idx, off, mode="max"))
+    torch.testing.assert_close(c, reference(packed, idx, off, mode="mean"))
+
+
+def test_compile_backward_cpu_backend():
+    weight = torch.randn(9, 5, requires_grad=True)
+    idx, off = bags([2, 0, 3, 4], 9)
+    f = torch.compile(lambda w: embedding_bag(w, idx, off, mode="mean", backend="cpu").square().sum(),
+                      fullgraph=True, backend="aot_eager")
+    g, = torch.autograd.grad(f(weight), weight)
+    g_ref, = torch.autograd.grad(embedding_bag(weight, idx, off, mode="mean", backend="reference").square().sum(),
+                                 weight)
+    torch.testing.assert_close(g, g_ref)
