@@ -2,6 +2,8 @@
 tables against the reference fed the dequantized table; bad input; gradients; opcheck; compile."""
 import pytest
 import torch
+
+from recsys_kernels import _backend
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -449,7 +451,8 @@ def test_opcheck_backward(mode, sparse, weighted):
     torch.library.opcheck(torch.ops.recsys_kernels.embedding_bag_backward_reference.default, args)
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in _backend.available_backends("embedding_bag", "cpu")])
+def test_compile_fullgraph(backend):
     weight = torch.randn(9, 5)
     idx, off = random_bags(4, n_rows=9)
     lengths = off[1:] - off[:-1]
@@ -457,16 +460,16 @@ def test_compile_fullgraph():
 
     @torch.compile(fullgraph=True)
     def f(w, q, idx, off, lengths, psw):
-        a = embedding_bag(w, idx, off, per_sample_weights=psw, padding_idx=-1, backend="reference")
-        b = embedding_bag(w, idx, lengths=lengths, mode="max", bounds="clamp", backend="reference")
-        c = embedding_bag(q, idx, off, mode="mean", backend="reference")
+        a = embedding_bag(w, idx, off, per_sample_weights=psw, padding_idx=-1, backend=backend)
+        b = embedding_bag(w, idx, lengths=lengths, mode="max", bounds="clamp", backend=backend)
+        c = embedding_bag(q, idx, off, mode="mean", backend=backend)
         return a, b, c
 
     psw = torch.rand(idx.numel())
     a, b, c = f(weight, packed, idx, off, lengths, psw)
-    torch.testing.assert_close(a, embedding_bag(weight, idx, off, per_sample_weights=psw, padding_idx=8))
-    torch.testing.assert_close(b, embedding_bag(weight, idx, off, mode="max"))
-    torch.testing.assert_close(c, embedding_bag(packed, idx, off, mode="mean"))
+    torch.testing.assert_close(a, embedding_bag(weight, idx, off, per_sample_weights=psw, padding_idx=8, backend="reference"))
+    torch.testing.assert_close(b, embedding_bag(weight, idx, off, mode="max", backend="reference"))
+    torch.testing.assert_close(c, embedding_bag(packed, idx, off, mode="mean", backend="reference"))
 
 
 def test_compile_backward():

@@ -307,26 +307,6 @@ def test_opcheck_backward(mode, sparse, weighted):
     torch.library.opcheck(OPS.embedding_bag_backward.default, args)
 
 
-def test_compile_fullgraph_cpu_backend():
-    weight = torch.randn(9, 16)
-    idx, off = bags([2, 0, 3, 4], 9)
-    lengths = off[1:] - off[:-1]
-    packed = quantize_rowwise(weight)
-
-    @torch.compile(fullgraph=True)
-    def f(w, q, idx, off, lengths, psw):
-        a = embedding_bag(w, idx, off, per_sample_weights=psw, padding_idx=-1, backend="cpu")
-        b = embedding_bag(w, idx, lengths=lengths, mode="max", bounds="clamp", backend="cpu")
-        c = embedding_bag(q, idx, off, mode="mean", backend="cpu")
-        return a, b, c
-
-    psw = torch.rand(idx.numel())
-    a, b, c = f(weight, packed, idx, off, lengths, psw)
-    torch.testing.assert_close(a, reference(weight, idx, off, per_sample_weights=psw, padding_idx=8))
-    torch.testing.assert_close(b, reference(weight, idx, off, mode="max"))
-    torch.testing.assert_close(c, reference(packed, idx, off, mode="mean"))
-
-
 def test_compile_backward_cpu_backend():
     weight = torch.randn(9, 5, requires_grad=True)
     idx, off = bags([2, 0, 3, 4], 9)
