@@ -311,3 +311,77 @@ def test_collection_bad_input():
         ebc({**features(), "user_id": torch.tensor([1])})
     with pytest.raises(ValueError, match="offsets"):
         ebc({**features(), "user_id": {"values": torch.tensor([1])}})
+
+
+def _count_calls(monkeypatch):
+    """Counts of the grouped op and of embedding_bag called by the collection."""
+    import recsys_kernels.nn.embedding as module
+    calls = {"grouped": 0, "single": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(module, "embedding_bag_grouped", counted("grouped", module.embedding_bag_grouped))
+    monkeypatch.setattr(module, "embedding_bag", counted("single", module.embedding_bag))
+    return calls
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_collection_is_one_grouped_call(monkeypatch, quantized):
+    ebc = FusedEmbeddingBagCollection(TABLES + [TableConfig("q", 6, 4, ["q_id"], bits=4)], dtype=torch.bfloat16)
+    if quantized:
+        ebc.quantize(8)
+    feats = features()
+    feats["q_id"] = (torch.tensor([5, 0, 1]), torch.tensor([0, 0, 1, 2, 3]))
+    want = torch.cat(expected(ebc, feats) + [embedding_bag(dequantize_rowwise(ebc.embedding_bags["q"].weight, 4),
+                                                               *feats["q_id"])], 1)
+    calls = _count_calls(monkeypatch)
+    out = ebc(feats)
+    as_dict = ebc(feats, return_dict=True)
+    assert calls == {"grouped": 2, "single": 0}
+    # bf16 + quantized (fp32) tables: fp32 out; every lookup accumulated in fp32 and rounded once
+    assert out.dtype == torch.float32 and out.shape == (4, 4 + 4 + 3 + 2 + 4)
+    torch.testing.assert_close(out, want.float(), rtol=1e-2, atol=1e-2)
+    assert list(as_dict) == ebc.feature_names
+    torch.testing.assert_close(torch.cat(list(as_dict.values()), 1), out)
+
+
+def test_collection_fp64_tables_keep_the_loop(monkeypatch):
+    ebc = FusedEmbeddingBagCollection(TABLES, dtype=torch.float64)
+    feats = features()
+    calls = _count_calls(monkeypatch)
+    out = ebc(feats)
+    assert calls == {"grouped": 0, "single": 4} and out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.cat(expected(ebc, feats), 1))
+    # a float64 table among float32 ones: the others still go through one grouped call
+    ebc.embedding_bags["items"].weight.data = ebc.embedding_bags["items"].weight.data.double()
+    for name in ("users", "cats"):
+        ebc.embedding_bags[name].weight.data = ebc.embedding_bags[name].weight.data.float()
+    calls.update(grouped=0, single=0)
+    out = ebc(feats)
+    assert calls == {"grouped": 1, "single": 1} and out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.cat(expected(ebc, feats), 1).double())
+
+
+def test_collection_grads_through_the_grouped_op():
+    ebc = FusedEmbeddingBagCollection(TABLES)
+    feats = features()
+    weights = [ebc.embedding_bags[t.name].weight for t in TABLES]
+    g_out = torch.randn(4, 13)
+    grads = torch.autograd.grad(ebc(feats), weights, g_out)
+    expected_grads = torch.autograd.grad(torch.cat(expected(ebc, feats), 1), weights, g_out)
+    for g, e in zip(grads, expected_grads):  # "users" serves two features: the sum of both
+        torch.testing.assert_close(g, e)
+
+
+def test_collection_explicit_backend_without_a_grouped_kernel_loops(monkeypatch):
+    from recsys_kernels import _backend
+    ebc = FusedEmbeddingBagCollection(TABLES, backend="reference")
+    monkeypatch.setattr(_backend, "available_backends", lambda op, device: [])  # as if no grouped kernel
+    calls = _count_calls(monkeypatch)
+    feats = features()
+    torch.testing.assert_close(ebc(feats), torch.cat(expected(ebc, feats), 1))
+    assert calls == {"grouped": 0, "single": 4}

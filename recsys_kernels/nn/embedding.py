@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -250,7 +250,7 @@ class FusedEmbeddingBagCollection(nn.Module):
     def __init__(self, tables: Sequence[TableConfig], *, device=None, dtype=None, bounds: str = "raise",
                  backend: str | None = None) -> None:
         super().__init__()
-        self.tables = list(tables)
+        self.tables = [replace(t) for t in tables]  # copies: quantize() updates their bits
         if not self.tables:
             raise ValueError("tables must not be empty")
         names = [t.name for t in self.tables]
