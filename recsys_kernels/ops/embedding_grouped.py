@@ -27,7 +27,7 @@ embedding_bag's.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
