@@ -191,6 +191,8 @@ def _bad_lookup(kind):
         return w, torch.tensor([0, 1, -1, 3]), torch.tensor([0, 1, 2, 4]), 8, "raise"
     if kind == "clamp_empty":
         return torch.randn(0, 4), idx, torch.tensor([0, 1, 2, 4]), 8, "clamp"
+    if kind == "clamp_empty_and_offsets":  # the offsets error comes first
+        return torch.randn(0, 4), idx, torch.tensor([0, 3, 2, 4]), 8, "clamp"
     if kind in ("scale8", "scale4"):
         bits = 8 if kind == "scale8" else 4
         packed = quantize_rowwise(torch.randn(5, 4), bits)
@@ -202,7 +204,8 @@ def _bad_lookup(kind):
     raise AssertionError(kind)
 
 
-KINDS = ["offsets0", "decreasing", "last", "index", "negative_index", "clamp_empty", "scale8", "scale4"]
+KINDS = ["offsets0", "decreasing", "last", "index", "negative_index", "clamp_empty", "clamp_empty_and_offsets",
+         "scale8", "scale4"]
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)

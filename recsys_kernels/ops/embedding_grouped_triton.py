@@ -38,8 +38,8 @@ _FORMATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: 
 
 def _check_values(weights, indices, offsets, bounds, bits) -> None:
     """embedding_bag's value errors, for the first bad lookup in order; one host sync when all is
-    well. Errors that need no values are raised by value_error_flag at once, so the lookups
-    before such a one are read first."""
+    well. value_error_flag raises at once for empty offsets (the front door never sends them):
+    the lookups before such a one are read first."""
     flags = []
 
     def raise_first_flagged():

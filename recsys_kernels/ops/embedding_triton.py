@@ -56,16 +56,16 @@ def _gathered_tails(weight: Tensor, indices: Tensor, bits: int) -> Tensor:
 
 def value_error_flag(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: str, bits: int) -> Tensor:
     """A 0-d bool tensor on the inputs' device, True when the reference would raise a value error
-    for this lookup (read it with one host sync; then raise_value_errors says which). Raises at
-    once the errors that need no values (empty offsets, clamping into an empty table)."""
+    for this lookup (read it with one host sync; then raise_value_errors says which). Empty
+    offsets (no B + 1 >= 1 entries) raise at once."""
     n_rows = weight.shape[0]
     nnz = indices.numel()
     if offsets.numel() == 0:
         _check_offsets(offsets.long(), nnz)  # raises
-    if bounds == "clamp" and n_rows == 0 and nnz > 0:
-        raise IndexError("indices: bounds='clamp' cannot clamp into an empty table (weight has 0 rows)")
     off = offsets.long() if offsets.dtype != torch.int64 else offsets
     bad = (off[0] != 0) | (off[-1] != nnz)
+    if bounds == "clamp" and n_rows == 0 and nnz > 0:  # raised after the offset errors, as the reference
+        bad = bad | True
     if off.numel() > 1:
         bad = bad | (off[1:] < off[:-1]).any()
     if bounds == "raise" and nnz > 0:
@@ -82,6 +82,8 @@ def value_error_flag(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: s
 def raise_value_errors(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: str, bits: int) -> None:
     """For a lookup whose value_error_flag is set: raise the reference's error, in its order."""
     _check_offsets(offsets.long(), indices.numel())
+    if bounds == "clamp" and weight.shape[0] == 0 and indices.numel() > 0:
+        raise IndexError("indices: bounds='clamp' cannot clamp into an empty table (weight has 0 rows)")
     if bounds == "raise":
         _index_error(indices, weight.shape[0])
     if weight.dtype == torch.uint8:
