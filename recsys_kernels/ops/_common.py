@@ -22,8 +22,9 @@ LIB = "recsys_kernels"
 
 
 def native_op(name: str):
-    """The op whose schema csrc/ops.cpp defines, or None when the C++ extension is not loaded."""
-    if "_C" not in _loader.EXTENSIONS:
+    """The op whose schema csrc/ops.cpp defines, or None when the C++ extension is not loaded (or
+    is a build older than the op's schema)."""
+    if "_C" not in _loader.EXTENSIONS or not hasattr(torch.ops.recsys_kernels, name):
         return None
     return getattr(torch.ops.recsys_kernels, name).default
 
@@ -31,6 +32,8 @@ def native_op(name: str):
 def _native_reason(name: str, key: str) -> str | None:
     if "_C" not in _loader.EXTENSIONS:
         return _loader.LOAD_ERRORS.get("_C", "the C++ extension is not loaded")
+    if not hasattr(torch.ops.recsys_kernels, name):
+        return f"the C++ extension predates {name} (no schema); {_loader._REBUILD_HINT}"
     if key == "CUDA" and "_C_cuda" not in _loader.EXTENSIONS:
         return _loader.LOAD_ERRORS.get("_C_cuda", "the CUDA extension was not built")
     if not _loader.has_native_kernel(name, key):
