@@ -17,6 +17,12 @@ TORCH_LIBRARY(recsys_kernels, m) {
   // grad_per_sample_weights is [nnz], or empty when there are no per-sample weights.
   m.def("embedding_bag_backward(Tensor grad_output, Tensor weight, Tensor indices, Tensor offsets, "
         "Tensor? per_sample_weights, str mode, int? padding_idx, str bounds, bool sparse) -> (Tensor, Tensor)");
+  // Several lookups in one launch: lookup f = embedding_bag(weights[f], indices[f], offsets[f], ...)
+  // computed in fp32, written to its own columns of one [B, sum_f D_f] output. Every offsets[f]
+  // has B + 1 entries; padding_idx[f] < 0 means none; tables fp32/fp16/bf16 or uint8 (bits[f]).
+  m.def("embedding_bag_grouped(Tensor[] weights, Tensor[] indices, Tensor[] offsets, "
+        "Tensor?[] per_sample_weights, str[] modes, int[] padding_idx, int[] bits, bool[] sparse, str bounds, "
+        "ScalarType output_dtype) -> Tensor");
   m.def("quantize_rowwise(Tensor weight, int bits) -> Tensor");
   m.def("dequantize_rowwise(Tensor packed, int bits, ScalarType? output_dtype) -> Tensor");
 

@@ -11,6 +11,7 @@ from .ops import (  # noqa: E402
     candidate_topk,
     dequantize_rowwise,
     embedding_bag,
+    embedding_bag_grouped,
     int8_linear,
     int8_matmul,
     pair_scores,

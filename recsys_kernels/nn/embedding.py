@@ -15,7 +15,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
 from ..ops.embedding import MODES, embedding_bag
+from ..ops.embedding_grouped import embedding_bag_grouped
 from ..ops.rowwise import check_packed_table, packed_width, quantize_rowwise
 
 
@@ -281,16 +283,36 @@ class FusedEmbeddingBagCollection(nn.Module):
             t.bits = bag.bits
         return self
 
-    def _pooled(self, lookups: list[tuple[str, Tensor, Tensor | None, Tensor | None, Tensor | None]]) -> list[Tensor]:
-        """One pooled [B, D] per (table, indices, offsets, lengths, weights), in order. This loop is
-        the one place a single multi-table launch will replace."""
-        out = []
-        for table, indices, offsets, lengths, weights in lookups:
-            bag = self.embedding_bags[table]
-            out.append(embedding_bag(bag.weight, indices, offsets, lengths=lengths, per_sample_weights=weights,
-                                     mode=bag.mode, padding_idx=bag.padding_idx, bounds=bag.bounds,
-                                     bits=bag.bits or 8, sparse=bag.sparse, backend=bag.backend))
-        return out
+    def _pooled(self, lookups: list[tuple[str, Tensor, Tensor | None, Tensor | None, Tensor | None]]) -> Tensor:
+        """[B, sum of D] for the (table, indices, offsets, lengths, weights) lookups, in order: one
+        embedding_bag_grouped call (one kernel launch) for every lookup of a float32/float16/
+        bfloat16/quantized table; float64 tables, which the grouped op does not take, go through
+        embedding_bag one at a time, and so does everything when the collection's `backend` names
+        one that has no grouped kernel on this device."""
+        bags = [self.embedding_bags[table] for table, *_ in lookups]
+        device = bags[0].weight.device
+        backend = bags[0].backend
+        loop = backend is not None and backend not in _backend.available_backends("embedding_bag_grouped",
+                                                                                   device.type)
+        grouped = [k for k, bag in enumerate(bags) if not loop and bag.weight.dtype != torch.float64]
+        cols: list[Tensor | None] = [None] * len(lookups)
+        for k, (bag, (_, indices, offsets, lengths, weights)) in enumerate(zip(bags, lookups)):
+            if k not in grouped:
+                cols[k] = embedding_bag(bag.weight, indices, offsets, lengths=lengths, per_sample_weights=weights,
+                                        mode=bag.mode, padding_idx=bag.padding_idx, bounds=bag.bounds,
+                                        bits=bag.bits or 8, sparse=bag.sparse, backend=bag.backend)
+        if grouped:
+            out = embedding_bag_grouped(
+                [bags[k].weight for k in grouped], [lookups[k][1] for k in grouped],
+                [lookups[k][2] for k in grouped], lengths=[lookups[k][3] for k in grouped],
+                per_sample_weights=[lookups[k][4] for k in grouped], modes=[bags[k].mode for k in grouped],
+                padding_idx=[bags[k].padding_idx for k in grouped], bits=[bags[k].bits or 8 for k in grouped],
+                sparse=[bags[k].sparse for k in grouped], bounds=bags[0].bounds, backend=backend)
+            if len(grouped) == len(lookups):
+                return out
+            for k, part in zip(grouped, out.split([bags[k].embedding_dim for k in grouped], dim=1)):
+                cols[k] = part
+        return torch.cat(cols, dim=1)  # mixed dtypes promote (e.g. fp64 + the grouped fp32 -> fp64)
 
     def forward(self, features: Mapping[str, object], *, return_dict: bool = False):
         lookups, names, batch = [], [], None
@@ -309,8 +331,9 @@ class FusedEmbeddingBagCollection(nn.Module):
                 names.append(f)
         pooled = self._pooled(lookups)
         if return_dict:
-            return dict(zip(names, pooled))
-        return torch.cat(pooled, dim=1)  # mixed float/quantized tables promote (e.g. bf16 + fp32 -> fp32)
+            dims = [self.embedding_bags[table].embedding_dim for table, *_ in lookups]
+            return dict(zip(names, pooled.split(dims, dim=1)))
+        return pooled
 
     def extra_repr(self) -> str:
         return ", ".join(f"{t.name}: {t.num_embeddings}x{t.embedding_dim} {t.pooling} {t.feature_names}"

@@ -38,11 +38,12 @@ def _native_reason(name: str, key: str) -> str | None:
     return None
 
 
-def define_op(name: str, reference: Callable, fake: Callable):
+def define_op(name: str, reference: Callable, fake: Callable, schema: str | None = None):
     """Define X_reference from the `reference` function (its type hints give the schema, which
-    must equal csrc/ops.cpp's), give every variant the fake kernel, register the backends.
+    must equal csrc/ops.cpp's; `schema`, "(args) -> ret", where type hints cannot say it, e.g.
+    str[]), give every variant the fake kernel, register the backends.
     Returns {backend: op} for the variants that exist, for autograd registration."""
-    ref_op = torch.library.custom_op(f"{LIB}::{name}_reference", reference, mutates_args=())
+    ref_op = torch.library.custom_op(f"{LIB}::{name}_reference", reference, mutates_args=(), schema=schema)
     ref_op.register_fake(fake)
     _backend.register(name, "reference", ref_op, devices=("cpu", "cuda"))
     variants = {"reference": ref_op}

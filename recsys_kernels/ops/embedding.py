@@ -244,6 +244,22 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
     per_sample_weights: float [nnz] (or [B, L] with 2-D indices), mode="sum" only.
     sparse: the weight gradient is a sparse COO tensor (one row per index).
     """
+    _common.check_choice(bounds, "bounds", BOUNDS)
+    if output_dtype is not None and output_dtype not in TABLE_DTYPES:
+        raise TypeError(f"output_dtype must be float32, float16, bfloat16 or float64, got {output_dtype}")
+    weight, indices, offsets, per_sample_weights, padding_idx = prepare_lookup(
+        weight, indices, offsets, lengths, per_sample_weights, mode, padding_idx, bits, sparse)
+    device = _common.check_same_device(weight=weight, indices=indices, offsets=offsets,
+                                       per_sample_weights=per_sample_weights)
+    return _common.call("embedding_bag", device, backend, weight.contiguous(), indices.contiguous(),
+                        offsets.contiguous(), None if per_sample_weights is None else per_sample_weights.contiguous(),
+                        mode, padding_idx, bounds, bits, output_dtype, sparse)
+
+
+def prepare_lookup(weight, indices, offsets, lengths, per_sample_weights, mode, padding_idx, bits, sparse):
+    """The metadata checks of one lookup (embedding_bag's and embedding_bag_grouped's front doors)
+    and its normal form: (weight, 1-D indices, CSR offsets of the indices' dtype, 1-D
+    per_sample_weights or None, padding_idx in [0, N) or None). Traceable: no value is read."""
     _common.check_tensor(weight, "weight", dim=2)
     quantized = weight.dtype == torch.uint8
     _common.check_bits(bits)
@@ -254,12 +270,8 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
                         f"table, got {str(weight.dtype).replace('torch.', '')}")
     _common.check_tensor(indices, "indices", dtypes=_common.INDEX_DTYPES, dim=(1, 2))
     _common.check_choice(mode, "mode", MODES)
-    _common.check_choice(bounds, "bounds", BOUNDS)
     if not isinstance(sparse, bool):
         raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
-    if output_dtype is not None and output_dtype not in TABLE_DTYPES:
-        raise TypeError(f"output_dtype must be float32, float16, bfloat16 or float64, got {output_dtype}")
-
     if indices.dim() == 2:  # [B, L]: every row is a bag of L indices, as in F.embedding_bag
         if offsets is not None or lengths is not None:
             raise ValueError("offsets and lengths must be None when indices is 2-D [B, L] (one bag per row), "
@@ -302,8 +314,4 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
             raise ValueError(f"padding_idx must be within [-{n_rows}, {n_rows}) for a table of {n_rows} rows, "
                              f"got {padding_idx}")
         padding_idx = padding_idx % n_rows  # negative counts from the end, as in nn.EmbeddingBag
-    device = _common.check_same_device(weight=weight, indices=indices, offsets=offsets,
-                                       per_sample_weights=per_sample_weights)
-    return _common.call("embedding_bag", device, backend, weight.contiguous(), indices.contiguous(),
-                        offsets.contiguous(), None if per_sample_weights is None else per_sample_weights.contiguous(),
-                        mode, padding_idx, bounds, bits, output_dtype, sparse)
+    return weight, indices, offsets, per_sample_weights, padding_idx

@@ -54,8 +54,10 @@ def _gathered_tails(weight: Tensor, indices: Tensor, bits: int) -> Tensor:
     return tails.view(torch.float32) if bits == 8 else tails.view(torch.float16).float()
 
 
-def _embedding_bag_triton_check(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: str,
-                                bits: int) -> Tensor:
+def value_error_flag(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: str, bits: int) -> Tensor:
+    """A 0-d bool tensor on the inputs' device, True when the reference would raise a value error
+    for this lookup (read it with one host sync; then raise_value_errors says which). Raises at
+    once the errors that need no values (empty offsets, clamping into an empty table)."""
     n_rows = weight.shape[0]
     nnz = indices.numel()
     if offsets.numel() == 0:
@@ -71,16 +73,25 @@ def _embedding_bag_triton_check(weight: Tensor, indices: Tensor, offsets: Tensor
         if n_rows <= torch.iinfo(indices.dtype).max:  # else no int32 index can reach n_rows
             out_of_range = out_of_range | (indices >= n_rows)
         bad = bad | out_of_range.any()
-    quantized = weight.dtype == torch.uint8
-    if quantized and n_rows > 0 and nnz > 0:
+    if weight.dtype == torch.uint8 and n_rows > 0 and nnz > 0:
         tails = _gathered_tails(weight, indices, bits)
         bad = bad | ~torch.isfinite(tails).all()
-    if bool(bad):  # the one host sync; then the errors in the reference's order
-        _check_offsets(off, nnz)
-        if bounds == "raise":
-            _index_error(indices, n_rows)
-        if quantized:
-            raise ValueError("packed table has non-finite scales or biases")
+    return bad
+
+
+def raise_value_errors(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: str, bits: int) -> None:
+    """For a lookup whose value_error_flag is set: raise the reference's error, in its order."""
+    _check_offsets(offsets.long(), indices.numel())
+    if bounds == "raise":
+        _index_error(indices, weight.shape[0])
+    if weight.dtype == torch.uint8:
+        raise ValueError("packed table has non-finite scales or biases")
+
+
+def _embedding_bag_triton_check(weight: Tensor, indices: Tensor, offsets: Tensor, bounds: str,
+                                bits: int) -> Tensor:
+    if bool(value_error_flag(weight, indices, offsets, bounds, bits)):  # the one host sync
+        raise_value_errors(weight, indices, offsets, bounds, bits)
     return indices.new_empty(0)
 
 

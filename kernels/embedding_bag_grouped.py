@@ -1,0 +1,203 @@
+"""Triton kernel of embedding_bag_grouped: F embedding-bag lookups, each with its own table (fp32,
+fp16, bf16, or int8/int4 fused row-wise uint8), index dtype, mode and padding row, in one launch.
+
+The lookups differ in types and sizes, so nothing about them can be a constexpr or a typed
+kernel argument. Instead each lookup is one row of an int64 table META (fields below) holding
+the raw addresses of its tensors and its sizes and codes; the kernel turns an address into a
+typed pointer with `.to(tl.pointer_type(...))` and branches on the codes at run time (uniform
+within a program, so no divergence). The work is cut into "tasks" of BLOCK_D columns of one
+lookup (TASKS [T, 2]: lookup, first column); the grid is (bag, task), so a wide table gets
+several tasks and every program has the same tile shape. Column blocks of the tasks past
+grid axis 1's limit are walked by a loop.
+
+Per task and bag the walk is kernels/embedding_bag.py's: BLOCK_L indices at a time, rows and a
+keep mask from the bounds policy and padding row, a [BLOCK_L, BLOCK_D] tile dequantized in
+registers, folded by sum (times the per-sample weights) or max into an fp32 accumulator; mean
+divides by the kept count; an empty bag gives 0. No value checks here (the caller makes them
+before the launch); out-of-range rows are never read. Row addresses are int64.
+Semantics: recsys_kernels/ops/embedding_grouped.py (the reference).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# fields of a META row
+F_WEIGHT, F_INDICES, F_OFFSETS, F_PSW, F_ROWS, F_ROW_STRIDE, F_DIM, F_FORMAT, F_INDEX64, F_MODE, F_PAD, \
+    F_OUT_COL, F_HAS_PSW = range(13)
+N_FIELDS = 16  # padded: a row is 128 bytes
+FORMAT_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4}
+MODE_CODES = {"sum": 0, "mean": 1, "max": 2}
+BOUNDS_CODES = {"raise": 0, "zero": 1, "clamp": 2}  # raise: checked by the caller, masked like zero here
+MAX_GRID_Y = 65535
+
+
+@triton.jit
+def _load_index(addr, pos, pmask, index64):
+    """int64 values of an int32 or int64 index / offset array at `pos`."""
+    if index64 != 0:
+        v = tl.load(addr.to(tl.pointer_type(tl.int64)) + pos, mask=pmask, other=0)
+    else:
+        v = tl.load(addr.to(tl.pointer_type(tl.int32)) + pos, mask=pmask, other=0).to(tl.int64)
+    return v
+
+
+@triton.jit
+def _load_offset(addr, i, index64):
+    """offsets[i] (int32 or int64) as int64."""
+    if index64 != 0:
+        v = tl.load(addr.to(tl.pointer_type(tl.int64)) + i)
+    else:
+        v = tl.load(addr.to(tl.pointer_type(tl.int32)) + i).to(tl.int64)
+    return v
+
+
+@triton.jit
+def _float_rows(W, row, row_stride, cols, m2):
+    """fp32 [BLOCK_L, BLOCK_D] tile of a float table (W: a typed pointer)."""
+    base = W + row * row_stride
+    return tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _int8_rows(W, row, row_stride, dim, cols, keep, m2):
+    """An int8 row is D codes, fp32 scale, fp32 bias; rows of D + 8 bytes are not 4-byte aligned,
+    so the scale and bias are read byte by byte."""
+    base = W + row * row_stride
+    codes = tl.load(base[:, None] + cols[None, :], mask=m2, other=0)
+    tail = base + dim
+    s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint32)
+    s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint32)
+    s2 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint32)
+    s3 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint32)
+    b0 = tl.load(tail + 4, mask=keep, other=0).to(tl.uint32)
+    b1 = tl.load(tail + 5, mask=keep, other=0).to(tl.uint32)
+    b2 = tl.load(tail + 6, mask=keep, other=0).to(tl.uint32)
+    b3 = tl.load(tail + 7, mask=keep, other=0).to(tl.uint32)
+    scale = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
+    bias = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
+    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
+
+
+@triton.jit
+def _int4_rows(W, row, row_stride, dim, cols, keep, m2):
+    """An int4 row is D/2 bytes (low nibble first), fp16 scale, fp16 bias."""
+    base = W + row * row_stride
+    packed = tl.load(base[:, None] + (cols // 2)[None, :], mask=m2, other=0)
+    codes = tl.where((cols % 2 == 0)[None, :], packed & 0xF, packed >> 4)
+    tail = base + dim // 2
+    s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint16)
+    s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint16)
+    b0 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint16)
+    b1 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint16)
+    scale = (s0 | (s1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    bias = (b0 | (b1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
+
+
+@triton.jit
+def _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [BLOCK_L, BLOCK_D] tile of rows `row`, columns `cols`, in fp32; 0 where ~m2. The table's
+    address becomes a pointer of its format's element type."""
+    vals = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    if fmt == 0:
+        vals = _float_rows(w_addr.to(tl.pointer_type(tl.float32)), row, row_stride, cols, m2)
+    elif fmt == 1:
+        vals = _float_rows(w_addr.to(tl.pointer_type(tl.float16)), row, row_stride, cols, m2)
+    elif fmt == 2:
+        vals = _float_rows(w_addr.to(tl.pointer_type(tl.bfloat16)), row, row_stride, cols, m2)
+    elif fmt == 3:
+        vals = _int8_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2)
+    else:
+        vals = _int4_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2)
+    return vals
+
+
+@triton.jit
+def _embedding_bag_grouped_fwd_kernel(
+    META, TASKS, OUT,
+    n_tasks, out_stride,
+    NF: tl.constexpr,  # int64 fields per META row
+    BOUNDS: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_L)
+    for task in range(tl.program_id(1), n_tasks, tl.num_programs(1)):
+        lookup = tl.load(TASKS + 2 * task).to(tl.int64)
+        col0 = tl.load(TASKS + 2 * task + 1).to(tl.int64)
+        meta = META + lookup * NF
+        w_addr = tl.load(meta + 0)
+        idx_addr = tl.load(meta + 1)
+        off_addr = tl.load(meta + 2)
+        psw_addr = tl.load(meta + 3)
+        n_rows = tl.load(meta + 4)
+        row_stride = tl.load(meta + 5)
+        dim = tl.load(meta + 6)
+        fmt = tl.load(meta + 7)
+        index64 = tl.load(meta + 8)
+        mode = tl.load(meta + 9)
+        pad = tl.load(meta + 10)
+        out_col = tl.load(meta + 11)
+        has_psw = tl.load(meta + 12)
+
+        start = _load_offset(off_addr, bag, index64)
+        end = _load_offset(off_addr, bag + 1, index64)
+
+        cols = col0 + tl.arange(0, BLOCK_D)
+        cmask = cols < dim
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        if mode == 2:
+            acc = tl.full([BLOCK_D], float("-inf"), tl.float32)
+        count = tl.zeros([BLOCK_L], tl.int32)
+        for p0 in range(start, end, BLOCK_L):
+            pos = p0 + lanes
+            pmask = pos < end
+            idx = _load_index(idx_addr, pos, pmask, index64)
+            if BOUNDS == 2:
+                row = tl.minimum(tl.maximum(idx, 0), n_rows - 1)
+                keep = pmask
+            else:
+                keep = pmask & (idx >= 0) & (idx < n_rows)
+                row = tl.where(keep, idx, 0)
+            keep = keep & ((pad < 0) | (row != pad))
+            count += keep.to(tl.int32)
+            m2 = keep[:, None] & cmask[None, :]
+            vals = _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, BLOCK_L, BLOCK_D)
+            if mode == 2:
+                acc = tl.maximum(acc, tl.max(tl.where(m2, vals, float("-inf")), axis=0))
+            else:
+                if has_psw != 0:
+                    # like the reference: skipped rows are 0 and still multiplied by their weight
+                    w = tl.load(psw_addr.to(tl.pointer_type(tl.float32)) + pos, mask=pmask, other=0.0)
+                    vals = vals * w[:, None]
+                acc += tl.sum(vals, axis=0)
+        n = tl.sum(count, axis=0)
+        if mode == 1:
+            acc = acc / tl.maximum(n, 1).to(tl.float32)
+        elif mode == 2:
+            acc = tl.where(n > 0, acc, 0.0)
+        tl.store(OUT + bag * out_stride + out_col + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
+
+
+def interpreted() -> bool:
+    """True under TRITON_INTERPRET=1 (the kernel is an InterpretedFunction, not a JITFunction)."""
+    return not isinstance(_embedding_bag_grouped_fwd_kernel, triton.runtime.JITFunction)
+
+
+def launch_config(max_dim: int, on_gpu: bool) -> dict:
+    """BLOCK_D (one column block size for every lookup), BLOCK_L and num_warps."""
+    if on_gpu:
+        block_d = min(triton.next_power_of_2(max(max_dim, 1)), 128)
+        return dict(BLOCK_L=max(4, min(16, 2048 // block_d)), BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2)
+    # the interpreter: fewer, bigger steps are what is cheap
+    return dict(BLOCK_L=64, BLOCK_D=min(triton.next_power_of_2(max(max_dim, 1)), 256), num_warps=1)
+
+
+def tasks(dims: list[int], block_d: int) -> list[tuple[int, int]]:
+    """(lookup, first column) of every BLOCK_D-column block of every lookup."""
+    return [(f, c) for f, d in enumerate(dims) for c in range(0, d, block_d)]
+
+
+def grid(n_bags: int, n_tasks: int) -> tuple:
+    return (n_bags, min(n_tasks, MAX_GRID_Y))
