@@ -78,7 +78,7 @@ def test_fp32_uniform(run_bench, impl):
         expected = F.embedding_bag(idx[:4096], w, off[:129], mode="sum", include_last_offset=True)
         torch.testing.assert_close(fn(w, idx[:4096], off[:129]), expected, rtol=1e-5, atol=1e-5)
     run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_A[1] * 4, idx, B * SHAPE_A[1] * 4),
-              ops=idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl)
+              ops=idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, peer=impl.startswith("torch"))
 
 
 @pytest.mark.benchmark(group=f"embedding_bag sum row-wise quantized {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
@@ -100,7 +100,8 @@ def test_quantized_uniform(run_bench, impl, bits):
             return rk.embedding_bag(q, i, o, bits=bits, backend="cpu")
     row_bytes = packed.shape[1]
     run_bench(fn, packed, idx, off, bytes_moved=_bytes(row_bytes, idx, B * SHAPE_A[1] * 4),
-              ops=2 * idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, bits=bits)
+              ops=2 * idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, bits=bits,
+              peer=impl.startswith("torch"), case=f"int{bits}")
 
 
 @pytest.mark.benchmark(group=f"embedding_bag sum fp32 {SHAPE_B[0]}x{SHAPE_B[1]} B={B} L={L} zipf",
@@ -121,4 +122,4 @@ def test_fp32_zipf(run_bench, impl):
         torch.testing.assert_close(fn(w, idx, off), F.embedding_bag(idx, w, off, mode="sum", include_last_offset=True),
                                    rtol=1e-5, atol=1e-5)
     run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_B[1] * 4, idx, B * SHAPE_B[1] * 4),
-              ops=idx.numel() * SHAPE_B[1], shape=(*SHAPE_B, B, L), impl=impl)
+              ops=idx.numel() * SHAPE_B[1], shape=(*SHAPE_B, B, L), impl=impl, peer=impl.startswith("torch"))
