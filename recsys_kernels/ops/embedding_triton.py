@@ -7,8 +7,8 @@ The backward is deterministic (no float atomics, so no mode switch): one kernel 
 per-index gradient rows G [nnz, D], the result itself for sparse=True, and the per-sample-weight
 gradient in one part per column block, added up in torch. The dense gradient is reduced from G
 by row: a stable torch.sort of the rows (index order kept within a row) and a segment kernel in
-which the program at the start of a row's run sums its G rows in index order and writes the row
-once. That is index_add_'s order, so the fp32 gradient has the bits of the reference on CPU and
+which the lane of the first slot of a row's run sums its G rows in index order and writes the
+row once. That is index_add_'s order, so the fp32 gradient has the bits of the reference on CPU and
 of the CPU backend, on every run; a row with more than DENSE_CHUNK indices (a hot row) is summed
 in chunks of that size, then the chunk sums in order (the CUDA backend's grouping): other bits
 than index_add_ there, but still the same on every run. The price over atomics is G in the
