@@ -17,8 +17,9 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Ampere (8.0, 8.6), Ada (8.9), Hopper (9.0) as SASS, plus PTX of the newest for future cards.
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# SASS for Ampere (sm_80; it also runs on sm_86/sm_89: same major version) and Hopper (sm_90),
+# plus PTX of the newest for later cards. Two SASS targets instead of four halve the nvcc time.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def cuda_build_requested():

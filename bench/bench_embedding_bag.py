@@ -3,7 +3,8 @@
 Shape A: a 1,000,000 x 128 table, B = 4096 bags of L = 32 uniform indices, mode="sum": memory-bound
 random row gathers (the table is far larger than the caches). fp32 against F.embedding_bag (int64
 and int32 indices), and the 8-bit / 4-bit row-wise tables against
-torch.ops.quantized.embedding_bag_{byte,4bit}_rowwise_offsets (the same packed bytes).
+torch.ops.quantized.embedding_bag_{byte,4bit}_rowwise_offsets (the same packed bytes); and in
+every group torch.compile of our pure-PyTorch reference (what a user gets from Inductor).
 Shape B: a 50,000 x 64 fp32 table with Zipf(1.05) indices, same B and L: hot rows stay cached.
 
 bytes = the row bytes gathered (nnz x bytes per row) + the indices, offsets and output: the GB/s
@@ -47,6 +48,15 @@ def _bags(n, dist):
     return idx, torch.arange(B + 1) * L
 
 
+@functools.cache
+def _compiled_reference():
+    from recsys_kernels.ops.embedding import _embedding_bag_ref
+
+    def ref(w, i, o, bits=8):
+        return _embedding_bag_ref(w, i, o, None, "sum", None, "raise", bits, None, False)
+    return torch.compile(ref)
+
+
 def _ours_available():
     return "cpu" in _backend.available_backends("embedding_bag", "cpu")
 
@@ -62,14 +72,16 @@ def _bytes(row_bytes, idx, out_bytes):
 
 @pytest.mark.benchmark(group=f"embedding_bag sum fp32 {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
                        min_rounds=5, max_time=1.0)
-@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "ours", "ours_int32"])
+@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "torch_compile_ref", "ours", "ours_int32"])
 def test_fp32_uniform(run_bench, impl):
     _skip_unless_ours(impl)
     w = _table(*SHAPE_A)
     idx, off = _bags(SHAPE_A[0], "uniform")
     if impl.endswith("int32"):
         idx, off = idx.int(), off.int()
-    if impl.startswith("torch"):
+    if impl == "torch_compile_ref":
+        fn = _compiled_reference()
+    elif impl.startswith("torch"):
         def fn(w, i, o):
             return F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
     else:
@@ -78,18 +90,21 @@ def test_fp32_uniform(run_bench, impl):
         expected = F.embedding_bag(idx[:4096], w, off[:129], mode="sum", include_last_offset=True)
         torch.testing.assert_close(fn(w, idx[:4096], off[:129]), expected, rtol=1e-5, atol=1e-5)
     run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_A[1] * 4, idx, B * SHAPE_A[1] * 4),
-              ops=idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl)
+              ops=idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, peer=impl.startswith("torch"))
 
 
 @pytest.mark.benchmark(group=f"embedding_bag sum row-wise quantized {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
                        min_rounds=5, max_time=1.0)
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("impl", ["torch_quantized", "ours"])
+@pytest.mark.parametrize("impl", ["torch_quantized", "torch_compile_ref", "ours"])
 def test_quantized_uniform(run_bench, impl, bits):
     _skip_unless_ours(impl)
     packed = _packed(*SHAPE_A, bits)
     idx, off = _bags(SHAPE_A[0], "uniform")
-    if impl == "torch_quantized":
+    if impl == "torch_compile_ref":
+        def fn(q, i, o):
+            return _compiled_reference()(q, i, o, bits)
+    elif impl == "torch_quantized":
         op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
               else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
 
@@ -100,19 +115,22 @@ def test_quantized_uniform(run_bench, impl, bits):
             return rk.embedding_bag(q, i, o, bits=bits, backend="cpu")
     row_bytes = packed.shape[1]
     run_bench(fn, packed, idx, off, bytes_moved=_bytes(row_bytes, idx, B * SHAPE_A[1] * 4),
-              ops=2 * idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, bits=bits)
+              ops=2 * idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, bits=bits,
+              peer=impl.startswith("torch"), case=f"int{bits}")
 
 
 @pytest.mark.benchmark(group=f"embedding_bag sum fp32 {SHAPE_B[0]}x{SHAPE_B[1]} B={B} L={L} zipf",
                        min_rounds=5, max_time=1.0)
-@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "ours", "reference"])
+@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "torch_compile_ref", "ours", "reference"])
 def test_fp32_zipf(run_bench, impl):
     _skip_unless_ours(impl)
     w = _table(*SHAPE_B)
     idx, off = _bags(SHAPE_B[0], "zipf")
     if impl.endswith("int32"):
         idx, off = idx.int(), off.int()
-    if impl.startswith("torch"):
+    if impl == "torch_compile_ref":
+        fn = _compiled_reference()
+    elif impl.startswith("torch"):
         def fn(w, i, o):
             return F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
     else:
@@ -121,4 +139,4 @@ def test_fp32_zipf(run_bench, impl):
         torch.testing.assert_close(fn(w, idx, off), F.embedding_bag(idx, w, off, mode="sum", include_last_offset=True),
                                    rtol=1e-5, atol=1e-5)
     run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_B[1] * 4, idx, B * SHAPE_B[1] * 4),
-              ops=idx.numel() * SHAPE_B[1], shape=(*SHAPE_B, B, L), impl=impl)
+              ops=idx.numel() * SHAPE_B[1], shape=(*SHAPE_B, B, L), impl=impl, peer=impl.startswith("torch"))

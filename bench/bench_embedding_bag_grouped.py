@@ -83,4 +83,5 @@ def test_mixed_collection(run_bench, impl):
     if impl == "grouped":  # same numbers as the loop on the first 64 bags
         torch.testing.assert_close(fn(*_first_bags(args, 64)), _loop(*_first_bags(args, 64)), rtol=1e-5, atol=1e-5)
     nbytes, dims = _bytes(args[0], args[1], args[5])
-    run_bench(fn, *args, bytes_moved=nbytes, ops=B * L * dims, shape=(len(TABLES), B, L), impl=impl)
+    run_bench(fn, *args, bytes_moved=nbytes, ops=B * L * dims, shape=(len(TABLES), B, L), impl=impl,
+              peer=impl == "loop")

@@ -42,4 +42,5 @@ def test_quantize_rowwise_8bit(run_bench, device, impl):
         if impl != "reference":  # time only a kernel that gives the right bytes
             assert torch.equal(fn(w).cpu(), torch.ops.quantized.embedding_bag_byte_prepack(w.cpu()))
     # read N*D fp32, write N*(D+8) bytes; ~4 ops an element (min, max, subtract, multiply)
-    run_bench(fn, w, bytes_moved=w.numel() * 4 + N * (D + 8), ops=4 * w.numel(), shape=(N, D), impl=impl)
+    run_bench(fn, w, bytes_moved=w.numel() * 4 + N * (D + 8), ops=4 * w.numel(), shape=(N, D), impl=impl,
+              peer=impl == "torch_prepack", case=device)

@@ -5,10 +5,14 @@
   when any tensor argument is on a GPU (so the time is the kernel's, not the launch's), and records
   in `extra_info` the shape, the bytes the op must move (each input read once, each output written
   once), its operation count, and this machine's measured memory bandwidth.
-- The memory bandwidth is measured once per device and session: the best of a few copies of a
-  large tensor, counting bytes read plus bytes written.
-- At the end, a table prints each benchmark's median time, GB/s, % of the measured bandwidth and
-  GOP/s. The same numbers are in --benchmark-json's extra_info.
+- The memory bandwidth is measured once per device and session, in the same run as the benchmarks:
+  the best of a few full reads (a sum) of a large tensor. Gathers and pooling ops mostly read, so
+  their limit is the read bandwidth.
+- A benchmark marked peer=True is what a user would otherwise run (PyTorch, FBGEMM, ...); the
+  others are compared against the fastest peer of their group and `case`: "x peer" = the peer's
+  median time / this one's (> 1: faster than the best peer).
+- At the end, a table prints each benchmark's median time, GB/s, % of the measured bandwidth,
+  GOP/s and the ratio to the peer. The same numbers are in --benchmark-json's extra_info.
 """
 from __future__ import annotations
 
@@ -17,11 +21,15 @@ import time
 import pytest
 import torch
 
-_BANDWIDTH_GBPS: dict[str, float] = {}  # device type -> measured copy bandwidth, GB/s
+_BANDWIDTH_GBPS: dict[str, float] = {}  # device type -> measured read bandwidth, GB/s
 _PROBE_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
 
 
 def pytest_collect_file(parent, file_path):
+    # a file named on the command line is collected by pytest itself: collecting it here too would
+    # run (and report) every benchmark in it twice
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
@@ -33,22 +41,21 @@ def _sync(device: torch.device) -> None:
 
 
 def measured_bandwidth(device: torch.device | str) -> float:
-    """GB/s of a large device-local copy (bytes read + bytes written), best of several runs."""
+    """GB/s of reading a large device-local tensor (a sum: one read, no write), best of several runs."""
     device = torch.device(device)
     if device.type not in _BANDWIDTH_GBPS:
         nbytes = _PROBE_BYTES.get(device.type, 256 << 20)
         src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()  # not zeros
-        dst = torch.empty_like(src)
-        dst.copy_(src)  # warm-up: page faults, allocator
+        src.sum()  # warm-up
         best = float("inf")
-        for _ in range(5):
+        for _ in range(7):
             _sync(device)
             start = time.perf_counter()
-            dst.copy_(src)
+            src.sum()
             _sync(device)
             best = min(best, time.perf_counter() - start)
-        _BANDWIDTH_GBPS[device.type] = 2 * nbytes / best / 1e9
-        del src, dst
+        _BANDWIDTH_GBPS[device.type] = nbytes / best / 1e9
+        del src
     return _BANDWIDTH_GBPS[device.type]
 
 
@@ -61,12 +68,14 @@ def _device_of(args) -> torch.device:
 
 @pytest.fixture
 def run_bench(benchmark):
-    """run_bench(fn, *args, bytes_moved=..., ops=0, shape=...) -> fn's result.
+    """run_bench(fn, *args, bytes_moved=..., ops=0, shape=..., peer=False, case="") -> fn's result.
 
     Times fn(*args) after one untimed warm-up call. `bytes_moved`: the fewest bytes the op must
-    move through memory; `ops`: its arithmetic operations (0 where counting makes no sense)."""
+    move through memory; `ops`: its arithmetic operations (0 where counting makes no sense);
+    `peer`: this is a competitor's implementation; `case`: benchmarks of a group are compared
+    within the same case (e.g. "int8" and "int4" in one group)."""
 
-    def run(fn, *args, bytes_moved: int, ops: int = 0, shape=None, **info):
+    def run(fn, *args, bytes_moved: int, ops: int = 0, shape=None, peer: bool = False, case: str = "", **info):
         device = _device_of(args)
         benchmark.extra_info.update(
             device=device.type,
@@ -74,6 +83,8 @@ def run_bench(benchmark):
             bytes=int(bytes_moved),
             ops=int(ops),
             bandwidth_GBps=round(measured_bandwidth(device), 2),
+            peer=bool(peer),
+            case=str(case),
             **info,
         )
         if device.type == "cuda":
@@ -103,13 +114,22 @@ def pytest_terminal_summary(terminalreporter, config):
     tr = terminalreporter
     tr.write_sep("-", "throughput (median time; bytes = inputs read once + outputs written once)")
     for dev, bw in sorted(_BANDWIDTH_GBPS.items()):
-        tr.write_line(f"measured {dev} memory bandwidth: {bw:.1f} GB/s "
-                      f"(copy of {_PROBE_BYTES.get(dev, 256 << 20) >> 20} MiB, read + write)")
+        tr.write_line(f"measured {dev} read bandwidth: {bw:.1f} GB/s "
+                      f"(sum of {_PROBE_BYTES.get(dev, 256 << 20) >> 20} MiB, this run)")
+    best_peer: dict[tuple, float] = {}
+    for b in results:
+        if b.extra_info.get("peer"):
+            key = (b.group, b.extra_info.get("case", ""))
+            best_peer[key] = min(best_peer.get(key, float("inf")), b.stats.median)
     width = max(len(b.name) for b in results)
-    tr.write_line(f"{'benchmark':<{width}}  {'device':<6} {'median':>10} {'GB/s':>9} {'% of bw':>8} {'GOP/s':>9}")
+    tr.write_line(f"{'benchmark':<{width}}  {'device':<6} {'median':>10} {'GB/s':>9} {'% of bw':>8} {'GOP/s':>9} "
+                  f"{'x peer':>7}")
     for b in results:
         info, median = b.extra_info, b.stats.median
         gbps = info["bytes"] / median / 1e9
         pct = 100 * gbps / info["bandwidth_GBps"] if info.get("bandwidth_GBps") else float("nan")
         gops = f"{info['ops'] / median / 1e9:9.2f}" if info.get("ops") else f"{'-':>9}"
-        tr.write_line(f"{b.name:<{width}}  {info['device']:<6} {median * 1e3:8.3f}ms {gbps:9.2f} {pct:7.1f}% {gops}")
+        peer = best_peer.get((b.group, info.get("case", "")))
+        ratio = "peer" if info.get("peer") else (f"{peer / median:6.2f}x" if peer else "-")
+        tr.write_line(f"{b.name:<{width}}  {info['device']:<6} {median * 1e3:8.3f}ms {gbps:9.2f} {pct:7.1f}% {gops} "
+                      f"{ratio:>7}")

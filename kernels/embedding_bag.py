@@ -1,4 +1,8 @@
-"""Triton forward kernel of embedding_bag (float tables and int8/int4 fused row-wise tables).
+"""Triton kernels of embedding_bag: the forward (float tables and int8/int4 fused row-wise
+tables) and the backward of float tables (per-index gradient rows, then their deterministic
+reduction into the dense gradient: see _embedding_bag_bwd_segment_kernel).
+
+Forward:
 
 One program per (bag, block of BLOCK_D columns). The program walks its bag BLOCK_L indices at a
 time: it loads the BLOCK_L indices (and per-sample weights), turns them into rows and a "keep"
@@ -120,21 +124,22 @@ def _embedding_bag_fwd_kernel(
 
 
 @triton.jit
-def _embedding_bag_bwd_kernel(
-    GO, W, IDX, OFF, PSW, GW, GPSW,
+def _embedding_bag_bwd_rows_kernel(
+    GO, W, IDX, OFF, PSW, G, GPSW, ROW_OF,
     TOKEN,  # unused: see the forward kernel
-    n_rows, D,
+    n_rows, nnz, D,
     pad,
     MODE: tl.constexpr, BOUNDS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_PSW: tl.constexpr,
-    SPARSE: tl.constexpr,  # GW: per-index rows [nnz, D] (stored) instead of [N, D] (atomic adds)
+    WRITE_ROWS: tl.constexpr,  # write ROW_OF (the dense gradient's reduction needs it)
     ACC64: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Backward of a float table, one program per (bag, block of columns). Dense: atomically adds
-    each contributing index's gradient row into GW [N, D] (the accumulation dtype, zeroed by the
-    caller). Sparse: writes the row of every index of the bag into GW [nnz, D]. GPSW (acc dtype,
-    zeroed) gets the per-sample-weight gradient, summed over the column blocks atomically. max:
-    the gradient of each column goes to the first index attaining the maximum."""
+    """Backward of a float table, one program per (bag, block of columns): the per-index gradient
+    rows G [nnz, D] (d out[bag] / d row of index p, times its per-sample weight; 0 where the index
+    contributes nothing; G is zeroed by the caller in max mode, where only the first arg-max index
+    of each column gets the gradient). GPSW [column blocks, nnz] gets each column block's part of
+    the per-sample-weight gradient (the caller adds the parts up). ROW_OF [nnz]: the row each index
+    contributes to, -1 for none (written by the programs of column block 0). No atomics."""
     bag = tl.program_id(0).to(tl.int64)
     dblk = tl.program_id(1)
     ACC = tl.float64 if ACC64 else tl.float32
@@ -153,6 +158,8 @@ def _embedding_bag_bwd_kernel(
             pos = p0 + lanes
             pmask = pos < end
             row, keep = _bag_rows(IDX, pos, pmask, n_rows, pad, BOUNDS, HAS_PAD)
+            if WRITE_ROWS:
+                tl.store(ROW_OF + pos, tl.where(keep, row, -1), mask=pmask & (dblk == 0))
             m2 = keep[:, None] & cmask[None, :]
             vals = tl.load(W + row[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
             vals = tl.where(m2, vals, float("-inf"))
@@ -164,11 +171,7 @@ def _embedding_bag_bwd_kernel(
             first = tl.where(better, p0 + lane, first)
         has = first >= 0
         at = tl.where(has, first, 0)
-        row, _keep = _bag_rows(IDX, at, has, n_rows, pad, BOUNDS, HAS_PAD)
-        if SPARSE:
-            tl.store(GW + at * D + cols, g.to(GW.dtype.element_ty), mask=has & cmask)
-        else:
-            tl.atomic_add(GW + row * D + cols, g, mask=has & cmask)
+        tl.store(G + at * D + cols, g.to(G.dtype.element_ty), mask=has & cmask)
     else:
         if MODE == 1:
             count = tl.zeros([BLOCK_L], tl.int32)
@@ -176,23 +179,110 @@ def _embedding_bag_bwd_kernel(
                 pos = p0 + lanes
                 row, keep = _bag_rows(IDX, pos, pos < end, n_rows, pad, BOUNDS, HAS_PAD)
                 count += keep.to(tl.int32)
-            g = g / tl.maximum(tl.sum(count, axis=0), 1).to(ACC)
+            n = tl.maximum(tl.sum(count, axis=0), 1).to(ACC)
+            # correctly rounded (the reference's and the CPU backend's quotient): the dense
+            # gradient then has the same bits on every device
+            g = g / n if ACC64 else tl.math.div_rn(g, tl.full([BLOCK_D], 1, ACC) * n)
         for p0 in range(start, end, BLOCK_L):
             pos = p0 + lanes
             pmask = pos < end
             row, keep = _bag_rows(IDX, pos, pmask, n_rows, pad, BOUNDS, HAS_PAD)
+            if WRITE_ROWS:
+                tl.store(ROW_OF + pos, tl.where(keep, row, -1), mask=pmask & (dblk == 0))
             m2 = keep[:, None] & cmask[None, :]
             grad = tl.where(m2, g[None, :], 0.0)
             if HAS_PSW:
                 rows = tl.load(W + row[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
-                tl.atomic_add(GPSW + pos, tl.sum(grad * rows, axis=1), mask=pmask)
+                tl.store(GPSW + dblk * nnz + pos, tl.sum(grad * rows, axis=1), mask=pmask)
                 w = tl.load(PSW + pos, mask=pmask, other=0.0).to(ACC)
                 grad = grad * w[:, None]
-            if SPARSE:
-                tl.store(GW + pos[:, None] * D + cols[None, :], grad.to(GW.dtype.element_ty),
-                         mask=pmask[:, None] & cmask[None, :])
-            else:
-                tl.atomic_add(GW + row[:, None] * D + cols[None, :], grad, mask=m2)
+            tl.store(G + pos[:, None] * D + cols[None, :], grad.to(G.dtype.element_ty),
+                     mask=pmask[:, None] & cmask[None, :])
+
+
+# Dense gradient from G, deterministically. The caller sorts ROW_OF stably: slot j of the sorted
+# order holds position PERM[j], whose row is SROW[j]; the slots of one row form a segment
+# [SEG_START[j], SEG_END[j]), in index order. A segment is cut into chunks of DENSE_CHUNK slots
+# from its start, and each chunk is summed in slot order by the lane (row of the [BLOCK_S,
+# BLOCK_D] tile) of its first slot. A one-chunk segment (the common case) writes its table row:
+# the same sums, in the same order, as index_add_ and the CPU backend. A longer one (a hot row,
+# spread over several lanes / programs) leaves its chunk sums in G, in place of each chunk's
+# first row (read by that lane only), and _embedding_bag_bwd_combine_kernel adds them up in chunk
+# order: the CUDA backend's grouping. Lanes of other slots do nothing; rows that no index
+# reaches keep the caller's zeros. The grouping depends on the sorted rows alone, never on
+# scheduling: the same bits on every run.
+DENSE_CHUNK = 128
+
+
+@triton.jit
+def _embedding_bag_bwd_segment_kernel(
+    G, GW, SROW, PERM, SEG_START, SEG_END,
+    nnz, D,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    smask = slots < nnz
+    row = tl.load(SROW + slots, mask=smask, other=-1)
+    seg_start = tl.load(SEG_START + slots, mask=smask, other=0)
+    seg_end = tl.load(SEG_END + slots, mask=smask, other=0)
+    owner = (row >= 0) & ((slots - seg_start) % CHUNK == 0)
+    n = tl.where(owner, tl.minimum(seg_end - slots, CHUNK), 0)  # the slots each lane sums
+    acc = tl.zeros([BLOCK_S, BLOCK_D], G.dtype.element_ty)
+    # four rows per lane in flight per step, added one after the other (the order is the point).
+    # A masked-off row loads as +0.0, and adding +0.0 changes no bits: acc starts at +0.0, and a
+    # round-to-nearest sum is -0.0 only when both terms are, so acc is never -0.0.
+    for t in range(0, tl.max(n, axis=0), 4):
+        a0 = t < n
+        a1 = t + 1 < n
+        a2 = t + 2 < n
+        a3 = t + 3 < n
+        p0 = tl.load(PERM + slots + t, mask=a0, other=0)
+        p1 = tl.load(PERM + slots + t + 1, mask=a1, other=0)
+        p2 = tl.load(PERM + slots + t + 2, mask=a2, other=0)
+        p3 = tl.load(PERM + slots + t + 3, mask=a3, other=0)
+        r0 = tl.load(G + p0[:, None] * D + cols[None, :], mask=a0[:, None] & cmask[None, :], other=0.0)
+        r1 = tl.load(G + p1[:, None] * D + cols[None, :], mask=a1[:, None] & cmask[None, :], other=0.0)
+        r2 = tl.load(G + p2[:, None] * D + cols[None, :], mask=a2[:, None] & cmask[None, :], other=0.0)
+        r3 = tl.load(G + p3[:, None] * D + cols[None, :], mask=a3[:, None] & cmask[None, :], other=0.0)
+        acc += r0
+        acc += r1
+        acc += r2
+        acc += r3
+    one_chunk = seg_end - seg_start <= CHUNK
+    several = seg_end - seg_start > CHUNK
+    m2 = owner[:, None] & cmask[None, :]
+    tl.store(GW + row[:, None] * D + cols[None, :], acc.to(GW.dtype.element_ty), mask=m2 & one_chunk[:, None])
+    head = tl.load(PERM + slots, mask=smask, other=0)
+    tl.store(G + head[:, None] * D + cols[None, :], acc, mask=m2 & several[:, None])
+
+
+@triton.jit
+def _embedding_bag_bwd_combine_kernel(
+    G, GW, SROW, PERM, SEG_START, SEG_END,
+    nnz, D,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The rows of segments longer than CHUNK: their chunk sums, added in chunk order by the lane
+    of the segment's first slot."""
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    smask = slots < nnz
+    row = tl.load(SROW + slots, mask=smask, other=-1)
+    seg_start = tl.load(SEG_START + slots, mask=smask, other=0)
+    seg_end = tl.load(SEG_END + slots, mask=smask, other=0)
+    owner = (row >= 0) & (slots == seg_start) & (seg_end - seg_start > CHUNK)
+    n_chunks = tl.where(owner, (seg_end - seg_start + CHUNK - 1) // CHUNK, 0)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], G.dtype.element_ty)
+    for k in range(0, tl.max(n_chunks, axis=0)):
+        a = k < n_chunks
+        head = tl.load(PERM + slots + k * CHUNK, mask=a, other=0)
+        part = tl.load(G + head[:, None] * D + cols[None, :], mask=a[:, None] & cmask[None, :], other=0.0)
+        acc += part  # +0.0 where masked off: no change (see the segment kernel)
+    tl.store(GW + row[:, None] * D + cols[None, :], acc.to(GW.dtype.element_ty),
+             mask=owner[:, None] & cmask[None, :])
 
 
 def interpreted() -> bool:
@@ -213,3 +303,13 @@ def launch_config(dim: int, on_gpu: bool) -> dict:
 
 def grid(n_bags: int, dim: int, block_d: int) -> tuple:
     return (n_bags, triton.cdiv(dim, block_d))
+
+
+def segment_config(nnz: int, block_d: int, on_gpu: bool) -> dict:
+    """BLOCK_S (slots per program) and num_warps of the dense gradient's segment kernels. On a GPU
+    one slot per program: a lane that owns a hot chunk does not hold up the others (not tuned).
+    The interpreter pays per program and per op, not per element: many slots per program."""
+    if on_gpu:
+        return dict(BLOCK_S=1, BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2)
+    block_s = min(triton.next_power_of_2(max(nnz, 1)), max(1, 65536 // block_d))
+    return dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=1)

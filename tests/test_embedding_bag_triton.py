@@ -284,6 +284,93 @@ def test_backward_max_ties_and_empty_table():
         assert torch.equal(g.cpu(), r)
 
 
+def _index_order_sums(grad_rows, indices, n_rows, padding_idx=None, chunk=None):
+    """The dense gradient from the per-index rows, one add at a time: per row, its rows in index
+    order; with `chunk`, a row's positions cut into chunks of that many from its first one, each
+    chunk summed in order, then the chunk sums in order (the Triton and CUDA grouping of hot rows)."""
+    grad = torch.zeros(n_rows, grad_rows.shape[1], dtype=grad_rows.dtype)
+    for row in range(n_rows):
+        if row == padding_idx:
+            continue
+        positions = torch.nonzero(indices == row).flatten().tolist()
+        size = chunk or max(len(positions), 1)
+        total = torch.zeros(grad_rows.shape[1], dtype=grad_rows.dtype)
+        for c in range(0, len(positions), size):
+            part = torch.zeros_like(total)
+            for p in positions[c:c + size]:
+                part = part + grad_rows[p]
+            total = total + part if size < len(positions) else part
+        grad[row] = total
+    return grad
+
+
+def _dense_backward_case(mode, weighted, n_rows, d, indices, offsets, padding_idx=None):
+    """The arguments of one fp32 dense backward call (CPU tensors)."""
+    psw = torch.randn(indices.numel()) if weighted else None
+    return (torch.randn(offsets.numel() - 1, d), torch.randn(n_rows, d), indices, offsets, psw, mode, padding_idx,
+            "raise", False)
+
+
+def _triton_runs(args, runs=2):
+    op = torch.ops.recsys_kernels.embedding_bag_backward_triton.default
+    dev_args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    results = [[g.cpu() for g in op(*dev_args)] for _ in range(runs)]
+    for grad, grad_psw in results:  # the same bits on every run
+        assert torch.equal(grad, results[0][0]) and torch.equal(grad_psw, results[0][1])
+    return results[0]
+
+
+@pytest.mark.parametrize("mode,weighted,padding_idx,d", [("sum", False, None, 129), ("sum", True, None, 129),
+                                                         ("mean", False, 2, 129), ("max", False, None, 129),
+                                                         ("sum", True, 1, 300)])
+def test_dense_backward_is_deterministic_and_bit_exact(mode, weighted, padding_idx, d):
+    # 200 indices over 5 rows: about 40 adds into every row. No float atomics: the same bits on
+    # every run, and the reference's (index_add_ on CPU: per row, in index order; every row here
+    # has fewer than DENSE_CHUNK positions) and the CPU backend's. D = 300: two column blocks,
+    # whose parts of the per-sample-weight gradient are added without atomics either
+    gen = torch.Generator().manual_seed(3)
+    cuts = torch.randint(0, 201, (19,), generator=gen).sort().values
+    offsets = torch.cat([torch.tensor([0]), cuts, torch.tensor([200])])
+    indices = torch.randint(0, 5, (200,), generator=gen)
+    args = _dense_backward_case(mode, weighted, 5, d, indices, offsets, padding_idx)
+    grad, grad_psw = _triton_runs(args)
+    ref, ref_psw = torch.ops.recsys_kernels.embedding_bag_backward_reference.default(*args)
+    assert torch.equal(grad, ref) and grad.abs().sum() > 0
+    if weighted:  # a dot product over D: the same terms, summed in another order
+        torch.testing.assert_close(grad_psw, ref_psw)
+    if "cpu" in _backend.available_backends("embedding_bag_backward", "cpu"):
+        assert torch.equal(grad, torch.ops.recsys_kernels.embedding_bag_backward.default(*args)[0])
+
+
+@pytest.mark.parametrize("mode,weighted,d", [("sum", True, 7), ("mean", False, 7), ("max", False, 5)])
+def test_dense_backward_hot_row_is_deterministic(mode, weighted, d):
+    # row 3 takes 300 of 340 indices: more than one chunk of DENSE_CHUNK positions, summed chunk
+    # by chunk, then the chunk sums in order (the CUDA backend's grouping)
+    from recsys_kernels._triton.embedding_bag import DENSE_CHUNK
+    gen = torch.Generator().manual_seed(5)
+    indices = torch.randint(0, 9, (340,), generator=gen)
+    indices[torch.randperm(340, generator=gen)[:300]] = 3
+    offsets = torch.tensor([0, 100, 100, 250, 339, 340])
+    args = _dense_backward_case(mode, weighted, 9, d, indices, offsets)
+    grad, grad_psw = _triton_runs(args)
+    ref = torch.ops.recsys_kernels.embedding_bag_backward_reference.default
+    (ref_grad, ref_psw), ref_rows = ref(*args), ref(*args[:-1], True)[0]
+    assert torch.equal(grad, _index_order_sums(ref_rows, indices, 9, chunk=DENSE_CHUNK))
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    if weighted:
+        torch.testing.assert_close(grad_psw, ref_psw)
+
+
+def test_index_order_sums_helper():
+    # the helper reproduces index_add_ without chunks, and chunking changes the rounding
+    rows = torch.randn(600, 3)
+    indices = torch.zeros(600, dtype=torch.long)
+    indices[::7] = 1
+    want = torch.zeros(2, 3).index_add_(0, indices, rows)
+    assert torch.equal(_index_order_sums(rows, indices, 2), want)
+    assert not torch.equal(_index_order_sums(rows, indices, 2, chunk=128), want)
+
+
 def test_gradcheck():
     weight = torch.randn(6, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     psw = torch.randn(7, dtype=torch.float64, device=DEVICE, requires_grad=True)

@@ -3,6 +3,17 @@ recsys_kernels::embedding_bag_backward_triton, torch.library.triton_ops with the
 reference ops, around the kernels in kernels/embedding_bag.py (recsys_kernels._triton). The
 forward's autograd formula is embedding.py's, calling the Triton backward op.
 
+The backward is deterministic (no float atomics, so no mode switch): one kernel writes the
+per-index gradient rows G [nnz, D], the result itself for sparse=True, and the per-sample-weight
+gradient in one part per column block, added up in torch. The dense gradient is reduced from G
+by row: a stable torch.sort of the rows (index order kept within a row) and a segment kernel in
+which the lane of the first slot of a row's run sums its G rows in index order and writes the
+row once. That is index_add_'s order, so the fp32 gradient has the bits of the reference on CPU and
+of the CPU backend, on every run; a row with more than DENSE_CHUNK indices (a hot row) is summed
+in chunks of that size, then the chunk sums in order (the CUDA backend's grouping): other bits
+than index_add_ there, but still the same on every run. The price over atomics is G in the
+accumulation dtype (nnz x D), a sort of nnz keys and two more launches (not measured on a GPU).
+
 Value checks. A Triton kernel cannot raise, so the checks of values that the reference makes
 (offsets CSR, indices in range under bounds="raise", clamping into an empty table, finite scales
 of the gathered rows of a quantized table) run in torch before the launch, with one host sync:
@@ -144,29 +155,48 @@ def _embedding_bag_backward_triton(grad_output: Tensor, weight: Tensor, indices:
     acc = _acc_dtype(weight)
     token = CHECK(weight, indices, offsets, bounds, 8)
     psw = None if per_sample_weights is None else per_sample_weights.contiguous()
-    # dense: an [N, D] buffer in the accumulation dtype for the atomic adds (the output itself
-    # for fp32 / fp64 tables); sparse: the per-index rows, zeroed where max routes nothing
-    if sparse:
-        grad_weight = (torch.zeros if mode == "max" else torch.empty)(nnz, dim, dtype=weight.dtype,
-                                                                      device=weight.device)
-    else:
-        grad_weight = torch.zeros(n_rows, dim, dtype=acc, device=weight.device)
-    grad_psw = torch.zeros(nnz if psw is not None else 0, dtype=acc, device=weight.device)
     if n_rows == 0 or n_bags <= 0 or dim == 0 or nnz == 0:
         # nothing contributes; the token's sum keeps the check alive under compilation
-        grad_weight = torch.zeros_like(grad_weight) + token.sum().to(grad_weight.dtype)
+        grad_weight = torch.zeros(nnz if sparse else n_rows, dim, dtype=weight.dtype, device=weight.device)
+        grad_weight = grad_weight + token.sum().to(weight.dtype)
+        grad_psw = torch.zeros(nnz, dtype=psw.dtype, device=weight.device) if psw is not None else weight.new_empty(0)
+        return grad_weight, grad_psw
+    grad_output, weight = grad_output.contiguous(), weight.contiguous()
+    indices, offsets = indices.contiguous(), offsets.contiguous()
+    cfg = _k.launch_config(dim, weight.is_cuda)
+    grid = _k.grid(n_bags, dim, cfg["BLOCK_D"])
+    # the per-index gradient rows: the result itself when sparse, else in the accumulation dtype
+    # for the reduction below (zeroed where max routes nothing)
+    rows_dtype = weight.dtype if sparse else acc
+    grad_rows = (torch.zeros if mode == "max" else torch.empty)(nnz, dim, dtype=rows_dtype, device=weight.device)
+    # one part of the per-sample-weight gradient per column block, added up below (no atomics)
+    psw_parts = torch.empty(grid[1] if psw is not None else 0, nnz, dtype=acc, device=weight.device)
+    row_of = torch.empty(0 if sparse else nnz, dtype=torch.int64, device=weight.device)
+    torch.library.wrap_triton(_k._embedding_bag_bwd_rows_kernel)[grid](
+        grad_output, weight, indices, offsets, psw if psw is not None else token, grad_rows, psw_parts, row_of, token,
+        n_rows, nnz, dim,
+        -1 if padding_idx is None else padding_idx,
+        MODE=_k.MODE_CODES[mode], BOUNDS=_k.BOUNDS_CODES[bounds], HAS_PAD=padding_idx is not None,
+        HAS_PSW=psw is not None, WRITE_ROWS=not sparse, ACC64=acc == torch.float64, **cfg)
+    if sparse:
+        grad_weight = grad_rows
     else:
-        grad_output, weight = grad_output.contiguous(), weight.contiguous()
-        indices, offsets = indices.contiguous(), offsets.contiguous()
-        cfg = _k.launch_config(dim, weight.is_cuda)
-        torch.library.wrap_triton(_k._embedding_bag_bwd_kernel)[_k.grid(n_bags, dim, cfg["BLOCK_D"])](
-            grad_output, weight, indices, offsets, psw if psw is not None else token, grad_weight, grad_psw, token,
-            n_rows, dim,
-            -1 if padding_idx is None else padding_idx,
-            MODE=_k.MODE_CODES[mode], BOUNDS=_k.BOUNDS_CODES[bounds], HAS_PAD=padding_idx is not None,
-            HAS_PSW=psw is not None, SPARSE=sparse, ACC64=acc == torch.float64, **cfg)
-    grad_weight = grad_weight.to(weight.dtype)
-    grad_psw = grad_psw.to(psw.dtype) if psw is not None else weight.new_empty(0)
+        # deterministic reduction of the rows into [N, D]: a stable sort keeps index order within
+        # a row; every shape here is static (no unique / nonzero), so the body stays traceable
+        sorted_rows, perm = torch.sort(row_of, stable=True)
+        seg_start = torch.searchsorted(sorted_rows, sorted_rows, right=False)
+        seg_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
+        grad_weight = torch.zeros(n_rows, dim, dtype=weight.dtype, device=weight.device)
+        seg_cfg = _k.segment_config(nnz, cfg["BLOCK_D"], weight.is_cuda)
+        seg_grid = ((nnz + seg_cfg["BLOCK_S"] - 1) // seg_cfg["BLOCK_S"], grid[1])
+        seg_args = (grad_rows, grad_weight, sorted_rows, perm, seg_start, seg_end, nnz, dim)
+        seg_cfg["CHUNK"] = _k.DENSE_CHUNK
+        torch.library.wrap_triton(_k._embedding_bag_bwd_segment_kernel)[seg_grid](*seg_args, **seg_cfg)
+        torch.library.wrap_triton(_k._embedding_bag_bwd_combine_kernel)[seg_grid](*seg_args, **seg_cfg)
+    if psw is None:
+        grad_psw = weight.new_empty(0)
+    else:
+        grad_psw = (psw_parts[0] if psw_parts.shape[0] == 1 else psw_parts.sum(0)).to(psw.dtype)
     return grad_weight, grad_psw
 
 

@@ -1,0 +1,491 @@
+// The forward of the embedding_bag CPU kernel, shared by embedding_bag (one lookup) and
+// embedding_bag_grouped (several lookups in one parallel region): argument checks, the bounds and
+// padding rules, the work split over threads, and the pooling of a range of bags of one lookup
+// (AVX2 kernel or scalar loop; see embedding_bag_cpu.cpp's header comment for the semantics).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include "common/checks.h"
+#include "common/cpu_features.h"
+#include "embedding_bag/embedding_bag_cpu_kernels.h"
+#include "embedding_bag/rowwise_common.h"
+
+namespace recsys_kernels::embedding_bag_cpu {
+
+enum class Mode { kSum, kMean, kMax };
+enum class Bounds { kRaise, kZero, kClamp };
+
+inline Mode parse_mode(const std::string& mode) {
+  if (mode == "sum") return Mode::kSum;
+  if (mode == "mean") return Mode::kMean;
+  if (mode == "max") return Mode::kMax;
+  RK_CHECK_VALUE(false, "mode", "must be one of ('sum', 'mean', 'max'), got '", mode, "'");
+  return Mode::kSum;
+}
+
+inline Bounds parse_bounds(const std::string& bounds) {
+  if (bounds == "raise") return Bounds::kRaise;
+  if (bounds == "zero") return Bounds::kZero;
+  if (bounds == "clamp") return Bounds::kClamp;
+  RK_CHECK_VALUE(false, "bounds", "must be one of ('raise', 'zero', 'clamp'), got '", bounds, "'");
+  return Bounds::kRaise;
+}
+
+inline bool is_table_float(at::ScalarType t) { return is_float_dtype(t) || t == at::kDouble; }
+
+// ----------------------------------------------------------------------------- shared checks
+struct Common {
+  at::Tensor indices, offsets;  // contiguous, one index dtype
+  std::optional<at::Tensor> psw;
+  Mode mode;
+  Bounds bounds;
+  int64_t n_rows, nnz, n_bags;
+  int64_t padding;  // -1: none (a negative padding_idx names no row, as in the reference)
+};
+
+inline Common check_common(const at::Tensor& weight, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+                    const std::optional<at::Tensor>& psw_in, const std::string& mode,
+                    std::optional<int64_t> padding_idx, const std::string& bounds) {
+  Common c;
+  check_dim(weight, "weight", 2);
+  check_dtype(indices_in, "indices", {at::kInt, at::kLong});
+  check_dtype(offsets_in, "offsets", {at::kInt, at::kLong});
+  check_dim(indices_in, "indices", 1);
+  check_dim(offsets_in, "offsets", 1);
+  const c10::Device dev = weight.device();
+  check_device(indices_in, "indices", dev, "weight");
+  check_device(offsets_in, "offsets", dev, "weight");
+  c.mode = parse_mode(mode);
+  c.bounds = parse_bounds(bounds);
+  if (indices_in.scalar_type() == offsets_in.scalar_type()) {
+    c.indices = indices_in.contiguous();
+    c.offsets = offsets_in.contiguous();
+  } else {  // one index dtype for the kernels; int64 loses nothing
+    c.indices = indices_in.to(at::kLong).contiguous();
+    c.offsets = offsets_in.to(at::kLong).contiguous();
+  }
+  c.n_rows = weight.size(0);
+  c.nnz = c.indices.numel();
+  RK_CHECK_VALUE(c.offsets.numel() >= 1, "offsets", "must have B + 1 >= 1 entries, got an empty tensor");
+  c.n_bags = c.offsets.numel() - 1;
+  if (psw_in.has_value()) {
+    const at::Tensor& p = *psw_in;
+    check_dtype(p, "per_sample_weights", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+    check_dim(p, "per_sample_weights", 1);
+    check_device(p, "per_sample_weights", dev, "weight");
+    RK_CHECK_VALUE(p.size(0) == c.nnz, "per_sample_weights", "must have one weight per index (", c.nnz,
+                   "), got shape ", p.sizes());
+    c.psw = p.contiguous();
+  }
+  c.padding = padding_idx.has_value() && *padding_idx >= 0 ? *padding_idx : -1;
+  return c;
+}
+
+// Offsets: offsets[0] == 0, non-decreasing, offsets[B] == nnz (the reference's messages).
+template <typename I>
+void validate_offsets(const I* off, int64_t n_bags, int64_t nnz) {
+  const int64_t first = off[0], last = off[n_bags];
+  RK_CHECK_VALUE(first == 0, "offsets[0]", "must be 0, got ", first);
+  for (int64_t b = 0; b < n_bags; ++b) {
+    TORCH_CHECK_VALUE(off[b + 1] >= off[b], "offsets must be non-decreasing (lengths >= 0), got offsets[", b,
+                      "]=", static_cast<int64_t>(off[b]), " > offsets[", b + 1, "]=", static_cast<int64_t>(off[b + 1]));
+  }
+  TORCH_CHECK_VALUE(last == nnz, "offsets[-1] (the sum of lengths) must equal the number of indices ", nnz,
+                    ", got ", last);
+}
+
+// Index bounds under bounds="raise": IndexError naming the first bad index (in index order).
+template <typename I>
+void validate_indices(const I* idx, int64_t nnz, int64_t n_rows, Bounds bounds) {
+  if (bounds == Bounds::kClamp) {
+    TORCH_CHECK_INDEX(!(n_rows == 0 && nnz > 0),
+                      "indices: bounds='clamp' cannot clamp into an empty table (weight has 0 rows)");
+    return;
+  }
+  if (bounds != Bounds::kRaise) return;
+  std::atomic<int64_t> first_bad{nnz};
+  at::parallel_for(0, nnz, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t i = idx[p];
+      if (i < 0 || i >= n_rows) {
+        int64_t seen = first_bad.load(std::memory_order_relaxed);
+        while (p < seen && !first_bad.compare_exchange_weak(seen, p, std::memory_order_relaxed)) {
+        }
+        return;  // later positions in this range cannot be first
+      }
+    }
+  });
+  const int64_t p = first_bad.load();
+  if (p < nnz) {
+    const int64_t bad = idx[p];
+    TORCH_CHECK_INDEX(false, "indices: index ", bad, " is out of range for a table of ", n_rows, " rows (valid: 0 <= index < ",
+                      n_rows, "; bounds='raise')");
+  }
+}
+
+// The row an index reads, or -1 when it does not contribute (out of range under "zero", padding).
+inline int64_t resolve(int64_t i, int64_t n_rows, Bounds bounds, int64_t padding) {
+  if (i < 0 || i >= n_rows) {
+    if (bounds != Bounds::kClamp) return -1;  // "raise" was validated before
+    i = i < 0 ? 0 : n_rows - 1;
+  }
+  return i == padding ? -1 : i;
+}
+
+// The row a skipped index still gathers in the reference (clamped), or -1 for an empty table.
+inline int64_t gathered_row(int64_t i, int64_t n_rows) {
+  if (n_rows == 0) return -1;
+  return i < 0 ? 0 : (i >= n_rows ? n_rows - 1 : i);
+}
+
+// Bag boundaries of `n_tasks` chunks of about equal work, work(b) = offsets[b] + b.
+template <typename I>
+std::vector<int64_t> split_bags(const I* off, int64_t n_bags, int64_t n_tasks) {
+  std::vector<int64_t> bounds(n_tasks + 1);
+  const int64_t total = static_cast<int64_t>(off[n_bags]) + n_bags;
+  bounds[0] = 0;
+  for (int64_t t = 1; t < n_tasks; ++t) {
+    const int64_t target = total / n_tasks * t + (total % n_tasks) * t / n_tasks;
+    int64_t lo = bounds[t - 1], hi = n_bags;  // first b with work(b) >= target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(off[mid]) + mid < target) lo = mid + 1; else hi = mid;
+    }
+    bounds[t] = lo;
+  }
+  bounds[n_tasks] = n_bags;
+  return bounds;
+}
+
+template <typename I>
+int64_t n_tasks_for(const I* off, int64_t n_bags, int64_t min_work = 4096) {
+  const int64_t work = static_cast<int64_t>(off[n_bags]) + n_bags;
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(threads, work / min_work));
+}
+
+// Runs fn(bag_begin, bag_end) over balanced chunks of bags, in parallel.
+template <typename I, typename F>
+void for_bag_chunks(const I* off, int64_t n_bags, const F& fn) {
+  const int64_t n_tasks = n_tasks_for(off, n_bags);
+  const std::vector<int64_t> chunks = split_bags(off, n_bags, n_tasks);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(chunks[t], chunks[t + 1]);
+  });
+}
+
+// ----------------------------------------------------------------------------- scalar pooling
+// Value of column c of a row, in the accumulation type. Same operations as the AVX2 loaders.
+struct RowReader {
+  TableKind kind;
+  at::ScalarType dtype;  // of a float table (for kDouble)
+  const uint8_t* table;
+  int64_t row_bytes, dim;
+};
+
+inline float half_bits_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+// Scale and bias of a quantized row; ok &= both finite.
+inline std::pair<float, float> quant_params(const RowReader& r, const uint8_t* row, bool& ok) {
+  float scale, bias;
+  if (r.kind == TableKind::kQ8) {
+    std::memcpy(&scale, row + r.dim, 4);
+    std::memcpy(&bias, row + r.dim + 4, 4);
+  } else {
+    uint16_t h[2];
+    std::memcpy(h, row + r.dim / 2, 4);
+    scale = half_bits_to_float(h[0]);
+    bias = half_bits_to_float(h[1]);
+  }
+  ok &= std::isfinite(scale) && std::isfinite(bias);
+  return {scale, bias};
+}
+
+template <typename T, typename Acc>
+inline Acc float_at(const uint8_t* row, int64_t c) {
+  T v;
+  std::memcpy(&v, row + sizeof(T) * c, sizeof(T));
+  return static_cast<Acc>(v);
+}
+
+template <typename Acc>
+inline Acc max_nan(Acc acc, Acc v) { return (std::isnan(v) || v > acc) ? v : acc; }
+
+// Pools rows[n] (n >= 1) into out[D]: sum (or max), each value * weights[p] when given.
+template <typename T, typename Acc>
+bool pool_scalar(const RowReader& r, const int64_t* rows, const Acc* weights, int64_t n, bool is_max, Acc* out) {
+  const int64_t d = r.dim;
+  const Acc init = is_max ? -std::numeric_limits<Acc>::infinity() : Acc(0);
+  std::fill(out, out + d, init);
+  bool ok = true;
+  constexpr bool kFloat = !std::is_same_v<T, uint8_t>;
+  for (int64_t p = 0; p < n; ++p) {
+    const uint8_t* row = r.table + rows[p] * r.row_bytes;
+    float scale = 1.0f, bias = 0.0f;
+    if constexpr (!kFloat) std::tie(scale, bias) = quant_params(r, row, ok);
+    const Acc w = weights ? weights[p] : Acc(1);
+    for (int64_t c = 0; c < d; ++c) {
+      Acc v;
+      if constexpr (kFloat) {
+        v = float_at<T, Acc>(row, c);
+      } else {
+        const uint8_t code = r.kind == TableKind::kQ8 ? row[c] : ((c & 1) ? (row[c / 2] >> 4) : (row[c / 2] & 0x0F));
+        v = static_cast<float>(code) * scale + bias;
+      }
+      if (weights) v = v * w;
+      out[c] = is_max ? max_nan(out[c], v) : out[c] + v;
+    }
+  }
+  return ok;
+}
+
+
+// ----------------------------------------------------------------------------- one lookup
+// A table with its indices and offsets, checked, and where its pooled rows go: rows of out_stride
+// elements of out_dtype, from column col0 (the whole row for embedding_bag, its own columns for a
+// lookup of embedding_bag_grouped). The pooling pass records errors instead of raising mid-way.
+struct Lookup {
+  Common c;
+  RowReader reader{};
+  at::Tensor weight;  // contiguous; keeps the table alive
+  at::ScalarType default_out = at::kFloat;  // embedding_bag's output dtype without output_dtype
+  uint8_t* out = nullptr;
+  int64_t out_stride = 0, col0 = 0;
+  at::ScalarType out_dtype = at::kFloat;
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};  // first out-of-range index position
+  std::atomic<bool> bad_scale{false};  // a non-finite scale or bias in a gathered quantized row
+
+  int64_t dim() const { return reader.dim; }
+  int64_t work() const { return c.nnz + c.n_bags; }
+};
+
+// Checks what the reference checks before pooling (metadata, offsets, and the indices unless the
+// pooling pass does: bounds="raise" with bags to pool) and fills lk. Raises as the reference does.
+inline void prepare_lookup(Lookup& lk, const at::Tensor& weight_in, const at::Tensor& indices, const at::Tensor& offsets,
+                           const std::optional<at::Tensor>& per_sample_weights, const std::string& mode,
+                           std::optional<int64_t> padding_idx, const std::string& bounds, int64_t bits) {
+  const at::ScalarType wt = weight_in.scalar_type();
+  TORCH_CHECK_TYPE(is_table_float(wt) || wt == at::kByte,
+                   "weight must be a float32, float16, bfloat16 or float64 table, or a uint8 row-wise table, got ",
+                   dtype_name(wt));
+  lk.c = check_common(weight_in, indices, offsets, per_sample_weights, mode, padding_idx, bounds);
+  Common& c = lk.c;
+  const bool quant = wt == at::kByte;
+  int64_t d = weight_in.size(1);
+  if (quant) {
+    check_bits(bits);
+    const int64_t min_cols = bits == 8 ? 9 : 5;
+    TORCH_CHECK_VALUE(weight_in.size(1) >= min_cols, "weight: a ", bits, "-bit row-wise table needs at least ",
+                      min_cols, " bytes per row, got ", weight_in.size(1));
+    d = rowwise::unpacked_dim(weight_in.size(1), bits);
+  }
+  lk.default_out = quant ? at::kFloat : wt;
+  const at::ScalarType acc = wt == at::kDouble ? at::kDouble : at::kFloat;
+  if (c.psw.has_value() && c.psw->scalar_type() != acc) c.psw = c.psw->to(acc).contiguous();
+  AT_DISPATCH_INDEX_TYPES(c.indices.scalar_type(), "embedding_bag_cpu_check", [&] {
+    validate_offsets(c.offsets.const_data_ptr<index_t>(), c.n_bags, c.nnz);
+    if (c.n_bags == 0 || d == 0 || c.bounds != Bounds::kRaise)
+      validate_indices(c.indices.const_data_ptr<index_t>(), c.nnz, c.n_rows, c.bounds);
+  });
+  lk.weight = weight_in.contiguous();
+  TableKind kind = TableKind::kF32;
+  switch (wt) {
+    case at::kHalf: kind = TableKind::kF16; break;
+    case at::kBFloat16: kind = TableKind::kBF16; break;
+    case at::kByte: kind = bits == 8 ? TableKind::kQ8 : TableKind::kQ4; break;
+    default: break;  // fp32; fp64 is read through reader.dtype
+  }
+  lk.reader = RowReader{kind, wt, static_cast<const uint8_t*>(lk.weight.const_data_ptr()),
+                        lk.weight.size(1) * lk.weight.element_size(), d};
+  lk.first_bad.store(c.nnz);
+}
+
+// Pools bags [b0, b1) of lk. Under bounds="raise" the indices are checked here, bag by bag: the
+// range stops at its first bad index and lk.first_bad keeps the smallest such position over all
+// ranges (the caller then raises), so the indices are read once, in the one parallel region.
+template <typename I, typename T, typename Acc>
+void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
+  const Common& c = lk.c;
+  const RowReader& reader = lk.reader;
+  const I* idx = c.indices.const_data_ptr<I>();
+  const I* off = c.offsets.const_data_ptr<I>();
+  const int64_t d = reader.dim;
+  const bool quant = std::is_same_v<T, uint8_t>;
+  const Acc* psw = c.psw.has_value() ? c.psw->const_data_ptr<Acc>() : nullptr;
+  const bool direct = lk.out_dtype == c10::CppTypeToScalarType<Acc>::value;  // write the output in place
+  const int64_t out_elem = c10::elementSize(lk.out_dtype);
+  // every index contributes once it is known to be in range: no compaction (int64 indices are
+  // then the row list itself)
+  const bool all_contribute = c.bounds == Bounds::kRaise && c.padding < 0;
+  const uint64_t n_rows_u = static_cast<uint64_t>(c.n_rows);
+  std::vector<int64_t> rows_buf;
+  std::vector<Acc> weights_buf, scratch(direct ? 0 : d);
+  bool ok = true;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s = off[b], e = off[b + 1];
+    if (c.bounds == Bounds::kRaise) {
+      bool bad = false;
+      for (int64_t p = s; p < e; ++p) bad |= static_cast<uint64_t>(static_cast<int64_t>(idx[p])) >= n_rows_u;
+      if (bad) {
+        int64_t p = s;
+        while (static_cast<uint64_t>(static_cast<int64_t>(idx[p])) < n_rows_u) ++p;
+        int64_t seen = lk.first_bad.load(std::memory_order_relaxed);
+        while (p < seen && !lk.first_bad.compare_exchange_weak(seen, p, std::memory_order_relaxed)) {
+        }
+        break;  // later bags of this chunk cannot hold the first bad index
+      }
+    }
+    const int64_t* rows;
+    const Acc* weights = nullptr;
+    int64_t n;
+    if (all_contribute) {
+      n = e - s;
+      if constexpr (std::is_same_v<I, int64_t>) {
+        rows = idx + s;
+      } else {
+        if (static_cast<int64_t>(rows_buf.size()) < n) rows_buf.resize(n);
+        for (int64_t p = 0; p < n; ++p) rows_buf[p] = idx[s + p];
+        rows = rows_buf.data();
+      }
+      if (psw) weights = psw + s;
+    } else {
+      if (static_cast<int64_t>(rows_buf.size()) < e - s) {
+        rows_buf.resize(e - s);
+        if (psw) weights_buf.resize(e - s);
+      }
+      n = 0;
+      for (int64_t p = s; p < e; ++p) {
+        const int64_t r = resolve(idx[p], c.n_rows, c.bounds, c.padding);
+        if (r >= 0) {
+          rows_buf[n] = r;
+          if (psw) weights_buf[n] = psw[p];
+          ++n;
+        } else if (quant) {  // the reference dequantizes (and checks) the rows it masks too
+          const int64_t g = gathered_row(idx[p], c.n_rows);
+          if (g >= 0) quant_params(reader, reader.table + g * reader.row_bytes, ok);
+        }
+      }
+      rows = rows_buf.data();
+      if (psw) weights = weights_buf.data();
+    }
+    Acc* dst = direct ? reinterpret_cast<Acc*>(lk.out + (b * lk.out_stride + lk.col0) * out_elem) : scratch.data();
+    if (n == 0) {
+      std::fill(dst, dst + d, Acc(0));
+    } else {
+      const bool is_max = c.mode == Mode::kMax;
+      if constexpr (std::is_same_v<Acc, float>) {
+        if (use_avx2) {
+          PoolArgs a{reader.kind, is_max, reader.table, reader.row_bytes, d, rows, weights, n, dst};
+          a.raw_idx = idx + s;
+          a.raw_is_int64 = std::is_same_v<I, int64_t>;
+          a.raw_left = c.nnz - s;
+          a.n_rows = c.n_rows;
+          ok &= embedding_bag_cpu::pool_bag_avx2(a);
+        } else {
+          ok &= pool_scalar<T, Acc>(reader, rows, weights, n, is_max, dst);
+        }
+      } else {
+        ok &= pool_scalar<T, Acc>(reader, rows, weights, n, is_max, dst);
+      }
+      if (c.mode == Mode::kMean) {
+        const Acc count = static_cast<Acc>(n);
+        for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] / count;
+      }
+    }
+    if (!direct) {
+      AT_DISPATCH_SWITCH(lk.out_dtype, "embedding_bag_cpu_out",
+                         AT_DISPATCH_CASE(at::kFloat, [&] {
+                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
+                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
+                         }) AT_DISPATCH_CASE(at::kHalf, [&] {
+                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
+                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
+                         }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
+                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
+                         }) AT_DISPATCH_CASE(at::kDouble, [&] {
+                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
+                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
+                         }));
+    }
+  }
+  if (!ok) lk.bad_scale.store(true);
+}
+
+// pool_bags_impl for lk's index and table dtypes.
+inline void pool_bags(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
+  AT_DISPATCH_INDEX_TYPES(lk.c.indices.scalar_type(), "embedding_bag_cpu", [&] {
+    switch (lk.reader.dtype) {
+      case at::kFloat: pool_bags_impl<index_t, float, float>(lk, b0, b1, use_avx2); break;
+      case at::kHalf: pool_bags_impl<index_t, c10::Half, float>(lk, b0, b1, use_avx2); break;
+      case at::kBFloat16: pool_bags_impl<index_t, c10::BFloat16, float>(lk, b0, b1, use_avx2); break;
+      case at::kDouble: pool_bags_impl<index_t, double, double>(lk, b0, b1, false); break;
+      default: pool_bags_impl<index_t, uint8_t, float>(lk, b0, b1, use_avx2);
+    }
+  });
+}
+
+// The first bag b of lk whose work (indices before it + b) reaches `work`.
+inline int64_t bag_at_work(const Lookup& lk, int64_t work) {
+  int64_t lo = 0, hi = lk.c.n_bags;
+  AT_DISPATCH_INDEX_TYPES(lk.c.offsets.scalar_type(), "embedding_bag_cpu_split", [&] {
+    const index_t* off = lk.c.offsets.const_data_ptr<index_t>();
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(off[mid]) + mid < work) lo = mid + 1; else hi = mid;
+    }
+  });
+  return lo;
+}
+
+// Pools every bag of every lookup in one parallel region, split into one task per thread of about
+// equal work (indices + bags, not bag count: bag lengths are skewed); a task may span lookups.
+inline void pool_lookups(std::vector<Lookup*> lookups) {
+  int64_t total = 0;
+  for (const Lookup* lk : lookups) total += lk->work();
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 4096));
+  const bool use_avx2 = cpu_isa() >= CpuIsa::kAvx2;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      // global work range [w0, w1) of this task, walked lookup by lookup
+      const int64_t w0 = total / n_tasks * t + (total % n_tasks) * t / n_tasks;
+      const int64_t w1 = total / n_tasks * (t + 1) + (total % n_tasks) * (t + 1) / n_tasks;
+      int64_t base = 0;
+      for (Lookup* lk : lookups) {
+        const int64_t lo = std::max<int64_t>(w0 - base, 0), hi = std::min<int64_t>(w1 - base, lk->work());
+        base += lk->work();
+        if (lo >= hi) continue;
+        // the bags whose work(b) = offsets[b] + b falls in [lo, hi)
+        const int64_t b0 = bag_at_work(*lk, lo), b1 = bag_at_work(*lk, hi);
+        if (b0 < b1) pool_bags(*lk, b0, b1, use_avx2);
+      }
+    }
+  });
+}
+
+// The error the pooling pass recorded for lk, if any: IndexError for the first out-of-range index,
+// ValueError for a non-finite scale or bias.
+inline void raise_pool_errors(const Lookup& lk) {
+  const int64_t p = lk.first_bad.load();
+  if (p < lk.c.nnz) {
+    const int64_t bad = lk.c.indices.scalar_type() == at::kLong ? lk.c.indices.const_data_ptr<int64_t>()[p]
+                                                                : lk.c.indices.const_data_ptr<int32_t>()[p];
+    TORCH_CHECK_INDEX(false, "indices: index ", bad, " is out of range for a table of ", lk.c.n_rows,
+                      " rows (valid: 0 <= index < ", lk.c.n_rows, "; bounds='raise')");
+  }
+  TORCH_CHECK_VALUE(!lk.bad_scale.load(), "packed table has non-finite scales or biases");
+}
+
+}  // namespace recsys_kernels::embedding_bag_cpu
