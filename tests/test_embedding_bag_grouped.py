@@ -428,3 +428,20 @@ def test_compile_backward(device, backend):
     g_ref = torch.autograd.grad(loss(w0, w1, "reference"), [w0, w1])
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_triton_column_blocks_and_task_loop(monkeypatch):
+    # D = 300 takes two column blocks (tasks) of one lookup; with grid axis 1 capped at 2
+    # programs, each program walks several tasks
+    if "triton" not in _backend.available_backends("embedding_bag_grouped", "cpu"):
+        pytest.skip("the triton backend does not run on CPU tensors here")
+    from recsys_kernels._triton import embedding_bag_grouped as kernels
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)
+    weights = [torch.randn(6, 300), quantize_rowwise(torch.randn(5, 8), 4), torch.randn(4, 1).half()]
+    bits = [8, 4, 8]
+    io = [bags(3, w.shape[0]) for w in weights]
+    args = ([i for i, _ in io], [o for _, o in io])
+    for mode in ("sum", "mean", "max"):
+        got = embedding_bag_grouped(weights, *args, modes=mode, bits=bits, backend="triton")
+        expected = loop_reference(weights, *args, [None] * 3, [mode] * 3, [None] * 3, bits)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
