@@ -59,6 +59,18 @@ def _activation(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _to_out_dtype(y, dtype: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
+    """The fp32 epilogue result in the output dtype, rounded to nearest even. BF16_RNE_BY_HAND:
+    the interpreter truncates fp32 -> bf16 (a GPU rounds), so there round on the bits."""
+    if BF16_RNE_BY_HAND and dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return y.to(dtype)
+
+
+@triton.jit
 def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(tile row, tile column) of program `pid`, walking GROUP_M tile rows column by column so
     that programs running together share both their a rows and their b rows in L2."""
@@ -135,6 +147,7 @@ def _int8_gemm_kernel(
     M, N, K,
     m_bucket,  # unused: next_power_of_2(M), the autotuning key (one tuning per size class of M)
     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BIG_K: tl.constexpr,
+    BF16_RNE_BY_HAND: tl.constexpr,  # under the interpreter only (see _to_out_dtype)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -161,7 +174,7 @@ def _int8_gemm_kernel(
         y = y * tl.load(B_SCALE + rn_in)[None, :]
         if HAS_BIAS:
             y = y + tl.load(BIAS + rn_in)[None, :]
-        out = _activation(y, ACT).to(C.dtype.element_ty)
+        out = _to_out_dtype(_activation(y, ACT), C.dtype.element_ty, BF16_RNE_BY_HAND)
     else:
         if BIG_K:
             outside = ((acc > 2147483647) | (acc < -2147483648)).to(tl.int32)
@@ -181,6 +194,7 @@ def _weight_only_kernel(
     m_bucket,  # unused: the autotuning key, as in _int8_gemm_kernel
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_FP32: tl.constexpr,  # fp32 x, or the interpreter (whose dot cannot multiply bf16)
+    BF16_RNE_BY_HAND: tl.constexpr,  # under the interpreter only (see _to_out_dtype)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = (x @ w.T) * w_scale[n] + bias[n], activation: the int8 weights are converted in
@@ -208,7 +222,7 @@ def _weight_only_kernel(
     y = acc * tl.load(W_SCALE + rn_in)[None, :]
     if HAS_BIAS:
         y = y + tl.load(BIAS + rn_in)[None, :]
-    out = _activation(y, ACT).to(C.dtype.element_ty)
+    out = _to_out_dtype(_activation(y, ACT), C.dtype.element_ty, BF16_RNE_BY_HAND)
     c_mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(C + (rm.to(tl.int64) * N)[:, None] + rn[None, :], out, mask=c_mask)
 
@@ -279,11 +293,12 @@ weight_only_tuned = triton.autotune(_WEIGHT_ONLY_CONFIGS, key=_KEY,
                                     prune_configs_by={"early_config_prune": _prune})(_weight_only_kernel)
 
 
-def interpreter_gemm_config(k: int) -> dict:
-    """The fixed block config under TRITON_INTERPRET=1 (no autotuning on a CPU): whole small
-    problems in one program, K in few steps. BLOCK_K divides CHUNK_K."""
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=min(max(triton.next_power_of_2(max(k, 1)), 32), 2048),
-                GROUP_M=8, num_warps=1)
+def interpreter_gemm_config(m: int, n: int, k: int) -> dict:
+    """The fixed block config under TRITON_INTERPRET=1 (no autotuning on a CPU): small problems
+    in one program, K in few steps (numpy's integer matmul is not BLAS: no tile taller than
+    needed). BLOCK_K divides CHUNK_K; tl.dot needs 16 rows at least."""
+    return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=16 if n <= 16 else 32,
+                BLOCK_K=min(max(triton.next_power_of_2(max(k, 1)), 32), 8192), GROUP_M=8, num_warps=1)
 
 
 def gemm_grid(m: int, n: int):

@@ -90,7 +90,7 @@ def test_epilogue_half_outputs(out_dtype, activation):
                       activation=activation, out_dtype=out_dtype, backend="triton").cpu()
     exp = int8_matmul(qa, qb, sa, sb, bias, activation=activation, backend="reference")  # fp32
     assert got.dtype == out_dtype
-    # the fp32 result rounded once (on a GPU to nearest; the interpreter truncates bf16): one ulp
+    # the fp32 result rounded once to out_dtype: within one ulp
     torch.testing.assert_close(got.float(), exp, rtol=torch.finfo(out_dtype).eps, atol=1e-5)
 
 

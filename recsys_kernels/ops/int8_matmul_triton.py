@@ -102,7 +102,7 @@ def _launch_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optio
     big_k = k > _k.INT32_SAFE_K
     overflow = torch.zeros(1, dtype=torch.int32, device=a.device) if big_k and not scaled else c
     if _k.interpreted():
-        kernel, cfg = _k._int8_gemm_kernel, _k.interpreter_gemm_config(k)
+        kernel, cfg = _k._int8_gemm_kernel, _k.interpreter_gemm_config(m, n, k)
     else:
         kernel, cfg = _k.int8_gemm_tuned, {}
     torch.library.wrap_triton(kernel)[_k.gemm_grid(m, n)](
@@ -110,7 +110,8 @@ def _launch_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optio
         a_scale if scaled else c, b_scale if scaled else c, bias if bias is not None else c,
         overflow, token,
         m, n, k, _k.m_bucket(m),
-        HAS_SCALES=scaled, HAS_BIAS=bias is not None, ACT=_k.ACT_CODES[activation], BIG_K=big_k, **cfg)
+        HAS_SCALES=scaled, HAS_BIAS=bias is not None, ACT=_k.ACT_CODES[activation], BIG_K=big_k,
+        BF16_RNE_BY_HAND=_k.interpreted(), **cfg)
     if big_k and not scaled:
         c = _keep(c, CHECK_OVERFLOW(overflow))
     return c
@@ -124,14 +125,14 @@ def _launch_weight_only(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Te
     if m == 0 or n == 0:
         return _keep(c, token)
     if _k.interpreted():
-        kernel, cfg = _k._weight_only_kernel, _k.interpreter_gemm_config(k)
+        kernel, cfg = _k._weight_only_kernel, _k.interpreter_gemm_config(m, n, k)
     else:
         kernel, cfg = _k.weight_only_tuned, {}
     torch.library.wrap_triton(kernel)[_k.gemm_grid(m, n)](
         x, w, c, w_scale, bias if bias is not None else w_scale, token,
         m, n, k, _k.m_bucket(m),
         HAS_BIAS=bias is not None, ACT=_k.ACT_CODES[activation],
-        DOT_FP32=x.dtype == torch.float32 or _k.interpreted(), **cfg)
+        DOT_FP32=x.dtype == torch.float32 or _k.interpreted(), BF16_RNE_BY_HAND=_k.interpreted(), **cfg)
     return c
 
 
