@@ -25,7 +25,7 @@ import triton.language as tl
 
 QMAX = 127
 INT32_SAFE_K = 131071  # the largest K at which no int8 dot product can leave int32
-CHUNK_K = 65536  # terms per int32 partial sum when K > INT32_SAFE_K (a power of two >= any BLOCK_K)
+CHUNK_K = tl.constexpr(65536)  # terms per int32 partial sum when K > INT32_SAFE_K (a power of two >= any BLOCK_K)
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 
 
