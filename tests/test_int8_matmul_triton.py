@@ -242,12 +242,14 @@ def _codegen_checks():
         return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
 
-    # quantize, the two-pass path: correctly rounded division, the rounding add pair kept
-    cfg = k.quantize_config(9000, True)
-    warps = cfg.pop("num_warps")
-    ptx = compile_ptx(k._quantize_rows_kernel, {"X": "*bf16", "Q": "*i8", "SCALE": "*fp32", "TOKEN": "*fp32",
-                                                "M": "i32", "K": "i32"}, cfg, warps, 1)
-    assert "div.rn.f32" in ptx and "0f4B400000" in ptx and "0fCB400000" in ptx
+    # quantize, the two-pass path and one-element rows: correctly rounded division, the rounding
+    # add pair kept
+    for k_len in (9000, 1):
+        cfg = k.quantize_config(k_len, True)
+        warps = cfg.pop("num_warps")
+        ptx = compile_ptx(k._quantize_rows_kernel, {"X": "*bf16", "Q": "*i8", "SCALE": "*fp32", "TOKEN": "*fp32",
+                                                    "M": "i32", "K": "i32"}, cfg, warps, 1)
+        assert "div.rn.f32" in ptx and "0f4B400000" in ptx and "0fCB400000" in ptx
 
     # the GEMM, big-K variants (int64 flush; the overflow flag): int8 wgmma, pipelined, no spills
     gemm = {"A": "*i8", "B": "*i8", "C": "*bf16", "A_SCALE": "*fp32", "B_SCALE": "*fp32", "BIAS": "*fp32",
