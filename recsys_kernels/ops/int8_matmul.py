@@ -54,7 +54,9 @@ def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("quantize_rows_int8: x has non-finite values (inf or nan)")
     m, k = xf.shape
     absmax = xf.abs().amax(dim=1) if k > 0 else xf.new_zeros(m)  # amax of an empty row raises
-    scale = absmax / QMAX
+    # a tensor divisor: a Python-scalar divisor may become a multiply by its reciprocal on CUDA,
+    # one ulp off the fp32 division every kernel does
+    scale = absmax / torch.full_like(absmax, QMAX)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(xf / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
