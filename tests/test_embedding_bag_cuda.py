@@ -185,6 +185,32 @@ def test_bad_offsets_raise_value_error(offsets, match, index_dtype):
                                                         "sum", None, "raise", False)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_non_finite_scale_raises_like_reference(bits):
+    """A gathered quantized row (index clamped; padding and skipped rows too) with a non-finite scale
+    or bias raises the reference's ValueError, after the offsets and index errors."""
+    packed = quantize_rowwise(torch.randn(6, 8, device=DEV), bits)
+    tail = packed[:, 8:] if bits == 8 else packed[:, 4:]
+    row = tail[3].clone().view(torch.float32 if bits == 8 else torch.float16)
+    row[1] = float("inf")  # the bias
+    tail[3] = row.view(torch.uint8)
+    packed[5] = packed[3]
+    off = torch.tensor([0, 1, 3], device=DEV)
+    for bounds, idx, pad in [("raise", [0, 3, 1], None), ("raise", [0, 3, 1], 3), ("zero", [0, 3, 1], None),
+                             ("zero", [0, 60, 1], 4), ("clamp", [0, 9, 1], None)]:
+        indices = torch.tensor(idx, device=DEV)
+        kw = dict(bits=bits, bounds=bounds, padding_idx=pad)
+        with pytest.raises(ValueError, match="non-finite"):
+            run(packed.cpu(), indices.cpu(), off.cpu(), "reference", **kw)
+        with pytest.raises(ValueError, match="non-finite"):
+            run(packed, indices, off, "cuda", **kw)
+    with pytest.raises(IndexError, match="index 9"):  # the index error comes first
+        run(packed, torch.tensor([0, 9, 3], device=DEV), off, "cuda", bits=bits)
+    indices = torch.tensor([0, 2, 1], device=DEV)  # the bad rows unused: fine
+    torch.testing.assert_close(run(packed, indices, off, "cuda", bits=bits),
+                               run(packed, indices, off, "reference", bits=bits))
+
+
 def test_64bit_offsets_raise():
     weight = torch.randn(3, 2, device=DEV)
     with pytest.raises(ValueError, match=str(2 ** 33)):

@@ -3,19 +3,16 @@
 // padding_idx, bounds "raise" / "zero" / "clamp", empty bags -> 0, fp32 accumulation (fp64 for
 // fp64 tables), uint8 fused row-wise tables (8-bit and 4-bit), output dtype rules.
 //
-// Forward: one warp per bag (grid-stride over bags). The warp is split into G = 32 / TPR groups of
-// TPR lanes; the lanes of a group cover VEC consecutive columns each (16-byte loads where the
-// table, the row width and the output allow: float4 for fp32, 8 halves for fp16/bf16, 8 codes for
-// uint8 rows), the groups take the bag's indices round-robin (kUnroll of them per step, so several
-// row loads are in flight), and a butterfly over the group bits of the lane id combines the groups
-// at the end. D wider than TPR * VEC is covered chunk by chunk (the bag's index list is re-read per
-// chunk, from L1/L2). All index and address arithmetic is int64.
+// Forward: one warp per bag (grid-stride over bags); the per-bag loop, the row readers and the
+// error-flag protocol live in embedding_bag_cuda_common.cuh, shared with embedding_bag_grouped.
 //
 // Bad input: the kernels never read outside the tensors, whatever the offsets and indices hold.
-// They write into a small int64 device tensor (flags) the first out-of-range index position
-// (atomicMin), the first decreasing offset step, offsets[0] and offsets[B]; the host copies it back
-// after the launch (one small D2H copy, which waits for the stream) and raises the reference's
-// errors in the reference's order: ValueError for offsets first, then IndexError for indices.
+// They write into a small int64 device tensor (flags, one set: see embedding_bag_cuda_common.cuh)
+// the first out-of-range index position, the first decreasing offset step, offsets[0], offsets[B]
+// and the first position whose gathered quantized row has a non-finite scale or bias; the host
+// copies it back after the launch (one small D2H copy, which waits for the stream) and raises the
+// reference's errors in the reference's order: ValueError for offsets first, then IndexError for
+// indices, then ValueError for scales.
 //
 // Backward (dense [N, D] or per-index rows [nnz, D], and the per-sample-weight gradient) is
 // deterministic: the dense gradient sorts the contributing positions by row (a stable sort, so
@@ -41,145 +38,14 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "embedding_bag/embedding_bag_cuda_common.cuh"
 #include "embedding_bag/rowwise_common.h"
 
 namespace recsys_kernels {
 // A named namespace: nvcc flags unused static constexpr members of templates in anonymous ones.
 namespace embedding_bag_cuda_impl {
 
-using cuda::kFullMask;
-using cuda::kWarpSize;
-
-constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / kWarpSize;
-constexpr int kUnroll = 4;  // indices per group and step: row loads in flight per lane
-
-enum Mode : int { kSum = 0, kMean = 1, kMax = 2 };
-enum Bounds : int { kRaise = 0, kZero = 1, kClamp = 2 };
-
-// Layout of the flags tensor (int64[4]).
-constexpr int kFlagBadIndex = 0;  // smallest position p with indices[p] out of range (bounds="raise")
-constexpr int kFlagBadStep = 1;   // smallest b with offsets[b] > offsets[b + 1]
-constexpr int kFlagFirst = 2;     // offsets[0]
-constexpr int kFlagLast = 3;      // offsets[B]
-constexpr int64_t kNone = cuda::DeviceFlag::kNone;
-
-// ----------------------------------------------------------------------------- row readers
-// Rows::load(row, col, v) reads VEC consecutive values of table row `row` from column `col` (a
-// multiple of VEC, col < D) in the accumulation type. kAligned: the loads (and the output stores
-// of the kernel) are single VEC-wide accesses; the launcher checks the pointers and widths.
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-template <typename T, int VEC, bool ALIGNED>
-struct FloatRows {
-  using acc_t = typename AccOf<T>::type;
-  static constexpr int kVec = VEC;
-  static constexpr bool kAligned = ALIGNED;
-  const T* w;
-  int64_t d;
-  __device__ __forceinline__ void load(int64_t row, int64_t col, acc_t (&v)[VEC]) const {
-    T x[VEC];
-    cuda::load_pack<VEC, ALIGNED>(w + row * d + col, x);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = static_cast<acc_t>(x[k]);
-  }
-};
-
-// Fused row-wise rows (recsys_kernels/ops/rowwise.py): 8-bit: D codes, fp32 scale, fp32 bias;
-// 4-bit: D / 2 bytes (low nibble first), fp16 scale, fp16 bias. value = code * scale + bias with
-// the reference's rounding (rowwise_common.h::dequant: a rounded product, then a rounded sum).
-// With ALIGNED (launcher: D % 8 == 0 and the table 8-byte (8-bit) / 4-byte (4-bit) aligned), every
-// row start, code group and the scale/bias pair are aligned for one wide load each.
-template <int BITS, int VEC, bool ALIGNED>
-struct QuantRows {
-  using acc_t = float;
-  static constexpr int kVec = VEC;
-  static constexpr bool kAligned = ALIGNED;
-  static_assert(BITS == 8 || VEC % 2 == 0, "4-bit rows pack element pairs");
-  const uint8_t* w;
-  int64_t d;
-  int64_t cols;  // bytes per packed row
-  __device__ __forceinline__ void load(int64_t row, int64_t col, float (&v)[VEC]) const {
-    const uint8_t* r = w + row * cols;
-    float scale, bias;
-    if constexpr (BITS == 8) {
-      if constexpr (ALIGNED) {
-        const float2 sb = *reinterpret_cast<const float2*>(r + d);
-        scale = sb.x;
-        bias = sb.y;
-      } else {
-        memcpy(&scale, r + d, sizeof(float));
-        memcpy(&bias, r + d + sizeof(float), sizeof(float));
-      }
-      uint8_t q[VEC];
-      cuda::load_pack<VEC, ALIGNED>(r + col, q);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = rowwise::dequant(static_cast<float>(q[k]), scale, bias);
-    } else {
-      uint16_t h[2];
-      if constexpr (ALIGNED) {
-        const uint32_t sb = *reinterpret_cast<const uint32_t*>(r + d / 2);
-        h[0] = static_cast<uint16_t>(sb & 0xFFFFu);  // little endian: scale first
-        h[1] = static_cast<uint16_t>(sb >> 16);
-      } else {
-        memcpy(h, r + d / 2, sizeof(h));
-      }
-      scale = static_cast<float>(c10::Half(h[0], c10::Half::from_bits()));
-      bias = static_cast<float>(c10::Half(h[1], c10::Half::from_bits()));
-      uint8_t q[VEC / 2];
-      cuda::load_pack<VEC / 2, ALIGNED>(r + col / 2, q);
-#pragma unroll
-      for (int k = 0; k < VEC / 2; ++k) {
-        v[2 * k] = rowwise::dequant(static_cast<float>(q[k] & 0xF), scale, bias);
-        v[2 * k + 1] = rowwise::dequant(static_cast<float>(q[k] >> 4), scale, bias);
-      }
-    }
-  }
-};
-
-// ----------------------------------------------------------------------------- device helpers
-// max that propagates NaN (torch's amax / scatter_reduce "amax" do).
-template <typename A>
-__device__ __forceinline__ A max_nan(A a, A b) {
-  return (b > a || b != b) ? b : a;
-}
-
-// The bag [start, end) of offsets, clamped so that bad offsets can never make the kernel read
-// outside indices (the host raises for them after the launch). Lane 0 reports a decreasing step.
-template <typename IndexT>
-__device__ __forceinline__ void bag_range(const IndexT* __restrict__ offsets, int64_t bag, int64_t nnz, bool report,
-                                          int64_t* flags, int64_t& start, int64_t& end) {
-  const int64_t o0 = static_cast<int64_t>(offsets[bag]);
-  const int64_t o1 = static_cast<int64_t>(offsets[bag + 1]);
-  if (report && o0 > o1) cuda::report_bad(reinterpret_cast<unsigned long long*>(flags + kFlagBadStep), bag);
-  start = o0 < 0 ? 0 : (o0 > nnz ? nnz : o0);
-  end = o1 < start ? start : (o1 > nnz ? nnz : o1);
-}
-
-// Row of index i under the bounds policy, and whether the position contributes (in range after the
-// policy, not the padding row). An out-of-range index under "raise" is reported when `report`.
-__device__ __forceinline__ bool resolve_row(int64_t i, int64_t p, int64_t n_rows, int bounds, int64_t padding_idx,
-                                            bool report, int64_t* flags, int64_t& row) {
-  bool valid = i >= 0 && i < n_rows;
-  row = i;
-  if (!valid) {
-    if (bounds == kClamp && n_rows > 0) {  // an empty table cannot be clamped into: the host raises
-      row = i < 0 ? 0 : n_rows - 1;
-      valid = true;
-    } else if (bounds == kRaise && report) {
-      cuda::report_bad(reinterpret_cast<unsigned long long*>(flags + kFlagBadIndex), p);
-    }
-  }
-  return valid && row != padding_idx;
-}
+using namespace embedding_bag_cuda_common;
 
 // ----------------------------------------------------------------------------- forward kernel
 template <typename Rows, typename OutT, typename IndexT>
@@ -188,96 +54,20 @@ embedding_bag_fwd_kernel(const Rows rows, const IndexT* __restrict__ indices, co
                          const typename Rows::acc_t* __restrict__ psw, OutT* __restrict__ out, int64_t n_bags,
                          int64_t nnz, int64_t n_rows, int64_t d, int mode, int bounds, int64_t padding_idx,
                          int tpr_log2, int64_t* __restrict__ flags) {
-  using acc_t = typename Rows::acc_t;
-  constexpr int VEC = Rows::kVec;
   const int lane = threadIdx.x % kWarpSize;
-  const int tpr = 1 << tpr_log2;        // lanes per group
-  const int sub = lane & (tpr - 1);     // lane within the group: which columns
-  const int group = lane >> tpr_log2;   // which group: which indices
-  const int groups = kWarpSize >> tpr_log2;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const IndexPtr<IndexT> idx{indices};
+  const IndexPtr<IndexT> off{offsets};
   if (warp == 0 && lane == 0) {
-    flags[kFlagFirst] = static_cast<int64_t>(offsets[0]);
-    flags[kFlagLast] = static_cast<int64_t>(offsets[n_bags]);
+    flags[kFlagFirst] = off[0];
+    flags[kFlagLast] = off[n_bags];
   }
-  const acc_t init = mode == kMax ? -INFINITY : acc_t(0);
-
+  // The launcher picks aligned readers only where the output rows allow VEC-wide stores too.
+  constexpr int kStoreWidth = Rows::kAligned ? Rows::kVec : 1;
   for (int64_t bag = warp; bag < n_bags; bag += n_warps) {
-    int64_t start, end;
-    bag_range(offsets, bag, nnz, lane == 0, flags, start, end);
-    OutT* out_row = out + bag * d;
-    int64_t c0 = 0;
-    do {  // column chunks of tpr * VEC; at least one pass, so that D == 0 still checks the indices
-      const int64_t col = c0 + static_cast<int64_t>(sub) * VEC;
-      const bool active = col < d;
-      const bool report = c0 == 0 && sub == 0;  // each position is seen by one such lane
-      acc_t acc[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] = init;
-      int64_t count = 0;  // contributing indices seen by this group
-
-      for (int64_t p0 = start + group; p0 < end; p0 += static_cast<int64_t>(groups) * kUnroll) {
-        int64_t row[kUnroll];
-        bool keep[kUnroll];
-        acc_t wgt[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t p = p0 + static_cast<int64_t>(u) * groups;
-          keep[u] = false;
-          row[u] = 0;
-          wgt[u] = acc_t(1);
-          if (p < end) {
-            keep[u] = resolve_row(static_cast<int64_t>(indices[p]), p, n_rows, bounds, padding_idx, report, flags,
-                                  row[u]);
-            if (psw != nullptr) wgt[u] = psw[p];
-          }
-        }
-        acc_t v[kUnroll][VEC];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (keep[u] && active) {
-            rows.load(row[u], col, v[u]);
-          } else {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) v[u][k] = acc_t(0);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (!keep[u]) continue;
-          ++count;
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const acc_t x = v[u][k] * wgt[u];
-            acc[k] = mode == kMax ? max_nan(acc[k], x) : acc[k] + x;
-          }
-        }
-      }
-
-      // Combine the groups: butterfly over the lane bits above the group's own.
-      for (int off = tpr; off < kWarpSize; off <<= 1) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const acc_t other = __shfl_xor_sync(kFullMask, acc[k], off);
-          acc[k] = mode == kMax ? max_nan(acc[k], other) : acc[k] + other;
-        }
-        count += __shfl_xor_sync(kFullMask, count, off);
-      }
-
-      if (group == 0 && active) {
-        OutT o[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          acc_t r = acc[k];
-          if (mode == kMean) r = r / static_cast<acc_t>(count > 0 ? count : 1);
-          else if (mode == kMax && count == 0) r = acc_t(0);
-          o[k] = static_cast<OutT>(r);
-        }
-        cuda::store_pack<VEC, Rows::kAligned>(out_row + col, o);
-      }
-      c0 += static_cast<int64_t>(tpr) * VEC;
-    } while (c0 < d);
+    pool_bag(rows, idx, off, psw, bag, nnz, n_rows, d, mode, bounds, padding_idx, tpr_log2, kStoreWidth,
+             out + bag * d, flags);
   }
 }
 
@@ -485,22 +275,6 @@ struct Args {
   int64_t n_rows, d, n_bags, nnz;
 };
 
-int parse_mode(std::string_view mode) {
-  if (mode == "sum") return kSum;
-  if (mode == "mean") return kMean;
-  if (mode == "max") return kMax;
-  TORCH_CHECK_VALUE(false, "mode must be one of ('sum', 'mean', 'max'), got '", std::string(mode), "'");
-  return kSum;
-}
-
-int parse_bounds(std::string_view bounds) {
-  if (bounds == "raise") return kRaise;
-  if (bounds == "zero") return kZero;
-  if (bounds == "clamp") return kClamp;
-  TORCH_CHECK_VALUE(false, "bounds must be one of ('raise', 'zero', 'clamp'), got '", std::string(bounds), "'");
-  return kRaise;
-}
-
 bool is_table_float(at::ScalarType t) { return is_float_dtype(t) || t == at::kDouble; }
 
 // The metadata checks of the front door, repeated for direct calls of the native op (the front
@@ -560,35 +334,7 @@ std::pair<at::Tensor, at::Tensor> same_index_dtype(const at::Tensor& indices, co
 // Reads the flags back (waits for the stream) and raises the reference's errors, in its order.
 void raise_for_flags(const at::Tensor& flags, const at::Tensor& indices, const at::Tensor& offsets, const Args& a) {
   const at::Tensor host = flags.to(at::kCPU);
-  const int64_t* f = host.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(f[kFlagFirst] == 0, "offsets[0] must be 0, got ", f[kFlagFirst]);
-  if (f[kFlagBadStep] != kNone) {
-    const int64_t i = f[kFlagBadStep];
-    const at::Tensor pair = offsets.narrow(0, i, 2).to(at::kLong).to(at::kCPU);
-    TORCH_CHECK_VALUE(false, "offsets must be non-decreasing (lengths >= 0), got offsets[", i, "]=",
-                      pair.const_data_ptr<int64_t>()[0], " > offsets[", i + 1, "]=", pair.const_data_ptr<int64_t>()[1]);
-  }
-  TORCH_CHECK_VALUE(f[kFlagLast] == a.nnz, "offsets[-1] (the sum of lengths) must equal the number of indices ", a.nnz,
-                    ", got ", f[kFlagLast]);
-  TORCH_CHECK_INDEX(!(a.bounds == kClamp && a.n_rows == 0 && a.nnz > 0),
-                    "indices: bounds='clamp' cannot clamp into an empty table (weight has 0 rows)");
-  if (a.bounds == kRaise && f[kFlagBadIndex] != kNone) {
-    const int64_t bad = indices.narrow(0, f[kFlagBadIndex], 1).to(at::kLong).item<int64_t>();
-    TORCH_CHECK_INDEX(false, "indices: index ", bad, " is out of range for a table of ", a.n_rows, " rows (valid: 0 <= index < ",
-                      a.n_rows, "; bounds='raise')");
-  }
-}
-
-at::Tensor new_flags(const at::Tensor& like) {
-  at::Tensor flags = at::full({4}, kNone, like.options().dtype(at::kLong));
-  return flags;
-}
-
-int tpr_log2_for(int64_t d, int vec) {
-  const int64_t lanes = (d + vec - 1) / vec;  // lanes needed to cover D once
-  int l = 0;
-  while (l < 5 && (int64_t{1} << l) < lanes) ++l;
-  return l;
+  raise_for_flag_values(host.const_data_ptr<int64_t>(), indices, offsets, a.bounds, a.n_rows, a.nnz);
 }
 
 // ----------------------------------------------------------------------------- host: forward
