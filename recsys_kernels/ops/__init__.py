@@ -1,6 +1,7 @@
 """The public ops, one module per family. Importing this package registers every op variant."""
 from .embedding import embedding_bag  # noqa: F401
 from . import embedding_triton  # noqa: F401,E402  (registers the triton backend of embedding_bag)
-from .int8_matmul import int8_linear, int8_matmul, quantize_rows_int8, quantize_weight_int8  # noqa: F401
+from .int8_matmul import (int8_linear, int8_linear_packed, int8_matmul, pack_weight_int8,  # noqa: F401
+                          quantize_rows_int8, quantize_weight_int8)
 from .rowwise import dequantize_rowwise, quantize_rowwise  # noqa: F401
 from .scoring import candidate_scores, candidate_topk, pair_scores, topk_scores  # noqa: F401
