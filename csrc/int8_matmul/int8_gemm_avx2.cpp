@@ -422,4 +422,40 @@ RK_AVX2 void dequant_panel_avx2(const int8_t* panel, int64_t kp, const float* sc
   }
 }
 
+RK_AVX2 void pack_panel_avx2(const int8_t* w, int64_t k, int8_t* dst) {
+  // 16 rows x 16 pairs at a time: a 16 x 16 transpose of the (k even, k odd) uint16 pairs.
+  const int64_t kp = k / 2;  // whole pairs
+  int64_t p0 = 0;
+  for (; p0 + 16 <= kp; p0 += 16) {
+    __m256i r[16], a[16], c[4][4], e[2][8];
+    for (int i = 0; i < 16; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * k + 2 * p0));
+    for (int i = 0; i < 8; ++i) {  // rows (2i, 2i+1): pairs 0-3 | 8-11, and 4-7 | 12-15
+      a[i] = _mm256_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+      a[i + 8] = _mm256_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; ++g)      // rows 4g..4g+3
+      for (int half = 0; half < 2; ++half) {
+        c[g][2 * half] = _mm256_unpacklo_epi32(a[8 * half + 2 * g], a[8 * half + 2 * g + 1]);
+        c[g][2 * half + 1] = _mm256_unpackhi_epi32(a[8 * half + 2 * g], a[8 * half + 2 * g + 1]);
+      }
+    for (int o = 0; o < 2; ++o)      // rows 8o..8o+7
+      for (int q = 0; q < 4; ++q) {
+        e[o][2 * q] = _mm256_unpacklo_epi64(c[2 * o][q], c[2 * o + 1][q]);
+        e[o][2 * q + 1] = _mm256_unpackhi_epi64(c[2 * o][q], c[2 * o + 1][q]);
+      }
+    for (int j = 0; j < 8; ++j) {  // e[o][j]: rows 8o..8o+7 of pair j (low lane) and j + 8 (high lane)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kPanelPairBytes * (p0 + j)),
+                          _mm256_permute2x128_si256(e[0][j], e[1][j], 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kPanelPairBytes * (p0 + j + 8)),
+                          _mm256_permute2x128_si256(e[0][j], e[1][j], 0x31));
+    }
+  }
+  for (int c = 0; c < kNR; ++c) {
+    int8_t* col = dst + 16 * (c / 8) + 2 * (c % 8);
+    const int8_t* row = w + c * k;
+    for (int64_t p = p0; p < kp; ++p) std::memcpy(col + kPanelPairBytes * p, row + 2 * p, 2);
+    if (k & 1) col[kPanelPairBytes * kp] = row[k - 1];
+  }
+}
+
 }  // namespace recsys_kernels::int8_gemm

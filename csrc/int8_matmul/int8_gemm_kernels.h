@@ -73,6 +73,9 @@ void float_tile_avx2(const FloatTile& t, const Epilogue& e);
 bool quantize_row_avx2(InKind kind, const void* x, int64_t k, float* scale, int8_t* q8, int16_t* q16);
 // int8 row -> int16 row padded to an even length.
 void widen_row_avx2(const int8_t* a, int64_t k, int16_t* dst);
+// One full panel (16 rows of w [*, k], row-major) -> its packed bytes (ceil(k/2) * 32; the odd-K
+// padding byte must already be zero).
+void pack_panel_avx2(const int8_t* w, int64_t k, int8_t* dst);
 // Packed panel (kp pairs) -> fp32 [2 kp][16]: w = float(q) * scale[c] (the reference's rounding).
 void dequant_panel_avx2(const int8_t* panel, int64_t kp, const float* scale16, float* dst);
 

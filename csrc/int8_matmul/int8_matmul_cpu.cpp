@@ -78,10 +78,15 @@ at::Tensor pack_weight(const at::Tensor& w) {
   const int8_t* src = w.const_data_ptr<int8_t>();
   int8_t* dst_all = packed.data_ptr<int8_t>();
   const int64_t panel_bytes = kp * kPanelPairBytes;
+  const bool avx2 = static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2);
   at::parallel_for(0, np, std::max<int64_t>(1, (1 << 16) / panel_bytes), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       int8_t* dst = dst_all + j * panel_bytes;
       if (kNR * (j + 1) > n || (k & 1)) std::memset(dst, 0, panel_bytes);
+      if (avx2 && kNR * (j + 1) <= n) {
+        pack_panel_avx2(src + kNR * j * k, k, dst);
+        continue;
+      }
       for (int c = 0; c < kNR && kNR * j + c < n; ++c) {
         const int8_t* row = src + (kNR * j + c) * k;
         int8_t* col = dst + 16 * (c / 8) + 2 * (c % 8);
