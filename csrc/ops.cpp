@@ -33,6 +33,10 @@ TORCH_LIBRARY(recsys_kernels, m) {
         "str activation, ScalarType? out_dtype) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, str activation, "
         "str act_quant, ScalarType? out_dtype) -> Tensor");
+  // int8_linear with the weight prepacked by pack_weight_int8 (recsys_kernels/ops/int8_matmul.py:
+  // the CPU kernels' panel layout) instead of weight_q; N = weight_scale.shape[0], K = x.shape[1].
+  m.def("int8_linear_packed(Tensor x, Tensor packed_weight, Tensor weight_scale, Tensor? bias, "
+        "str activation, str act_quant, ScalarType? out_dtype) -> Tensor");
 
   // Scoring. items: float [I, D] or an int8 fused row-wise table [I, D + 8].
   m.def("pair_scores(Tensor user_emb, Tensor item_emb, Tensor user_idx, Tensor item_idx, "

@@ -215,3 +215,33 @@ def test_compiled_quantized_model_fullgraph():
     x = torch.randn(2, 5, 12)
     with torch.no_grad():
         assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+# ----------------------------------------------------------------------------- prepacked weight
+def test_packed_weight_is_a_cache_rebuilt_on_load():
+    from recsys_kernels.ops.int8_matmul import PACKED_CPU_KERNEL, pack_weight_int8
+
+    q = Int8Linear.from_float(nn.Linear(40, 21), activation="gelu")
+    assert "weight_packed" not in q.state_dict()
+    assert torch.equal(q.weight_packed, pack_weight_int8(q.weight_q))
+    buffer = io.BytesIO()
+    torch.save(q.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Int8Linear(40, 21, activation="gelu")
+    stale = fresh.weight_packed.clone()
+    fresh.load_state_dict(torch.load(buffer))
+    assert torch.equal(fresh.weight_packed, q.weight_packed) and not torch.equal(stale, q.weight_packed)
+    x = torch.randn(2, 5, 40)
+    assert fresh._packed_path(x) == PACKED_CPU_KERNEL
+    exp = int8_linear(x, q.weight_q, q.weight_scale, q.bias, activation="gelu", backend="reference")
+    torch.testing.assert_close(fresh(x), exp, rtol=1e-5, atol=1e-5)
+    # the plain op path (reference backend) gives the same numbers
+    ref_module = copy.deepcopy(fresh)
+    ref_module.backend = "reference"
+    assert not ref_module._packed_path(x)
+    torch.testing.assert_close(ref_module(x), fresh(x), rtol=1e-5, atol=1e-5)
+    # after an in-place edit of weight_q, repack() refreshes the cache
+    with torch.no_grad():
+        fresh.weight_q.neg_()
+    fresh.repack()
+    assert torch.equal(fresh.weight_packed, pack_weight_int8(fresh.weight_q))

@@ -1,10 +1,15 @@
 """Int8Linear: a drop-in inference replacement for nn.Linear with int8 weights."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from ..ops.int8_matmul import ACT_QUANTS, ACTIVATIONS, int8_linear, quantize_weight_int8
+from .. import _backend
+from ..ops._common import FLOAT_DTYPES as _FLOAT_DTYPES
+from ..ops.int8_matmul import (ACT_QUANTS, ACTIVATIONS, PACKED_CPU_KERNEL, int8_linear, int8_linear_packed,
+                               pack_weight_int8, quantize_weight_int8)
 
 
 def _normalize_activation(activation) -> str:
@@ -22,6 +27,12 @@ class Int8Linear(nn.Module):
     quantizes each input row to int8 and runs the int8 GEMM; `"none"` keeps x in float
     (weight-only, for small batches). The activation ("none" | "relu" | "gelu" (erf) | "silu")
     is fused into the GEMM epilogue. Output dtype: `out_dtype`, default x's dtype.
+
+    On the CPU (backend "auto" or "cpu", C++ kernels built) the forward runs
+    `int8_linear_packed` on `weight_packed`, the weight in the CPU kernels' panel layout, packed
+    once instead of on every call. `weight_packed` is a cache, not state: a non-persistent buffer
+    rebuilt by `from_float` and after `load_state_dict`, carried along by `.to()`. After changing
+    `weight_q` in place by hand, call `repack()`.
 
     Inference only: backward through it raises. There is no `.weight` attribute; code that reads
     `linear.weight` directly (nn.MultiheadAttention's out_proj, fused transformer fast paths)
@@ -45,6 +56,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+        self.register_buffer("weight_packed", pack_weight_int8(self.weight_q), persistent=False)
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        """Rebuild `weight_packed` from `weight_q` (done by from_float and load_state_dict)."""
+        self.weight_packed = pack_weight_int8(self.weight_q)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.repack()
 
     @classmethod
     def from_float(cls, linear: nn.Linear, activation: str | None = None, act_quant: str = "dynamic", *,
@@ -63,14 +84,32 @@ class Int8Linear(nn.Module):
         module.weight_scale.copy_(weight_scale)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach().float())
+        module.repack()
         return module
 
     def dequantized_weight(self) -> Tensor:
         """The fp32 weight [out, in] this layer multiplies by."""
         return self.weight_q.float() * self.weight_scale.float()[:, None]
 
+    def _packed_path(self, x: Tensor) -> bool:
+        backend = self.backend or _backend.get_backend()
+        return (PACKED_CPU_KERNEL and backend in ("auto", "cpu") and x.device.type == "cpu"
+                and self.weight_packed.device.type == "cpu")
+
     def forward(self, x: Tensor) -> Tensor:
         # .float(): a no-op for the fp32 buffers, and keeps a model cast with .half() working.
+        if self._packed_path(x):
+            if isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.in_features:
+                # Straight to the C++ op (which checks its arguments again): the generic front door
+                # costs ~20 us, as much as the whole GEMM at M = 1.
+                lead = x.shape[:-1]
+                y = torch.ops.recsys_kernels.int8_linear_packed.default(
+                    x.reshape(math.prod(lead), self.in_features), self.weight_packed, self.weight_scale.float(),
+                    self.bias, self.activation, self.act_quant, self.out_dtype)
+                return y.reshape(*lead, self.out_features)
+            return int8_linear_packed(x, self.weight_packed, self.weight_scale.float(), self.bias,  # raises clearly
+                                      in_features=self.in_features, activation=self.activation,
+                                      act_quant=self.act_quant, out_dtype=self.out_dtype, backend="cpu")
         return int8_linear(x, self.weight_q, self.weight_scale.float(), self.bias,
                            activation=self.activation, act_quant=self.act_quant,
                            out_dtype=self.out_dtype, backend=self.backend)

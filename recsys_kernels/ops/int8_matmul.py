@@ -25,6 +25,13 @@ int8_linear(x [..., K] float, weight_q [N, K], weight_scale [N]) -> [..., N]:
   Output dtype: out_dtype, default x's dtype. The op itself takes a 2-D x; the front door
   flattens the leading dims.
 
+int8_linear_packed(x, packed_weight, weight_scale, ...): int8_linear with the weight prepacked once
+by `pack_weight_int8` into the CPU kernels' layout (16-column panels of int8 K-pairs:
+packed[j, 32 p + 16 h + 2 c + t] = weight_q[16 j + 8 h + c, 2 p + t], zero past N and K), so that a
+layer does not repack its weight on every call. Same semantics as int8_linear on the unpacked
+weight; Int8Linear uses it on the CPU. The packed tensor's shape fixes N and K up to K's parity,
+which the front door checks against `in_features`.
+
 No autograd: these are inference ops (quantization is not differentiable). They run on inputs
 that require grad, but backward through them raises a RuntimeError saying so; call them under
 torch.no_grad() / torch.inference_mode(), or keep the float nn.Linear for training.
@@ -38,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _backend
 from . import _common
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
@@ -131,6 +139,36 @@ def _int8_linear_ref(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Op
     return _apply_activation(y, activation).to(out_dtype)
 
 
+def pack_weight_int8(weight_q: Tensor) -> Tensor:
+    """weight_q [N, K] int8 -> the CPU kernels' packed layout [ceil(N/16), ceil(K/2) * 32] int8
+    (see the module docstring). Pure tensor ops: runs on any device, traceable."""
+    if not isinstance(weight_q, Tensor) or weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+        raise TypeError(f"weight_q must be a 2-D int8 tensor, got {getattr(weight_q, 'dtype', type(weight_q))}")
+    n, k = weight_q.shape
+    n_panels, n_pairs = -(-n // 16), -(-k // 2)
+    w = weight_q.new_zeros(n_panels * 16, n_pairs * 2)
+    w[:n, :k] = weight_q
+    # rows 16 j + 8 h + c, columns 2 p + t -> [j, p, h, c, t]
+    return w.view(n_panels, 2, 8, n_pairs, 2).permute(0, 3, 1, 2, 4).reshape(n_panels, n_pairs * 32).contiguous()
+
+
+def unpack_weight_int8(packed_weight: Tensor, n: int, k: int) -> Tensor:
+    """The inverse of `pack_weight_int8`: [N, K] int8."""
+    n_panels, n_pairs = packed_weight.shape[0], packed_weight.shape[1] // 32
+    w = packed_weight.view(n_panels, n_pairs, 2, 8, 2).permute(0, 2, 3, 1, 4).reshape(n_panels * 16, n_pairs * 2)
+    return w[:n, :k]
+
+
+def _int8_linear_packed_ref(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                            activation: str, act_quant: str, out_dtype: Optional[torch.dtype]) -> Tensor:
+    n, k = weight_scale.shape[0], x.shape[1]
+    if tuple(packed_weight.shape) != (-(-n // 16), -(-k // 2) * 32):
+        raise ValueError(f"packed_weight must have shape [{-(-n // 16)}, {-(-k // 2) * 32}] (pack_weight_int8 of an "
+                         f"[N, K] = [{n}, {k}] weight), got {tuple(packed_weight.shape)}")
+    weight_q = unpack_weight_int8(packed_weight, n, k)
+    return _int8_linear_ref(x, weight_q, weight_scale, bias, activation, act_quant, out_dtype)
+
+
 # ----------------------------------------------------------------------------- fake kernels
 def _quantize_rows_int8_fake(x):
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32))
@@ -143,6 +181,10 @@ def _int8_matmul_fake(a, b, a_scale, b_scale, bias, activation, out_dtype):
 
 def _int8_linear_fake(x, weight_q, weight_scale, bias, activation, act_quant, out_dtype):
     return x.new_empty(x.shape[0], weight_q.shape[0], dtype=out_dtype or x.dtype)
+
+
+def _int8_linear_packed_fake(x, packed_weight, weight_scale, bias, activation, act_quant, out_dtype):
+    return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=out_dtype or x.dtype)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -161,7 +203,8 @@ def _setup_nothing(ctx, inputs, output):
 
 for _name, _ref, _fake in (("quantize_rows_int8", _quantize_rows_int8_ref, _quantize_rows_int8_fake),
                            ("int8_matmul", _int8_matmul_ref, _int8_matmul_fake),
-                           ("int8_linear", _int8_linear_ref, _int8_linear_fake)):
+                           ("int8_linear", _int8_linear_ref, _int8_linear_fake),
+                           ("int8_linear_packed", _int8_linear_packed_ref, _int8_linear_packed_fake)):
     _variants = _common.define_op(_name, _ref, _fake)
     _common.register_autograd(_variants, _no_backward(_name), _setup_nothing)
 
@@ -271,5 +314,36 @@ def int8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor 
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), k).contiguous()  # not reshape(-1, k): ambiguous when K = 0
     y = _common.call("int8_linear", device, backend, x2, weight_q.contiguous(), weight_scale.contiguous(),
+                     bias, activation, act_quant, out_dtype)
+    return y.reshape(*lead, n)
+
+
+# Whether the C++ CPU kernel of int8_linear_packed is there (Int8Linear's CPU fast path); a constant,
+# so that torch.compile traces the choice without guards on the registry.
+PACKED_CPU_KERNEL = "cpu" in _backend.available_backends("int8_linear_packed", "cpu")
+
+
+def int8_linear_packed(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None, *,
+                       in_features: int, activation: str = "none", act_quant: str = "dynamic",
+                       out_dtype: torch.dtype | None = None, backend: str | None = None) -> Tensor:
+    """`int8_linear` with the weight prepacked by `pack_weight_int8(weight_q)` (weight_q
+    [N, in_features]); N = weight_scale.shape[0]. Same arguments and result as int8_linear."""
+    _common.check_tensor(x, "x", dtypes=_common.FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must be [..., K] with K = in_features = {in_features}, got shape {tuple(x.shape)}")
+    _common.check_tensor(packed_weight, "packed_weight", dtypes=(torch.int8,), dim=2)
+    _common.check_tensor(weight_scale, "weight_scale", dtypes=(torch.float32,), dim=1)
+    n, k = weight_scale.shape[0], in_features
+    if tuple(packed_weight.shape) != (-(-n // 16), -(-k // 2) * 32):
+        raise ValueError(f"packed_weight must have shape [{-(-n // 16)}, {-(-k // 2) * 32}] (pack_weight_int8 of an "
+                         f"[N, K] = [{n}, {k}] weight), got {tuple(packed_weight.shape)}")
+    bias = _check_bias(bias, n)
+    _common.check_choice(activation, "activation", ACTIVATIONS)
+    _common.check_choice(act_quant, "act_quant", ACT_QUANTS)
+    _check_out_dtype(out_dtype, _common.FLOAT_DTYPES, "")
+    device = _common.check_same_device(x=x, packed_weight=packed_weight, weight_scale=weight_scale, bias=bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), k).contiguous()
+    y = _common.call("int8_linear_packed", device, backend, x2, packed_weight.contiguous(), weight_scale.contiguous(),
                      bias, activation, act_quant, out_dtype)
     return y.reshape(*lead, n)
