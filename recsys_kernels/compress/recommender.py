@@ -76,15 +76,16 @@ def prune_rows_(model: nn.Module, amount: float, *, by: str = "frequency", train
 
 @torch.no_grad()
 def freeze_int8_(model: nn.Module) -> list[str]:
-    """Fold the content bias into a constant and freeze the int8 retrieval catalog."""
+    """Fold the content bias into a constant (if not yet) and freeze the int8 retrieval
+    catalog."""
     model.fold_item_bias()
     item = model.item_emb
     if isinstance(item, RemappedEmbedding) and item.bits == 8 and item.remap is None:
         model.catalog = item.table.weight  # the same uint8 tensor: topk_scores reads it directly
         model.catalog_bias = model.item_bias().float().contiguous()
-        return ["item bias folded", "catalog = the int8 item table (shared)"]
+        return ["catalog = the int8 item table (shared)"]
     model.freeze_catalog(bits=8)
-    return ["item bias folded", "catalog frozen int8 (a copy of the item vectors)"]
+    return ["catalog frozen int8 (a copy of the item vectors)"]
 
 
 def serving_params(model: nn.Module) -> tuple[int, int]:
