@@ -3,7 +3,7 @@ embeddings, whole-model quantization through the fused modules, and `optimize` w
 `CompressionReport`. See docs/design.md "Compression and graph passes"."""
 from .embedding import (RemappedEmbedding, RemappedEmbeddingBag, prune_embedding,  # noqa: F401
                         prune_embedding_rows)
-from .optimize import CompressionReport, EvalData, StepResult, measure, optimize  # noqa: F401
+from .pipeline import CompressionReport, EvalData, StepResult, measure, optimize  # noqa: F401
 from .pruning import (SparsityReport, check_nm_pattern, keep_zeros, magnitude_prune_, nm_prune_,  # noqa: F401
                       prune_linear_outputs_, structured_mask_, structured_prune_)
 from .recommender import (freeze_int8_, model_bytes, prune_rows_, quantize_mlp_, quantize_tables_,  # noqa: F401

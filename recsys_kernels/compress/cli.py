@@ -78,7 +78,7 @@ def _graph_section(model, ev, repeats: int) -> list[str]:
     """The fx passes on the fp32 scoring path: what they replaced, the largest score change
     and the measured scoring time of each variant."""
     from .. import graph as G
-    from .optimize import interleaved_medians_ms
+    from .pipeline import interleaved_medians_ms
 
     lines = []
     args = (ev.pair_users, ev.pair_items, *ev.pair_hist)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     from .. import data as _data
     from ..demo import _defaults, _load
     from ..models.recommender import Recommender, train_model
-    from .optimize import EvalData, optimize
+    from .pipeline import EvalData, optimize
     from .plot import plot_reports
 
     args = _defaults(args)
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         # extra epochs (else part of any gain or loss is the extra training, not the pruning)
         import copy
 
-        from .optimize import EvalData as _Ev, ranked_lists
+        from .pipeline import EvalData as _Ev, ranked_lists
         from .. import metrics as _metrics
 
         ref = copy.deepcopy(model)

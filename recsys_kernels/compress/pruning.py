@@ -243,7 +243,7 @@ def structured_mask_(model: nn.Module, amount: float, *, criterion: str = "l2",
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        for name, lin, _ in _linear_pairs(seq):
+        for name, lin, nxt in _linear_pairs(seq):
             fqn = f"{seq_name}.{name}" if seq_name else name
             if filter_fn is not None and not filter_fn(lin, fqn):
                 continue
@@ -252,6 +252,9 @@ def structured_mask_(model: nn.Module, amount: float, *, criterion: str = "l2",
             lin.weight[drop] = 0
             if lin.bias is not None:
                 lin.bias[drop] = 0
+            # the next layer's columns for those neurons multiply zeros; zeroing them changes no
+            # output and keeps the next layer's neuron norms equal to the shrunk layer's
+            nxt.weight[:, drop] = 0
             report.layers.append(_layer(fqn, lin.weight))
     return report
 
