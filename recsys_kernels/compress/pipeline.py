@@ -211,8 +211,8 @@ def optimize(model: nn.Module, *, quantize: Optional[str] = None, embeddings: Op
              progress: bool = False) -> tuple[nn.Module, CompressionReport]:
     """Compress a trained Recommender; returns (optimized deep copy, CompressionReport).
 
-    quantize: None | "int8": the MLP -> Int8Linear (quantize_), content bias folded, retrieval
-      catalog frozen int8 (the item table itself when it is int8).
+    quantize: None | "int8": content bias folded, the MLP -> Int8Linear (quantize_), the item
+      table -> int8, which then is the retrieval catalog (one copy).
     embeddings: None | 8 | 4: user and history tables to int8/int4 row-wise; the item table goes
       to `embeddings` bits too, except that with quantize="int8" it stays int8 (it doubles as
       the catalog, and topk_scores reads int8 catalogs only).
