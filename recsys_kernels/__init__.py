@@ -25,3 +25,11 @@ from .ops import (  # noqa: E402
 from .quant import quantize_  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def optimize(model, **kwargs):
+    """recsys_kernels.compress.optimize (imported on first use): returns (optimized copy,
+    CompressionReport)."""
+    from .compress import optimize as _optimize
+
+    return _optimize(model, **kwargs)

@@ -1,4 +1,4 @@
-"""`recsys-kernels info | demo [...] | bench [...]`."""
+"""`recsys-kernels info | demo [...] | compress [...] | bench [...]`."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="recsys-kernels", description=__doc__)
-    parser.add_argument("command", choices=("info", "demo", "bench"))
+    parser.add_argument("command", choices=("info", "demo", "compress", "bench"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from ._info import format_info
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import demo
 
         return demo.main(rest)
+    if args.command == "compress":
+        from .compress import cli as compress_cli
+
+        return compress_cli.main(rest)
     # bench: the pytest-benchmark suite lives in the source tree, next to the package
     bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     if not os.path.isdir(bench_dir):

@@ -124,6 +124,8 @@ class Recommender(nn.Module):
         # frozen retrieval catalog (see freeze_catalog); None = compute from the parameters
         self.register_buffer("catalog", None)
         self.register_buffer("catalog_bias", None)
+        # the content bias folded into a constant (see fold_item_bias); None = compute it
+        self.register_buffer("folded_bias", None)
 
     @classmethod
     def for_data(cls, data: "_data.InteractionData", **kwargs) -> "Recommender":
@@ -148,9 +150,23 @@ class Recommender(nn.Module):
 
     def item_bias(self, items: Optional[Tensor] = None) -> Tensor:
         """The content bias b_i = <a_attr(i), W x_i> of `items` (default: all), [len(items)]."""
+        if self.folded_bias is not None:
+            return self.folded_bias if items is None else self.folded_bias[items]
         attr = self.item_attr if items is None else self.item_attr[items]
         feat = self.item_feat if items is None else self.item_feat[items]
         return (self.attr_emb(attr) * self.feat_proj(feat)).sum(-1)
+
+    @torch.no_grad()
+    def fold_item_bias(self) -> "Recommender":
+        """Constant-fold the content bias for serving: b = <a_attr(i), W x_i> depends on no
+        input, so it becomes one fp32 buffer `folded_bias` [num_items], and the branch that
+        computed it (attr_emb, feat_proj, item_attr, item_feat) is dropped. The bias is frozen
+        from then on (training the folded model leaves it as it is)."""
+        if self.folded_bias is None:
+            self.folded_bias = self.item_bias().detach().float().contiguous()
+            self.attr_emb = self.feat_proj = None
+            self.item_attr = self.item_feat = None
+        return self
 
     def score(self, users: Tensor, items: Tensor, hist_offsets: Tensor, hist_items: Tensor) -> Tensor:
         """Scores [P] of pairs (users[p], items[p]); the history CSR has one row per pair.
@@ -161,7 +177,9 @@ class Recommender(nn.Module):
         if scoring is not None and not torch.is_grad_enabled() and not isinstance(u, torch.fx.Proxy):
             rows = torch.arange(users.numel(), device=users.device)
             bias = self.catalog_bias if self.catalog_bias is not None else self.item_bias()
-            return scoring.pair_scores(u.float().contiguous(), self.item_vectors().float().contiguous(), rows,
+            # a frozen catalog (fp32 or int8 row-wise) is what a served model scores against
+            table = self.catalog if self.catalog is not None else self.item_vectors().float().contiguous()
+            return scoring.pair_scores(u.float().contiguous(), table, rows,
                                        items, item_bias=bias.float().contiguous())
         return (u * self.item_emb(items)).sum(-1) + self.item_bias(items)
 

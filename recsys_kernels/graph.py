@@ -1,0 +1,235 @@
+"""torch.fx graph passes for the Recommender's scoring path (and any traceable module).
+
+  trace(model)                  symbolic trace of model.forward (the Recommender's forward is its
+                                pairwise `score`); this package's modules are kept as leaves
+  eliminate_dead_code(gm)       drop nodes whose results nothing uses, then unused submodules
+  swap_embedding_bags(gm, bits) nn.EmbeddingBag -> FusedEmbeddingBag (optionally int8/int4)
+  linear_to_int8(gm)            nn.Linear (+ a following ReLU / GELU(erf) / SiLU, module or
+                                function, when the Linear's only user) -> Int8Linear(activation=...)
+  linear_to_conv1x1(gm)         opt-in: nn.Linear -> Conv1x1 (a 1x1 nn.Conv1d over the rows).
+                                Same numbers up to float rounding; not expected to be faster (it
+                                ends in the same GEMM plus two transposes), see docs/design.md
+  optimize_graph(model, ...)    deep copy, trace, run the selected passes -> (GraphModule, report)
+
+Every pass edits the GraphModule in place, recompiles it and returns a `PassReport` listing
+what it replaced or removed. Replacements are new modules: the traced model's modules are not
+modified (FusedEmbeddingBag.from_embedding_bag shares the float Parameter, as a drop-in does).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn.embedding import FusedEmbeddingBag
+from .nn.linear import Int8Linear
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class PassReport:
+    """(pass, node, what it was, what it became) per change; `removed` nodes by DCE."""
+    changes: list[tuple[str, str, str, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def extend(self, other: "PassReport") -> "PassReport":
+        self.changes += other.changes
+        self.removed += other.removed
+        return self
+
+    def __str__(self) -> str:
+        lines = [f"{p:<22}{n:<24}{a} -> {b}" for p, n, a, b in self.changes]
+        if self.removed:
+            lines.append(f"{'dead code':<22}removed {len(self.removed)} node(s): {', '.join(self.removed)}")
+        return "\n".join(lines) if lines else "(no changes)"
+
+
+class Conv1x1(nn.Module):
+    """nn.Linear as a 1x1 convolution: x [..., in] is viewed as one sequence of M = prod(...)
+    positions with `in` channels, [1, in, M], run through nn.Conv1d(in, out, 1)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.conv = nn.Conv1d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
+                              device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            self.conv.weight.copy_(linear.weight[:, :, None])
+            if linear.bias is not None:
+                self.conv.bias.copy_(linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        seq = x.reshape(-1, self.in_features).t().unsqueeze(0)  # [1, in, M]
+        return self.conv(seq).squeeze(0).t().reshape(*lead, self.out_features)
+
+
+def _leaf_types() -> tuple[type, ...]:
+    from .compress.embedding import RemappedEmbedding, RemappedEmbeddingBag
+    from .compress.sparse import SparseLinear
+
+    return (FusedEmbeddingBag, Int8Linear, Conv1x1, RemappedEmbedding, RemappedEmbeddingBag, SparseLinear)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps this package's modules whole (their forwards branch on tensor metadata)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _leaf_types()) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolic trace of model.forward (for the Recommender: score(users, items, hist_offsets,
+    hist_items), its pair-scoring path in plain PyTorch form)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__ + "Graph")
+
+
+def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent_name, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, name, module)
+
+
+def _finish(gm: fx.GraphModule) -> None:
+    gm.graph.lint()
+    gm.recompile()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> PassReport:
+    """Remove nodes with no users (placeholders, outputs and impure calls stay), then the
+    submodules no node uses."""
+    before = {n.name for n in gm.graph.nodes}
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    after = {n.name for n in gm.graph.nodes}
+    _finish(gm)
+    return PassReport(removed=sorted(before - after))
+
+
+def swap_embedding_bags(gm: fx.GraphModule, bits: Optional[int] = None) -> PassReport:
+    """Every call of an nn.EmbeddingBag module -> FusedEmbeddingBag over the same table (then
+    quantized to `bits` when given; a quantized table is inference-only)."""
+    report = PassReport()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.EmbeddingBag:
+            fused = FusedEmbeddingBag.from_embedding_bag(mod)
+            if bits is not None:
+                fused = copy.deepcopy(fused).quantize(bits)  # leave the shared float Parameter alone
+            _set_submodule(gm, node.target, fused)
+            report.changes.append(("embedding_bag", node.target, "nn.EmbeddingBag",
+                                   "FusedEmbeddingBag" + (f" int{bits}" if bits else "")))
+    _finish(gm)
+    return report
+
+
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu"}
+
+
+def _activation_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """The Int8Linear epilogue name of activation node `node`, or None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.ReLU:
+            return "relu"
+        if type(mod) is nn.GELU and mod.approximate == "none":
+            return "gelu"
+        if type(mod) is nn.SiLU:
+            return "silu"
+        return None
+    if node.op == "call_function":
+        if node.target in _ACT_FUNCTIONS and not node.kwargs.get("inplace", False) and len(node.args) == 1:
+            return _ACT_FUNCTIONS[node.target]
+        if node.target is F.gelu and node.kwargs.get("approximate", "none") == "none" and len(node.args) == 1:
+            return "gelu"
+        return None
+    if node.op == "call_method" and node.target == "relu" and len(node.args) == 1:
+        return "relu"
+    return None
+
+
+def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
+                   filter_fn: Optional[FilterFn] = None) -> PassReport:
+    """nn.Linear call -> Int8Linear; when the Linear's only user is a ReLU / GELU (erf) / SiLU
+    taking it as its one input, that activation is fused into the Int8Linear epilogue and its
+    node removed. filter_fn(module, target) picks the layers (default: all)."""
+    report = PassReport()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) is not nn.Linear or (filter_fn is not None and not filter_fn(mod, node.target)):
+            continue
+        users = list(node.users)
+        act = _activation_of(gm, users[0]) if len(users) == 1 and users[0].args[:1] == (node,) else None
+        _set_submodule(gm, node.target, Int8Linear.from_float(mod, activation=act, act_quant=act_quant))
+        what = "nn.Linear"
+        if act is not None:
+            act_node = users[0]
+            what += f" + {act_node.target if act_node.op != 'call_module' else type(gm.get_submodule(act_node.target)).__name__}"
+            act_node.replace_all_uses_with(node)
+            gm.graph.erase_node(act_node)
+            what = what.replace("<built-in method relu of type object at", "torch.relu").split(" at 0x")[0]
+        report.changes.append(("linear_to_int8", node.target, what, f"Int8Linear(activation={act or 'none'!r})"))
+    gm.delete_all_unused_submodules()  # the fused activation modules
+    _finish(gm)
+    return report
+
+
+def linear_to_conv1x1(gm: fx.GraphModule, *, filter_fn: Optional[FilterFn] = None) -> PassReport:
+    """Opt-in: nn.Linear call -> Conv1x1 (same weights). See the module doc on speed."""
+    report = PassReport()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.Linear and (filter_fn is None or filter_fn(mod, node.target)):
+            _set_submodule(gm, node.target, Conv1x1(mod))
+            report.changes.append(("linear_to_conv1x1", node.target, "nn.Linear", "Conv1x1 (nn.Conv1d k=1)"))
+    _finish(gm)
+    return report
+
+
+def optimize_graph(model: nn.Module, *, dce: bool = True, embedding_bags: bool = True,
+                   embedding_bits: Optional[int] = None, int8: bool = True, conv1x1: bool = False,
+                   int8_filter: Optional[FilterFn] = None) -> tuple[fx.GraphModule, PassReport]:
+    """Trace a deep copy of `model` (left untouched) and run the passes in order: dead code,
+    EmbeddingBag -> FusedEmbeddingBag, Linear(+act) -> Int8Linear, Linear -> Conv1x1 (for
+    the layers still nn.Linear: pass int8=False, or an int8_filter, to convert them)."""
+    gm = trace(copy.deepcopy(model).eval())
+    report = PassReport()
+    if dce:
+        report.extend(eliminate_dead_code(gm))
+    if embedding_bags:
+        report.extend(swap_embedding_bags(gm, embedding_bits))
+    if int8:
+        report.extend(linear_to_int8(gm, filter_fn=int8_filter))
+    if conv1x1:
+        report.extend(linear_to_conv1x1(gm))
+    return gm, report
+
+
+def count_ops(gm: fx.GraphModule) -> dict[str, int]:
+    """Node counts by kind (call_module targets by module type), for reports and tests."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            key = type(gm.get_submodule(node.target)).__name__
+        elif node.op == "call_function":
+            key = getattr(node.target, "__name__", str(node.target)) if node.target is not operator.getitem \
+                else "getitem"
+        else:
+            key = node.op
+        counts[key] = counts.get(key, 0) + 1
+    return counts

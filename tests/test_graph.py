@@ -1,0 +1,179 @@
+"""recsys_kernels.graph: fx passes preserve outputs (float passes to float rounding, dead-code
+elimination bit for bit, int8 within int8 tolerance) and report what they replaced."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys_kernels import data as D
+from recsys_kernels import graph as G
+from recsys_kernels.models.recommender import Recommender
+from recsys_kernels.nn import FusedEmbeddingBag, Int8Linear
+
+
+@pytest.fixture(scope="module")
+def rec():
+    full = D.synthetic_interactions(60, 50, seed=1, interactions_per_user=8, min_per_user=3)
+    torch.manual_seed(0)
+    model = Recommender.for_data(full, dim=16, hidden=32).eval()
+    users = torch.randint(0, 60, (37,))
+    items = torch.randint(0, 50, (37,))
+    hist = D.csr_rows(*full.user_history(), users)
+    with torch.enable_grad():  # the plain-PyTorch formula, the one the trace records
+        ref = model(users, items, *hist).detach()
+    return model, (users, items, *hist), ref
+
+
+def _grad_path(gm, args):
+    with torch.enable_grad():
+        return gm(*args).detach()
+
+
+def test_trace_matches_model_exactly(rec):
+    model, args, ref = rec
+    gm = G.trace(model)
+    assert torch.equal(_grad_path(gm, args), ref)
+    counts = G.count_ops(gm)
+    assert counts["EmbeddingBag"] == 1 and counts["Linear"] == 3 and counts["ReLU"] == 1
+
+
+def test_dead_code_elimination_is_exact():
+    class WithDeadCode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(5, 3), nn.Linear(5, 7)
+
+        def forward(self, x):
+            dead = self.unused(x).relu() * 2  # computed, never used
+            del dead
+            return self.used(x) + torch.sin(x).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    module = WithDeadCode()
+    gm = G.trace(module)
+    x = torch.randn(4, 5)
+    before = gm(x)
+    report = G.eliminate_dead_code(gm)
+    assert set(report.removed) == {"unused", "relu", "mul"}
+    assert not hasattr(gm, "unused")
+    assert torch.equal(gm(x), before)
+    assert "dead code" in str(report)
+
+
+def test_recommender_has_no_dead_code(rec):
+    model, args, ref = rec
+    gm = G.trace(model)
+    assert G.eliminate_dead_code(gm).removed == []
+    assert torch.equal(_grad_path(gm, args), ref)
+
+
+def test_embedding_bag_swap_float(rec):
+    model, args, ref = rec
+    gm = G.trace(copy.deepcopy(model))
+    report = G.swap_embedding_bags(gm)
+    assert report.changes == [("embedding_bag", "history", "nn.EmbeddingBag", "FusedEmbeddingBag")]
+    assert type(gm.history) is FusedEmbeddingBag
+    torch.testing.assert_close(_grad_path(gm, args), ref, rtol=1e-5, atol=1e-6)
+    assert type(model.history) is nn.EmbeddingBag  # the model is not modified
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.2)])
+def test_embedding_bag_swap_quantized(rec, bits, tol):
+    model, args, ref = rec
+    gm = G.trace(copy.deepcopy(model))
+    G.swap_embedding_bags(gm, bits=bits)
+    assert gm.history.bits == bits
+    assert model.history.weight.dtype == torch.float32
+    err = (_grad_path(gm, args) - ref).abs().max()
+    assert float(err) < tol * float(ref.abs().max()) + 1e-3
+
+
+def test_linear_relu_to_int8(rec):
+    model, args, ref = rec
+    gm, report = G.optimize_graph(model, embedding_bags=False)
+    kinds = {(c[1], c[3]) for c in report.changes}
+    assert ("mlp.0", "Int8Linear(activation='relu')") in kinds
+    assert ("mlp.2", "Int8Linear(activation='none')") in kinds
+    counts = G.count_ops(gm)
+    assert counts.get("ReLU", 0) == 0 and counts["Int8Linear"] == 3 and "Linear" not in counts
+    # int8 tolerance: the fp32 graph with the int8 layers' dequantized weights and per-row
+    # int8 activations is what Int8Linear computes; compare to the float model loosely
+    out = _grad_path(gm, args)
+    scale = float(ref.abs().max())
+    assert float((out - ref).abs().max()) < 0.05 * scale + 1e-3
+
+
+@pytest.mark.parametrize("act_cls,fn,name", [
+    (None, F.relu, "relu"), (None, torch.relu, "relu"), (None, F.silu, "silu"), (None, F.gelu, "gelu"),
+    (nn.GELU, None, "gelu"), (nn.SiLU, None, "silu")])
+def test_activation_fusion_forms(act_cls, fn, name):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+            self.act = act_cls() if act_cls else None
+
+        def forward(self, x):
+            y = self.fc(x)
+            return self.act(y) if self.act is not None else fn(y)
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(5, 16)
+    ref = block(x)
+    gm = G.trace(block)
+    report = G.linear_to_int8(gm)
+    assert report.changes[0][3] == f"Int8Linear(activation={name!r})"
+    assert len(list(gm.graph.nodes)) == 3  # placeholder, Int8Linear, output
+    expect = Int8Linear.from_float(block.fc, activation=name)(x)
+    torch.testing.assert_close(gm(x), expect, rtol=1e-5, atol=1e-5)
+    assert float((gm(x) - ref).abs().max()) < 0.05 * float(ref.abs().max()) + 1e-3
+
+
+def test_linear_with_two_users_is_not_fused():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return F.relu(y) + y
+
+    gm = G.trace(Branch())
+    report = G.linear_to_int8(gm)
+    assert report.changes[0][3] == "Int8Linear(activation='none')"
+    assert any(n.target is F.relu for n in gm.graph.nodes)
+
+
+def test_linear_to_conv1x1_equal(rec):
+    model, args, ref = rec
+    gm, report = G.optimize_graph(model, embedding_bags=False, int8=False, conv1x1=True)
+    assert [c[1] for c in report.changes] == ["mlp.0", "mlp.2", "feat_proj"]
+    assert isinstance(gm.get_submodule("mlp.0"), G.Conv1x1)
+    torch.testing.assert_close(_grad_path(gm, args), ref, rtol=1e-5, atol=1e-6)
+    lin = nn.Linear(6, 3)
+    x = torch.randn(2, 4, 6)
+    torch.testing.assert_close(G.Conv1x1(lin)(x), lin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_graph_of_compressed_modules_traces(rec):
+    """Leaves: this package's modules are not traced through."""
+    from recsys_kernels.compress import quantize_tables_
+
+    model, args, ref = rec
+    q = copy.deepcopy(model)
+    quantize_tables_(q, 8)
+    gm = G.trace(q)
+    with torch.enable_grad():
+        expect = q(*args).detach()
+    assert torch.equal(_grad_path(gm, args), expect)
+    counts = G.count_ops(gm)
+    assert counts["RemappedEmbedding"] == 2 and counts["RemappedEmbeddingBag"] == 1
+
+
+def test_trace_rejects_non_modules():
+    with pytest.raises(TypeError):
+        G.trace(lambda x: x)
