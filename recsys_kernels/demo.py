@@ -213,14 +213,23 @@ def _backends_used(device_type: str) -> dict[str, str]:
     return used
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("epochs", "users", "items", "interactions", "dim", "repeats", "batch_users", "k", "num_test",
-                 "threads"):
+POSITIVE_ARGS = ("epochs", "users", "items", "interactions", "dim", "repeats", "batch_users", "k", "num_test", "threads")
+
+
+def bad_count_arg(args, command: str) -> bool:
+    """Print the first of the POSITIVE_ARGS of `args` that is < 1 (the usage error of `command`)."""
+    for name in POSITIVE_ARGS:
         value = getattr(args, name)
         if value is not None and value < 1:
-            print(f"recsys-kernels demo: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+            print(f"recsys-kernels {command}: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return True
+    return False
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if bad_count_arg(args, "demo"):
+        return 2
     try:
         device = torch.device(args.device)
     except RuntimeError as e:

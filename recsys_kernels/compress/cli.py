@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from ..demo import bad_count_arg
+
 CONFIGS = {
     "int8": dict(quantize="int8", embeddings=8),
     "int4-struct50": dict(quantize="int8", embeddings=4, structured=0.5, retrain=True),
@@ -198,12 +200,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "users", "items", "interactions", "dim", "repeats", "batch_users", "k", "num_test",
-                 "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            print(f"recsys-kernels compress: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+    if bad_count_arg(args, "compress"):
+        return 2
     if args.device != "cpu":
         print("recsys-kernels compress: CPU only (--device cpu)", file=sys.stderr)
         return 2
