@@ -160,7 +160,8 @@ def test_candidate_topk(run_bench, impl):
         def fn(q, t, o, c):
             return scoring.candidate_topk(q, t, o, c, CAND_K, backend="cpu")
         got = fn(q[:64], items, off[:65], cand[:64 * CAND_L])
-        torch.testing.assert_close(got[0], torch_candidate_topk(q[:64], items, cand, CAND_K)[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got[0], torch_candidate_topk(q[:64], items, cand[:64 * CAND_L], CAND_K)[0],
+                                   rtol=1e-5, atol=1e-4)
     run_bench(fn, q, items, off, cand, bytes_moved=CAND_U * CAND_L * (D * 4 + 8) + CAND_U * CAND_K * 12,
               ops=2 * CAND_U * CAND_L * D, shape=(CAND_U, CAND_L, D, CAND_K), impl=impl,
               peer=impl.startswith("torch"))
