@@ -1,0 +1,284 @@
+// AVX2+FMA+F16C inner kernels of the scoring ops (see scoring_cpu_kernels.h for the arithmetic
+// they share with the scalar versions). Every function carries the target attribute (the build has
+// no -mavx2); callers check recsys_kernels::cpu_isa() first. fp-contract=off: only the explicit
+// _mm256_fmadd_ps calls fuse; the int8 dequantization stays a rounded product plus a rounded sum.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "scoring/scoring_cpu_kernels.h"
+
+#define RK_AVX2 __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off")))
+#define RK_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"), always_inline)) inline
+
+namespace recsys_kernels::scoring_cpu {
+namespace {
+
+struct RowParams {
+  float scale = 1.0f, bias = 0.0f;
+};
+
+// Loaders: 8 fp32 values from column c, one value, and a row's int8 parameters.
+struct F32 {
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    float v;
+    std::memcpy(&v, row + 4 * c, 4);
+    return v;
+  }
+};
+
+struct F16 {
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, 2);
+    return _cvtsh_ss(h);
+  }
+};
+
+struct BF16 {
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, 2);
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float v;
+    std::memcpy(&v, &u, 4);
+    return v;
+  }
+};
+
+struct Q8 {
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams& p) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
+    const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    return _mm256_add_ps(_mm256_mul_ps(codes, _mm256_set1_ps(p.scale)), _mm256_set1_ps(p.bias));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams& p) {
+    return static_cast<float>(row[c]) * p.scale + p.bias;
+  }
+};
+
+RK_AVX2_INLINE float hsum(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // a_j + a_{j+4}
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                               // (0+4)+(2+6), (1+5)+(3+7)
+  const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0x55));
+  return _mm_cvtss_f32(s1);
+}
+
+template <typename I>
+RK_AVX2_INLINE int64_t idx_at(const void* p, int64_t i) {
+  return static_cast<int64_t>(static_cast<const I*>(p)[i]);
+}
+
+constexpr int64_t kPrefetch = 12;  // pairs ahead
+
+template <typename QL, typename IL, bool kQuant, typename I>
+RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
+  const int64_t d = a.dim, d8 = d & ~int64_t(7);
+  bool ok = true;
+  const bool fixed = a.user_idx == nullptr;
+  for (int64_t p = 0; p < a.n; ++p) {
+    if (p + kPrefetch < a.n) {
+      const uint8_t* ir = a.items + idx_at<I>(a.item_idx, p + kPrefetch) * a.item_row_bytes;
+      for (int64_t b = 0; b < a.item_row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ir + b), _MM_HINT_T0);
+      if (!fixed) {
+        const uint8_t* qr = a.queries + idx_at<I>(a.user_idx, p + kPrefetch) * a.q_row_bytes;
+        for (int64_t b = 0; b < a.q_row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(qr + b), _MM_HINT_T0);
+      }
+    }
+    const int64_t item = idx_at<I>(a.item_idx, p);
+    const uint8_t* q = a.queries + (fixed ? a.fixed_user : idx_at<I>(a.user_idx, p)) * a.q_row_bytes;
+    const uint8_t* x = a.items + item * a.item_row_bytes;
+    RowParams rp;
+    if constexpr (kQuant) {
+      std::memcpy(&rp.scale, x + d, 4);
+      std::memcpy(&rp.bias, x + d + 4, 4);
+      ok &= std::isfinite(rp.scale) && std::isfinite(rp.bias);
+    }
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d8; c += 8) acc = _mm256_fmadd_ps(QL::load(q, c, {}), IL::load(x, c, rp), acc);
+    float s = hsum(acc);
+    for (int64_t c = d8; c < d; ++c) s = std::fma(QL::scalar(q, c, {}), IL::scalar(x, c, rp), s);
+    if (a.bias != nullptr) s = s + a.bias[item];
+    a.out[p] = s;
+  }
+  return ok;
+}
+
+template <typename QL, typename IL, bool kQuant>
+RK_AVX2 bool dot_pairs_idx(const DotArgs& a) {
+  return a.idx64 ? dot_pairs_impl<QL, IL, kQuant, int64_t>(a) : dot_pairs_impl<QL, IL, kQuant, int32_t>(a);
+}
+
+template <typename QL>
+RK_AVX2 bool dot_pairs_q(const DotArgs& a) {
+  switch (a.item_kind) {
+    case Kind::kF32: return dot_pairs_idx<QL, F32, false>(a);
+    case Kind::kF16: return dot_pairs_idx<QL, F16, false>(a);
+    case Kind::kBF16: return dot_pairs_idx<QL, BF16, false>(a);
+    case Kind::kQ8: return dot_pairs_idx<QL, Q8, true>(a);
+  }
+  return true;
+}
+
+// ----------------------------------------------------------------------------- score tile
+// NI items x 16 queries: 2 * NI accumulators (queries in lanes), each an fma chain over d.
+template <int NI>
+RK_AVX2_INLINE int64_t tile_block(const TileArgs& a, int64_t i0, __m256 thr0, __m256 thr1, Candidate* out) {
+  __m256 acc[NI][2];
+  for (int i = 0; i < NI; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const float* x = a.items + i0 * a.dim;
+  const float* panel = a.panel;
+  for (int64_t d = 0; d < a.dim; ++d) {
+    const __m256 p0 = _mm256_loadu_ps(panel + d * kLanes), p1 = _mm256_loadu_ps(panel + d * kLanes + 8);
+    for (int i = 0; i < NI; ++i) {
+      const __m256 b = _mm256_broadcast_ss(x + i * a.dim + d);
+      acc[i][0] = _mm256_fmadd_ps(p0, b, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(p1, b, acc[i][1]);
+    }
+  }
+  if (a.bias != nullptr) {
+    for (int i = 0; i < NI; ++i) {
+      const __m256 b = _mm256_set1_ps(a.bias[i0 + i]);
+      acc[i][0] = _mm256_add_ps(acc[i][0], b);
+      acc[i][1] = _mm256_add_ps(acc[i][1], b);
+    }
+  }
+  __m256 any = _mm256_setzero_ps();
+  __m256 hit[NI][2];
+  for (int i = 0; i < NI; ++i) {
+    hit[i][0] = _mm256_cmp_ps(acc[i][0], thr0, _CMP_NLT_UQ);
+    hit[i][1] = _mm256_cmp_ps(acc[i][1], thr1, _CMP_NLT_UQ);
+    any = _mm256_or_ps(any, _mm256_or_ps(hit[i][0], hit[i][1]));
+  }
+  if (_mm256_testz_ps(any, any)) return 0;
+  int64_t n = 0;
+  alignas(32) float s[kLanes];
+  for (int i = 0; i < NI; ++i) {
+    uint32_t m = (static_cast<uint32_t>(_mm256_movemask_ps(hit[i][0])) |
+                  (static_cast<uint32_t>(_mm256_movemask_ps(hit[i][1])) << 8)) & a.lane_mask;
+    if (m == 0) continue;
+    _mm256_store_ps(s, acc[i][0]);
+    _mm256_store_ps(s + 8, acc[i][1]);
+    while (m != 0) {
+      const int lane = __builtin_ctz(m);
+      m &= m - 1;
+      out[n++] = {static_cast<int32_t>(i0 + i), lane, s[lane]};
+    }
+  }
+  return n;
+}
+
+// ----------------------------------------------------------------------------- int8 prefilter
+// NI items x 16 queries of int32 sums: per 4 columns, one broadcast of the item's 4 codes, then
+// per 8 queries vpmaddubsw (u8 codes x s8 queries, pair sums in int16) and vpmaddwd by 1.
+template <int NI>
+RK_AVX2_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, const __m256 (&thr)[2], const __m256 (&qs)[2],
+                                const __m256 (&qsum)[2], const __m256 (&qerr)[2], const __m256 (&qslack)[2],
+                                Candidate* out) {
+  __m256i acc[NI][2];
+  for (int i = 0; i < NI; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t quads = (a.dim + 3) / 4;
+  const uint8_t* base = a.rows + i0 * a.row_bytes;
+  for (int64_t c = 0; c < quads; ++c) {
+    const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qpanel + c * 64));
+    const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qpanel + c * 64 + 32));
+    for (int i = 0; i < NI; ++i) {
+      int32_t codes;
+      std::memcpy(&codes, base + i * a.row_bytes + 4 * c, 4);  // past D: the scale's bytes, times q8 = 0
+      const __m256i b = _mm256_set1_epi32(codes);
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(b, p0), ones));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b, p1), ones));
+    }
+  }
+  int64_t n = 0;
+  for (int i = 0; i < NI; ++i) {
+    const uint8_t* row = base + i * a.row_bytes;
+    float scale, rbias;
+    std::memcpy(&scale, row + a.dim, 4);
+    std::memcpy(&rbias, row + a.dim + 4, 4);
+    const float ib = a.bias != nullptr ? a.bias[i0 + i] : 0.0f;
+    const __m256 vscale = _mm256_set1_ps(scale), vrb = _mm256_set1_ps(rbias), vib = _mm256_set1_ps(ib);
+    const __m256 vk = _mm256_set1_ps(255.0f * std::fabs(scale) + std::fabs(rbias));
+    const __m256 vibslack = _mm256_set1_ps(std::fabs(ib) * 0x1p-20f);
+    uint32_t m = 0;
+    for (int h = 0; h < 2; ++h) {
+      __m256 approx = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][h]), _mm256_mul_ps(qs[h], vscale));
+      approx = _mm256_add_ps(_mm256_add_ps(approx, _mm256_mul_ps(vrb, qsum[h])), vib);
+      __m256 bound = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(std::fabs(scale)), qerr[h]),
+                                   _mm256_mul_ps(vk, qslack[h]));
+      const __m256 upper = _mm256_add_ps(approx, _mm256_add_ps(bound, vibslack));
+      m |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(upper, thr[h], _CMP_NLT_UQ))) << (8 * h);
+    }
+    m &= a.lane_mask;
+    if (m == 0) continue;
+    for (int64_t d = 0; d < a.dim; ++d) a.scratch[d] = static_cast<float>(row[d]) * scale + rbias;
+    while (m != 0) {
+      const int lane = __builtin_ctz(m);
+      m &= m - 1;
+      __m128 s = _mm_setzero_ps();
+      for (int64_t d = 0; d < a.dim; ++d)
+        s = _mm_fmadd_ss(_mm_load_ss(a.panel + d * kLanes + lane), _mm_load_ss(a.scratch + d), s);
+      float score = _mm_cvtss_f32(s);
+      if (a.bias != nullptr) score = score + ib;
+      if (!(score < a.threshold[lane])) out[n++] = {static_cast<int32_t>(i0 + i), lane, score};
+    }
+  }
+  return n;
+}
+
+}  // namespace
+
+RK_AVX2 bool dot_pairs_avx2(const DotArgs& a) {
+  switch (a.q_kind) {
+    case Kind::kF32: return dot_pairs_q<F32>(a);
+    case Kind::kF16: return dot_pairs_q<F16>(a);
+    case Kind::kBF16: return dot_pairs_q<BF16>(a);
+    case Kind::kQ8: break;  // queries are never quantized
+  }
+  return true;
+}
+
+RK_AVX2 int64_t score_tile_avx2(const TileArgs& a, Candidate* out) {
+  const __m256 thr0 = _mm256_loadu_ps(a.threshold), thr1 = _mm256_loadu_ps(a.threshold + 8);
+  int64_t n = 0, i0 = 0;
+  for (; i0 + 6 <= a.n_items; i0 += 6) n += tile_block<6>(a, i0, thr0, thr1, out + n);
+  switch (a.n_items - i0) {
+    case 5: n += tile_block<5>(a, i0, thr0, thr1, out + n); break;
+    case 4: n += tile_block<4>(a, i0, thr0, thr1, out + n); break;
+    case 3: n += tile_block<3>(a, i0, thr0, thr1, out + n); break;
+    case 2: n += tile_block<2>(a, i0, thr0, thr1, out + n); break;
+    case 1: n += tile_block<1>(a, i0, thr0, thr1, out + n); break;
+    default: break;
+  }
+  return n;
+}
+
+RK_AVX2 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out) {
+  __m256 thr[2], qs[2], qsum[2], qerr[2], qslack[2];
+  for (int h = 0; h < 2; ++h) {
+    thr[h] = _mm256_loadu_ps(a.threshold + 8 * h);
+    qs[h] = _mm256_loadu_ps(a.qscale + 8 * h);
+    qsum[h] = _mm256_loadu_ps(a.qsum + 8 * h);
+    qerr[h] = _mm256_loadu_ps(a.qerr + 8 * h);
+    qslack[h] = _mm256_loadu_ps(a.qslack + 8 * h);
+  }
+  int64_t n = 0, i0 = 0;
+  for (; i0 + 4 <= a.n_items; i0 += 4) n += q8_block<4>(a, i0, thr, qs, qsum, qerr, qslack, out + n);
+  for (; i0 < a.n_items; ++i0) n += q8_block<1>(a, i0, thr, qs, qsum, qerr, qslack, out + n);
+  return n;
+}
+
+}  // namespace recsys_kernels::scoring_cpu

@@ -1,0 +1,99 @@
+// What the translation units of the scoring CPU kernels share: the two inner kernels, each in an
+// AVX2+FMA+F16C version (scoring_cpu_avx2.cpp, chosen at run time) and a scalar version
+// (scoring_cpu_scalar.cpp, RECSYS_KERNELS_CPU_ISA=scalar forces it). Both versions perform the
+// same float operations in the same order, so the two paths give bit-identical scores:
+//
+//  * gather-dot (pair_scores, candidate_*): per pair, 8 lane sums acc[j] = fma chain over the
+//    columns d = j, j + 8, ... below D rounded down to 8, then
+//    s = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)), then an fma chain over
+//    the remaining columns onto s, then s + bias.
+//  * score tile (topk_scores): per (query, item) one fma chain over d = 0 .. D-1 from 0, then
+//    s + bias. Items are fp32 rows here: other tables are converted / dequantized per chunk.
+//
+// An item value of an int8 row is code * scale + bias, a rounded product then a rounded sum (never
+// one FMA), like the reference's dequantization, so an int8 table scores exactly like its
+// dequantized fp32 table.
+//
+// Kept free of torch headers on purpose: the AVX2 translation unit must not instantiate any inline
+// function that the rest of the library could link against.
+#pragma once
+
+#include <cstdint>
+
+namespace recsys_kernels::scoring_cpu {
+
+enum class Kind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 3 };
+
+// scores[p] = <queries[user(p)], items[item_idx[p]]> (+ bias[item_idx[p]]) for p in [0, n).
+struct DotArgs {
+  Kind q_kind;
+  const uint8_t* queries;
+  int64_t q_row_bytes;
+  Kind item_kind;
+  const uint8_t* items;
+  int64_t item_row_bytes;
+  int64_t dim;
+  const void* user_idx;  // [n] indices (in range), or nullptr: every pair uses row `fixed_user`
+  const void* item_idx;  // [n] indices (in range)
+  bool idx64;            // both index arrays int64 (else int32)
+  int64_t fixed_user;
+  const float* bias;     // fp32 [I] or nullptr
+  int64_t n;
+  float* out;
+};
+
+// Return false when an int8 row had a non-finite scale or bias (its score is then meaningless).
+bool dot_pairs_avx2(const DotArgs& a);
+bool dot_pairs_scalar(const DotArgs& a);
+
+// Scores of one group of 16 queries against a chunk of fp32 item rows, and the candidates among
+// them: (lane, item) with !(score < threshold[lane]) (so NaN scores, and every score when the
+// threshold is NaN, are candidates) for lanes set in lane_mask.
+constexpr int kLanes = 16;
+
+struct TileArgs {
+  const float* panel;      // [dim][16] the group's queries, lane = query
+  const float* items;      // [n_items][dim] fp32 rows
+  const float* bias;       // [n_items] or nullptr
+  int64_t dim, n_items;
+  const float* threshold;  // [16]
+  uint32_t lane_mask;
+};
+
+struct Candidate {
+  int32_t item;  // within the chunk
+  int32_t lane;
+  float score;
+};
+
+// Writes at most 16 * n_items candidates, per lane in increasing item order; returns the count.
+int64_t score_tile_avx2(const TileArgs& a, Candidate* out);
+int64_t score_tile_scalar(const TileArgs& a, Candidate* out);
+
+// int8 catalogs, AVX2 only: an integer prefilter, then exact rescoring of what passes. Queries
+// are quantized per query, q ~= qscale * q8 with q8 in [-64, 64] (so vpmaddubsw's u8 x s8 pair
+// sums cannot saturate); a row's approximate score is
+//   a = float(sum_d q8_d * code_d) * (qscale * scale) + row_bias * qsum (+ item bias)
+// and |exact - a| <= scale * qerr + (255 * scale + |row_bias|) * qslack + |item bias| * 2^-20,
+// where qerr = 255 * sum_d |q_d - qscale * q8_d| (inflated) and qslack covers every fp32
+// rounding of both sides. A (lane, item) whose upper bound is not below the lane's threshold is
+// rescored exactly (the row dequantized, the fp32 tile kernel's fma chain), so the candidates and
+// their scores are exactly those of the fp32 path on the dequantized table.
+struct Q8TileArgs {
+  const int8_t* qpanel;  // [ceil(D / 4)][16][4] q8, zero past D
+  const float* qscale;   // [16]
+  const float* qsum;     // [16] sum_d q_d in fp32
+  const float* qerr;     // [16]
+  const float* qslack;   // [16]
+  const float* panel;    // [D][16] fp32 queries (exact rescoring)
+  const uint8_t* rows;   // [n_items] packed rows of the chunk
+  int64_t row_bytes, dim, n_items;
+  const float* bias;     // [n_items] or nullptr
+  const float* threshold;
+  uint32_t lane_mask;
+  float* scratch;        // [dim] a dequantized row
+};
+
+int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);
+
+}  // namespace recsys_kernels::scoring_cpu

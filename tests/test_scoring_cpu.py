@@ -1,0 +1,285 @@
+"""The C++ CPU kernels of the scoring ops beyond test_scoring.py's shared matrix: both CPU paths (AVX2
+and the forced scalar fallback, which must agree bit for bit), shapes that cross the kernel's
+register tiles, chunks, query slabs and item ranges, large k and k = I, ties, NaN, exclusion lists
+longer than I - k, no queries, int8 recall on random data, the native ops called directly."""
+import os
+
+import pytest
+import torch
+
+from recsys_kernels import _loader
+from recsys_kernels.ops import scoring
+from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
+
+pytestmark = pytest.mark.skipif(
+    "_C" not in _loader.EXTENSIONS or not _loader.has_native_kernel("topk_scores", "CPU"),
+    reason="the C++ CPU kernels of the scoring ops are not built")
+
+OPS = torch.ops.recsys_kernels
+ISA_VAR = "RECSYS_KERNELS_CPU_ISA"
+
+
+def _has_avx2():
+    import recsys_kernels._C as C
+    return C.cpu_features()["avx2"] == "yes"
+
+
+def on_isa(isa, fn):
+    """fn() with the CPU path capped at `isa` (cpu_isa() reads the variable on every call)."""
+    old = os.environ.get(ISA_VAR)
+    os.environ[ISA_VAR] = isa
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[ISA_VAR]
+        else:
+            os.environ[ISA_VAR] = old
+
+
+def both_paths(fn):
+    """(scalar result, avx2 result); avx2 = scalar when the CPU has no AVX2."""
+    scalar = on_isa("scalar", fn)
+    return scalar, (on_isa("avx2", fn) if _has_avx2() else scalar)
+
+
+def assert_same(a, b):
+    if isinstance(a, tuple):
+        for x, y in zip(a, b):
+            assert_same(x, y)
+        return
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def exact(*shape, lo=-3, hi=3, generator=None):
+    return torch.randint(lo, hi + 1, shape, generator=generator).float() / 4
+
+
+def csr(lists, dtype=torch.int64):
+    offsets = [0]
+    for lst in lists:
+        offsets.append(offsets[-1] + len(lst))
+    return torch.tensor(offsets, dtype=dtype), torch.tensor([i for lst in lists for i in lst], dtype=dtype)
+
+
+def ref_topk(*args, **kw):
+    return scoring.topk_scores(*args, backend="reference", **kw)
+
+
+def cpu_topk(*args, **kw):
+    return scoring.topk_scores(*args, backend="cpu", **kw)
+
+
+# ----------------------------------------------------------------------------- topk_scores
+@pytest.mark.parametrize("n_users,n_items,dim,k", [
+    (1, 1, 1, 1), (15, 37, 3, 5), (16, 6, 8, 6), (17, 100, 64, 10), (40, 3000, 33, 77),
+    (33, 5000, 7, 1), (1100, 300, 4, 20),  # > 1024 queries: several slabs
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_topk_paths_agree_with_reference(n_users, n_items, dim, k, dtype):
+    g = torch.Generator().manual_seed(n_users * 7 + n_items)
+    q, items, bias = exact(n_users, dim, generator=g), exact(n_items, dim, generator=g), exact(n_items, generator=g)
+    lists = [torch.randint(0, n_items, (int(torch.randint(0, 9, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n_users)]
+    off, ex = csr(lists)
+    args = (q.to(dtype), items.to(dtype), k)
+    kw = dict(exclude_offsets=off, exclude_items=ex, item_bias=bias.to(dtype))
+    scalar, avx2 = both_paths(lambda: cpu_topk(*args, **kw))
+    assert_same(scalar, avx2)
+    assert_same(avx2, ref_topk(*args, **kw))
+
+
+def test_topk_random_floats_both_paths():
+    g = torch.Generator().manual_seed(0)
+    q, items, bias = torch.randn(37, 64, generator=g), torch.randn(20000, 64, generator=g), torch.randn(20000, generator=g)
+    scalar, avx2 = both_paths(lambda: cpu_topk(q, items, 50, item_bias=bias))
+    assert_same(scalar, avx2)
+    s = q @ items.t() + bias
+    ref_values = s.topk(50, dim=1).values
+    torch.testing.assert_close(avx2[0], ref_values, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s.gather(1, avx2[1]), avx2[0], rtol=1e-5, atol=1e-4)
+    assert (avx2[0][:, :-1] >= avx2[0][:, 1:]).all()
+
+
+@pytest.mark.parametrize("k", [4096, 5000])  # large k, and k = I
+def test_topk_large_k_and_k_equals_items(k):
+    q, items = exact(18, 5), exact(5000, 5)
+    scalar, avx2 = both_paths(lambda: cpu_topk(q, items, k))
+    assert_same(scalar, avx2)
+    assert_same(avx2, ref_topk(q, items, k))
+    if k == 5000:  # every item once per query
+        assert all(sorted(r.tolist()) == list(range(5000)) for r in avx2[1])
+
+
+def test_topk_all_ties_lower_ids_first_across_ranges():
+    # 100k equal scores: the answer is the k lowest ids, whatever the split into ranges and chunks
+    q, items = torch.ones(3, 8), torch.ones(100_000, 8)
+    for isa in ("scalar", "avx2"):
+        values, ids = on_isa(isa, lambda: cpu_topk(q, items, 300))
+        assert torch.equal(ids, torch.arange(300).expand(3, 300)) and (values == 8).all()
+
+
+def test_topk_nan_queries_and_items():
+    items = exact(50, 4)
+    items[[3, 17]] = float("nan")
+    q = exact(20, 4)
+    q[[2, 19]] = float("nan")  # every score NaN: ranked by id
+    scalar, avx2 = both_paths(lambda: cpu_topk(q, items, 50))
+    assert_same(scalar, avx2)
+    assert_same(avx2, ref_topk(q, items, 50))
+    assert avx2[1][2].tolist() == list(range(50)) and torch.isnan(avx2[0][2]).all()
+    assert avx2[1][0, -2:].tolist() == [3, 17]  # NaN items last for a normal query
+
+
+def test_topk_exclusions_longer_than_items_minus_k():
+    n_items, k = 40, 10
+    q, items = exact(5, 3), exact(n_items, 3)
+    lists = [list(range(35)),                       # 5 left for k = 10: padding
+             list(range(n_items)) * 2,              # everything, twice
+             list(range(0, n_items, 2)) + [1, 1],   # 19 left
+             [],
+             list(range(n_items - 1, 0, -1))]       # only item 0 left
+    off, ex = csr(lists, torch.int32)
+    scalar, avx2 = both_paths(lambda: cpu_topk(q, items, k, exclude_offsets=off, exclude_items=ex))
+    assert_same(scalar, avx2)
+    assert_same(avx2, ref_topk(q, items, k, exclude_offsets=off, exclude_items=ex))
+    assert (avx2[1][0, 5:] == -1).all() and (avx2[1][1] == -1).all() and avx2[1][4].tolist()[:2] == [0, -1]
+
+
+def test_topk_no_queries_and_k_zero():
+    items = exact(9, 4)
+    v, i = cpu_topk(exact(0, 4), items, 4)
+    assert v.shape == (0, 4) and i.shape == (0, 4)
+    v, i = cpu_topk(exact(3, 4), items, 0)
+    assert v.shape == (3, 0) and i.shape == (3, 0)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 32, 33])
+def test_topk_int8_equals_dequantized_and_recall(dim):
+    # the AVX2 path prefilters int8 rows with integer dot products and rescores exactly: its answer
+    # must be the scalar path's (which dequantizes) and the dequantized fp32 table's, bit for bit
+    g = torch.Generator().manual_seed(dim)
+    n_users, n_items = 37, 30000
+    q, w = torch.randn(n_users, dim, generator=g), torch.randn(n_items, dim, generator=g)
+    w[7] *= 1e6  # one row of a much larger scale
+    bias = torch.randn(n_items, generator=g) * 0.1
+    lists = [torch.randint(0, n_items, (50,), generator=g).tolist() for _ in range(n_users)]
+    off, ex = csr(lists)
+    packed = quantize_rowwise(w, 8)
+    deq = dequantize_rowwise(packed, 8)
+    kw = dict(exclude_offsets=off, exclude_items=ex, item_bias=bias)
+    scalar, avx2 = both_paths(lambda: cpu_topk(q, packed, 100, **kw))
+    assert_same(scalar, avx2)
+    assert_same(avx2, cpu_topk(q, deq, 100, **kw))
+    if dim >= 32:  # quantization keeps most of the exact top-100 of random data
+        s = q @ w.t() + bias
+        s[torch.repeat_interleave(torch.arange(n_users), 50), ex] = float("-inf")
+        exact_ids = s.topk(100, dim=1).indices
+        hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(avx2[1], exact_ids))
+        assert hits / exact_ids.numel() >= 0.95
+
+
+def test_topk_int8_nan_query_and_huge_rows():
+    w = torch.randn(3000, 8)
+    w[5] = 1e36  # 255 * scale + |bias| beyond the prefilter's range: that chunk takes the fp32 path
+    w[6, 0] = -1e36
+    packed = quantize_rowwise(w, 8)
+    q = torch.randn(20, 8)
+    q[3, 2] = float("nan")
+    q[4] = 0.0
+    scalar, avx2 = both_paths(lambda: cpu_topk(q, packed, 40))
+    assert_same(scalar, avx2)
+    assert_same(avx2, cpu_topk(q, dequantize_rowwise(packed, 8), 40))
+
+
+def test_topk_native_errors():
+    q, items = torch.randn(3, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="k must be in"):
+        OPS.topk_scores(q, items, 7, None, None, None)
+    with pytest.raises(ValueError, match="exclude_offsets"):
+        OPS.topk_scores(q, items, 2, torch.tensor([0, 1, 1, 4]), torch.tensor([0, 1, 2]), None)
+    with pytest.raises(IndexError, match="exclude_items"):
+        OPS.topk_scores(q, items, 2, torch.tensor([0, 1, 1, 3]), torch.tensor([0, 6, 2]), None)
+    with pytest.raises(ValueError, match="together"):
+        OPS.topk_scores(q, items, 2, torch.tensor([0, 1, 1, 3]), None, None)
+    with pytest.raises(ValueError, match="dim"):
+        OPS.topk_scores(q, torch.randn(6, 5), 2, None, None, None)
+    with pytest.raises(ValueError, match="item_bias"):
+        OPS.topk_scores(q, items, 2, None, None, torch.randn(5))
+
+
+def test_opcheck_native():
+    q, items, bias = torch.randn(4, 6), torch.randn(9, 6), torch.randn(9)
+    off, cand = csr([[1, 2], [], [8, 0, 0], [5]])
+    ui, ii = torch.tensor([0, 3, 3, 1]), torch.tensor([2, 8, 8, 0])
+    for op, args in [(OPS.topk_scores, (q, items, 3, off, cand, bias)),
+                     (OPS.topk_scores, (q, quantize_rowwise(items, 8), 2, None, None, None)),
+                     (OPS.candidate_topk, (q, items, off, cand, 2, bias)),
+                     (OPS.candidate_scores, (q, items, off, cand, None)),
+                     (OPS.pair_scores, (q, items, ui, ii, bias)),
+                     (OPS.pair_scores_backward, (torch.randn(4), q, items, ui, ii, bias))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- pair / candidates
+@pytest.mark.parametrize("dim", [1, 7, 8, 64, 70])
+@pytest.mark.parametrize("item_kind", ["f32", "f16", "bf16", "int8"])
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+def test_pair_scores_paths(dim, item_kind, query_dtype):
+    g = torch.Generator().manual_seed(dim)
+    u, w, bias = torch.randn(50, dim, generator=g), torch.randn(300, dim, generator=g), torch.randn(300, generator=g)
+    table = {"f32": w, "f16": w.half(), "bf16": w.bfloat16(), "int8": quantize_rowwise(w, 8)}[item_kind]
+    ui, ii = torch.randint(0, 50, (2000,), generator=g), torch.randint(0, 300, (2000,), generator=g).int()
+    args = (u.to(query_dtype), table, ui, ii, bias)
+    scalar, avx2 = both_paths(lambda: scoring.pair_scores(*args, backend="cpu"))
+    assert_same(scalar, avx2)
+    torch.testing.assert_close(avx2, scoring.pair_scores(*args, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+def test_pair_scores_backward_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    u, w, bias = torch.randn(20, 9, generator=g), torch.randn(30, 9, generator=g), torch.randn(30, generator=g)
+    ui, ii = torch.randint(0, 20, (500,), generator=g), torch.randint(0, 30, (500,), generator=g)
+    grad = torch.randn(500, generator=g)
+    for table in (w, w.half(), quantize_rowwise(w, 8)):
+        got = OPS.pair_scores_backward(grad, u, table, ui, ii, bias)
+        expected = OPS.pair_scores_backward_reference(grad, u, table, ui, ii, bias)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    got = OPS.pair_scores_backward(grad, u, w, ui, ii, None)
+    assert got[2].shape == (0,)
+
+
+def test_candidate_topk_paths_and_long_lists():
+    g = torch.Generator().manual_seed(2)
+    n_users, n_items = 70, 500
+    q, items, bias = exact(n_users, 12, generator=g), exact(n_items, 12, generator=g), exact(n_items, generator=g)
+    lens = torch.randint(0, 300, (n_users,), generator=g)
+    lens[5] = 0
+    lists = [torch.randint(0, n_items, (int(n),), generator=g).tolist() for n in lens]
+    off, cand = csr(lists)
+    for k in (0, 1, 50, 400):
+        args = (q, items, off, cand, k, bias)
+        scalar, avx2 = both_paths(lambda: scoring.candidate_topk(*args, backend="cpu"))
+        assert_same(scalar, avx2)
+        assert_same(avx2, scoring.candidate_topk(*args, backend="reference"))
+    scalar, avx2 = both_paths(lambda: scoring.candidate_scores(q, items, off, cand, bias, backend="cpu"))
+    assert_same(scalar, avx2)
+    assert_same(avx2, scoring.candidate_scores(q, items, off, cand, bias, backend="reference"))
+
+
+def test_native_pair_and_candidate_errors():
+    q, items = torch.randn(3, 4), torch.randn(6, 4)
+    with pytest.raises(IndexError, match="user_idx"):
+        OPS.pair_scores(q, items, torch.tensor([0, -1]), torch.tensor([0, 1]), None)
+    with pytest.raises(ValueError, match="same length"):
+        OPS.pair_scores(q, items, torch.tensor([0]), torch.tensor([0, 1]), None)
+    with pytest.raises(ValueError, match="cand_offsets"):
+        OPS.candidate_scores(q, items, torch.tensor([0, 2, 1, 3]), torch.tensor([0, 1, 2]), None)
+    with pytest.raises(IndexError, match="cand_items"):
+        OPS.candidate_topk(q, items, torch.tensor([0, 1, 1, 3]), torch.tensor([0, 9, 2]), 2, None)
+    packed = quantize_rowwise(items, 8)
+    packed[1, 4:8] = torch.tensor([float("inf")]).view(torch.uint8)
+    with pytest.raises(ValueError, match="non-finite"):
+        OPS.candidate_scores(q, packed, torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1]), None)
