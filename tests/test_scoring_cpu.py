@@ -156,10 +156,11 @@ def test_topk_no_queries_and_k_zero():
 
 @pytest.mark.parametrize("dim", [1, 5, 32, 33])
 def test_topk_int8_equals_dequantized_and_recall(dim):
-    # the AVX2 path prefilters int8 rows with integer dot products and rescores exactly: its answer
-    # must be the scalar path's (which dequantizes) and the dequantized fp32 table's, bit for bit
+    # the AVX2 path prefilters int8 rows with integer dot products and rescores exactly (on
+    # catalogs of 65536 items and more): its answer must be the scalar path's (which dequantizes)
+    # and the dequantized fp32 table's, bit for bit
     g = torch.Generator().manual_seed(dim)
-    n_users, n_items = 37, 30000
+    n_users, n_items = 37, 70000
     q, w = torch.randn(n_users, dim, generator=g), torch.randn(n_items, dim, generator=g)
     w[7] *= 1e6  # one row of a much larger scale
     bias = torch.randn(n_items, generator=g) * 0.1
@@ -180,7 +181,7 @@ def test_topk_int8_equals_dequantized_and_recall(dim):
 
 
 def test_topk_int8_nan_query_and_huge_rows():
-    w = torch.randn(3000, 8)
+    w = torch.randn(70000, 8)  # >= 65536 items: the AVX2 path prefilters
     w[5] = 1e36  # 255 * scale + |bias| beyond the prefilter's range: that chunk takes the fp32 path
     w[6, 0] = -1e36
     packed = quantize_rowwise(w, 8)
