@@ -18,8 +18,10 @@ using namespace embedding_bag_cpu;
 
 at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indices, at::TensorList offsets,
                                      const c10::List<std::optional<at::Tensor>>& per_sample_weights,
-                                     std::vector<std::string> modes, at::IntArrayRef padding_idx, at::IntArrayRef bits,
-                                     c10::List<bool> sparse, c10::string_view bounds, at::ScalarType output_dtype) {
+                                     const c10::List<std::string>& modes, at::IntArrayRef padding_idx,
+                                     at::IntArrayRef bits, const c10::List<bool>& sparse, c10::string_view bounds,
+                                     at::ScalarType output_dtype) {
+  // (the signature must be the CUDA kernel's to the letter: one op, one C++ signature)
   (void)sparse;  // only the backward reads it
   const size_t n = weights.size();
   TORCH_CHECK_VALUE(n >= 1, "embedding_bag_grouped needs at least one lookup");
@@ -35,7 +37,7 @@ at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indi
   auto raise_in_lookup_order = [&] {
     for (size_t f = 0; f < n; ++f) {
       Lookup one;
-      prepare_lookup(one, weights[f], indices[f], offsets[f], per_sample_weights.get(f), modes[f], pad_of(f),
+      prepare_lookup(one, weights[f], indices[f], offsets[f], per_sample_weights.get(f), modes.get(f), pad_of(f),
                      bounds_s, bits[f]);
       at::Tensor out = at::empty({one.c.n_bags, one.dim()}, weights[f].options().dtype(at::kFloat));
       if (one.c.n_bags == 0 || one.dim() == 0) continue;
@@ -53,7 +55,7 @@ at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indi
       TORCH_CHECK_TYPE(weights[f].scalar_type() != at::kDouble,
                        "embedding_bag_grouped: float64 tables are not supported (weights[", f, "])");
       lookups.push_back(std::make_unique<Lookup>());
-      prepare_lookup(*lookups.back(), weights[f], indices[f], offsets[f], per_sample_weights.get(f), modes[f],
+      prepare_lookup(*lookups.back(), weights[f], indices[f], offsets[f], per_sample_weights.get(f), modes.get(f),
                      pad_of(f), bounds_s, bits[f]);
       total_dim += lookups.back()->dim();
     }
