@@ -3,10 +3,12 @@ issues add backends without touching the tests. Pairs that cannot run show up as
 reason (no GPU, backend not built, no kernel yet), never as passes."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from recsys_kernels import _backend
+from recsys_kernels import _backend, _loader
 
 DEVICES = ("cpu", "cuda")
 
@@ -42,3 +44,30 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------- CPU instruction sets
+ISA_VAR = "RECSYS_KERNELS_CPU_ISA"  # caps the C++ CPU kernels' path; cpu_isa() reads it on every call
+
+
+def has_avx2() -> bool:
+    if "_C" not in _loader.EXTENSIONS:
+        return False
+    import recsys_kernels._C as C
+    return C.cpu_features()["avx2"] == "yes"
+
+
+ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not has_avx2(), reason="CPU has no AVX2"))]
+
+
+def on_isa(isa, fn):
+    """fn() with the CPU path capped at `isa`."""
+    old = os.environ.get(ISA_VAR)
+    os.environ[ISA_VAR] = isa
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[ISA_VAR]
+        else:
+            os.environ[ISA_VAR] = old

@@ -2,11 +2,10 @@
 test_embedding_bag.py: both CPU paths (AVX2 and the forced scalar fallback, which must agree bit for
 bit), wide and odd D, skewed bags, many bags with int32 offsets, quantized tables, the backward op
 against the reference backward op, errors of the native op called directly, opcheck, compile."""
-import os
-
 import pytest
 import torch
 
+from helpers import ISAS, has_avx2 as _has_avx2, on_isa
 from recsys_kernels import _loader
 from recsys_kernels.ops.embedding import embedding_bag
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
@@ -16,30 +15,6 @@ pytestmark = pytest.mark.skipif(
     reason="the C++ CPU kernel of embedding_bag is not built")
 
 OPS = torch.ops.recsys_kernels
-ISA_VAR = "RECSYS_KERNELS_CPU_ISA"
-
-
-def _has_avx2():
-    import recsys_kernels._C as C
-    return C.cpu_features()["avx2"] == "yes"
-
-
-ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not _has_avx2(), reason="CPU has no AVX2"))]
-
-
-def on_isa(isa, fn):
-    """fn() with the CPU path capped at `isa` (cpu_isa() reads the variable on every call)."""
-    old = os.environ.get(ISA_VAR)
-    os.environ[ISA_VAR] = isa
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ[ISA_VAR]
-        else:
-            os.environ[ISA_VAR] = old
-
-
 def bags(lengths, n_rows, lo=0, hi=None, dtype=torch.long, generator=None):
     lengths = torch.as_tensor(lengths)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])

@@ -3,12 +3,11 @@ both CPU paths (AVX2 and the forced scalar fallback), exact int32 results over t
 for shapes that hit every tail (M, N, K not multiples of the 6 x 16 tile or of the K pairs, K
 blocked past 1024, the K-chunked path past 131070), the fused epilogue against the reference, the
 prepacked-weight op int8_linear_packed, opcheck and torch.compile."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import ISA_VAR, ISAS, has_avx2 as _has_avx2, on_isa
 from recsys_kernels import _loader
 from recsys_kernels.ops.int8_matmul import (int8_linear, int8_linear_packed, int8_matmul, pack_weight_int8,
                                             quantize_rows_int8, quantize_weight_int8, unpack_weight_int8)
@@ -18,17 +17,6 @@ pytestmark = pytest.mark.skipif(
     reason="the C++ CPU kernels of int8_matmul are not built")
 
 OPS = torch.ops.recsys_kernels
-ISA_VAR = "RECSYS_KERNELS_CPU_ISA"
-
-
-def _has_avx2():
-    import recsys_kernels._C as C
-    return C.cpu_features()["avx2"] == "yes"
-
-
-ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not _has_avx2(), reason="CPU has no AVX2"))]
-
-
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     """Caps the CPU path (cpu_isa() reads the variable on every call)."""
@@ -203,13 +191,7 @@ def test_paths_agree_on_int32():
     if not _has_avx2():
         pytest.skip("CPU has no AVX2")
     a, b = _rand_i8(23, 301), _rand_i8(45, 301)
-    results = []
-    for isa in ("scalar", "avx2"):
-        os.environ[ISA_VAR] = isa
-        try:
-            results.append(int8_matmul(a, b, backend="cpu"))
-        finally:
-            del os.environ[ISA_VAR]
+    results = [on_isa(isa, lambda: int8_matmul(a, b, backend="cpu")) for isa in ("scalar", "avx2")]
     assert torch.equal(results[0], results[1])
 
 

@@ -2,11 +2,10 @@
 and the forced scalar fallback, which must agree bit for bit), shapes that cross the kernel's
 register tiles, chunks, query slabs and item ranges, large k and k = I, ties, NaN, exclusion lists
 longer than I - k, no queries, int8 recall on random data, the native ops called directly."""
-import os
-
 import pytest
 import torch
 
+from helpers import has_avx2 as _has_avx2, on_isa
 from recsys_kernels import _loader
 from recsys_kernels.ops import scoring
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
@@ -16,27 +15,6 @@ pytestmark = pytest.mark.skipif(
     reason="the C++ CPU kernels of the scoring ops are not built")
 
 OPS = torch.ops.recsys_kernels
-ISA_VAR = "RECSYS_KERNELS_CPU_ISA"
-
-
-def _has_avx2():
-    import recsys_kernels._C as C
-    return C.cpu_features()["avx2"] == "yes"
-
-
-def on_isa(isa, fn):
-    """fn() with the CPU path capped at `isa` (cpu_isa() reads the variable on every call)."""
-    old = os.environ.get(ISA_VAR)
-    os.environ[ISA_VAR] = isa
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ[ISA_VAR]
-        else:
-            os.environ[ISA_VAR] = old
-
-
 def both_paths(fn):
     """(scalar result, avx2 result); avx2 = scalar when the CPU has no AVX2."""
     scalar = on_isa("scalar", fn)

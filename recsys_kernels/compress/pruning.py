@@ -193,6 +193,18 @@ def prune_linear_outputs_(linear: nn.Linear, next_linear: nn.Linear, keep: Tenso
     return before - sum(p.numel() for p in (*linear.parameters(), *next_linear.parameters()))
 
 
+def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn] = None):
+    """(qualified name, linear, next linear) of every _linear_pairs pair in the model's
+    nn.Sequential blocks that filter_fn (if given) accepts."""
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for name, lin, nxt in _linear_pairs(seq):
+            fqn = f"{seq_name}.{name}" if seq_name else name
+            if filter_fn is None or filter_fn(lin, fqn):
+                yield fqn, lin, nxt
+
+
 def _linear_pairs(seq: nn.Sequential) -> list[tuple[str, nn.Linear, nn.Linear]]:
     """(name, linear, next linear) for every Linear followed, through zero-preserving
     element-wise layers only, by another Linear in `seq`."""
@@ -221,15 +233,9 @@ def structured_prune_(model: nn.Module, amount: float, *, criterion: str = "l2",
     counts what went away; the layers list has the new shapes, 0 zeros added)."""
     _check_amount(amount)
     report = SparsityReport(f"structured neurons ({criterion}, {amount:g})")
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for name, lin, nxt in _linear_pairs(seq):
-            fqn = f"{seq_name}.{name}" if seq_name else name
-            if filter_fn is not None and not filter_fn(lin, fqn):
-                continue
-            report.removed_params += prune_linear_outputs_(lin, nxt, kept_neurons(lin, amount, criterion))
-            report.layers.append(_layer(fqn, lin.weight))
+    for fqn, lin, nxt in _model_linear_pairs(model, filter_fn):
+        report.removed_params += prune_linear_outputs_(lin, nxt, kept_neurons(lin, amount, criterion))
+        report.layers.append(_layer(fqn, lin.weight))
     return report
 
 
@@ -240,22 +246,16 @@ def structured_mask_(model: nn.Module, amount: float, *, criterion: str = "l2",
     instead of removing them (same shapes). Used to check that structured pruning is exact."""
     _check_amount(amount)
     report = SparsityReport(f"structured mask ({criterion}, {amount:g})")
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for name, lin, nxt in _linear_pairs(seq):
-            fqn = f"{seq_name}.{name}" if seq_name else name
-            if filter_fn is not None and not filter_fn(lin, fqn):
-                continue
-            drop = torch.ones(lin.out_features, dtype=torch.bool)
-            drop[kept_neurons(lin, amount, criterion)] = False
-            lin.weight[drop] = 0
-            if lin.bias is not None:
-                lin.bias[drop] = 0
-            # the next layer's columns for those neurons multiply zeros; zeroing them changes no
-            # output and keeps the next layer's neuron norms equal to the shrunk layer's
-            nxt.weight[:, drop] = 0
-            report.layers.append(_layer(fqn, lin.weight))
+    for fqn, lin, nxt in _model_linear_pairs(model, filter_fn):
+        drop = torch.ones(lin.out_features, dtype=torch.bool)
+        drop[kept_neurons(lin, amount, criterion)] = False
+        lin.weight[drop] = 0
+        if lin.bias is not None:
+            lin.bias[drop] = 0
+        # the next layer's columns for those neurons multiply zeros; zeroing them changes no
+        # output and keeps the next layer's neuron norms equal to the shrunk layer's
+        nxt.weight[:, drop] = 0
+        report.layers.append(_layer(fqn, lin.weight))
     return report
 
 
@@ -279,5 +279,4 @@ def keep_zeros(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Iterat
 
 def sequential_linears(model: nn.Module) -> Sequence[str]:
     """Names of the nn.Linear layers structured pruning would shrink (for reports)."""
-    return [f"{s}.{n}" if s else n for s, seq in model.named_modules() if isinstance(seq, nn.Sequential)
-            for n, _, _ in _linear_pairs(seq)]
+    return [fqn for fqn, _, _ in _model_linear_pairs(model)]
