@@ -40,6 +40,42 @@ def _bag_rows(IDX, pos, pmask, n_rows, pad, BOUNDS: tl.constexpr, HAS_PAD: tl.co
 
 
 @triton.jit
+def _int8_rows(W, row, row_stride, dim, cols, keep, m2):
+    """An int8 row is D codes, fp32 scale, fp32 bias; rows of D + 8 bytes are not 4-byte aligned,
+    so the scale and bias are read byte by byte."""
+    base = W + row * row_stride
+    codes = tl.load(base[:, None] + cols[None, :], mask=m2, other=0)
+    tail = base + dim
+    s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint32)
+    s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint32)
+    s2 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint32)
+    s3 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint32)
+    b0 = tl.load(tail + 4, mask=keep, other=0).to(tl.uint32)
+    b1 = tl.load(tail + 5, mask=keep, other=0).to(tl.uint32)
+    b2 = tl.load(tail + 6, mask=keep, other=0).to(tl.uint32)
+    b3 = tl.load(tail + 7, mask=keep, other=0).to(tl.uint32)
+    scale = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
+    bias = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
+    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
+
+
+@triton.jit
+def _int4_rows(W, row, row_stride, dim, cols, keep, m2):
+    """An int4 row is D/2 bytes (low nibble first), fp16 scale, fp16 bias."""
+    base = W + row * row_stride
+    packed = tl.load(base[:, None] + (cols // 2)[None, :], mask=m2, other=0)
+    codes = tl.where((cols % 2 == 0)[None, :], packed & 0xF, packed >> 4)
+    tail = base + dim // 2
+    s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint16)
+    s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint16)
+    b0 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint16)
+    b1 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint16)
+    scale = (s0 | (s1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    bias = (b0 | (b1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
+
+
+@triton.jit
 def _embedding_bag_fwd_kernel(
     W, IDX, OFF, PSW, OUT,
     TOKEN,  # unused: the output of the caller's value checks, so that a compiler keeps them
@@ -74,35 +110,12 @@ def _embedding_bag_fwd_kernel(
         count += keep.to(tl.int32)
 
         m2 = keep[:, None] & cmask[None, :]
-        base = W + row * row_stride  # [BLOCK_L] pointers, int64 offsets
         if BITS == 8:
-            codes = tl.load(base[:, None] + cols[None, :], mask=m2, other=0)
-            tail = base + D
-            s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint32)
-            s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint32)
-            s2 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint32)
-            s3 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint32)
-            b0 = tl.load(tail + 4, mask=keep, other=0).to(tl.uint32)
-            b1 = tl.load(tail + 5, mask=keep, other=0).to(tl.uint32)
-            b2 = tl.load(tail + 6, mask=keep, other=0).to(tl.uint32)
-            b3 = tl.load(tail + 7, mask=keep, other=0).to(tl.uint32)
-            scale = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
-            bias = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
-            vals = codes.to(tl.float32) * scale[:, None] + bias[:, None]
-            vals = tl.where(m2, vals, 0.0).to(ACC)
+            vals = _int8_rows(W, row, row_stride, D, cols, keep, m2).to(ACC)
         elif BITS == 4:
-            packed = tl.load(base[:, None] + (cols // 2)[None, :], mask=m2, other=0)
-            codes = tl.where((cols % 2 == 0)[None, :], packed & 0xF, packed >> 4)
-            tail = base + D // 2
-            s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint16)
-            s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint16)
-            b0 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint16)
-            b1 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint16)
-            scale = (s0 | (s1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-            bias = (b0 | (b1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-            vals = codes.to(tl.float32) * scale[:, None] + bias[:, None]
-            vals = tl.where(m2, vals, 0.0).to(ACC)
+            vals = _int4_rows(W, row, row_stride, D, cols, keep, m2).to(ACC)
         else:
+            base = W + row * row_stride  # [BLOCK_L] pointers, int64 offsets
             vals = tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0).to(ACC)
 
         if MODE == 2:

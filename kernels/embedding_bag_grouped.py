@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .embedding_bag import _int4_rows, _int8_rows
+
 # fields of a META row
 F_WEIGHT, F_INDICES, F_OFFSETS, F_PSW, F_ROWS, F_ROW_STRIDE, F_DIM, F_FORMAT, F_INDEX64, F_MODE, F_PAD, \
     F_OUT_COL, F_HAS_PSW = range(13)
@@ -57,42 +59,6 @@ def _float_rows(W, row, row_stride, cols, m2):
     """fp32 [BLOCK_L, BLOCK_D] tile of a float table (W: a typed pointer)."""
     base = W + row * row_stride
     return tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _int8_rows(W, row, row_stride, dim, cols, keep, m2):
-    """An int8 row is D codes, fp32 scale, fp32 bias; rows of D + 8 bytes are not 4-byte aligned,
-    so the scale and bias are read byte by byte."""
-    base = W + row * row_stride
-    codes = tl.load(base[:, None] + cols[None, :], mask=m2, other=0)
-    tail = base + dim
-    s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint32)
-    s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint32)
-    s2 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint32)
-    s3 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint32)
-    b0 = tl.load(tail + 4, mask=keep, other=0).to(tl.uint32)
-    b1 = tl.load(tail + 5, mask=keep, other=0).to(tl.uint32)
-    b2 = tl.load(tail + 6, mask=keep, other=0).to(tl.uint32)
-    b3 = tl.load(tail + 7, mask=keep, other=0).to(tl.uint32)
-    scale = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
-    bias = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
-    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
-
-
-@triton.jit
-def _int4_rows(W, row, row_stride, dim, cols, keep, m2):
-    """An int4 row is D/2 bytes (low nibble first), fp16 scale, fp16 bias."""
-    base = W + row * row_stride
-    packed = tl.load(base[:, None] + (cols // 2)[None, :], mask=m2, other=0)
-    codes = tl.where((cols % 2 == 0)[None, :], packed & 0xF, packed >> 4)
-    tail = base + dim // 2
-    s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint16)
-    s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint16)
-    b0 = tl.load(tail + 2, mask=keep, other=0).to(tl.uint16)
-    b1 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint16)
-    scale = (s0 | (s1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-    bias = (b0 | (b1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
 
 
 @triton.jit
