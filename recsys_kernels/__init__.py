@@ -5,7 +5,7 @@ _load_extensions()  # before the ops: their native variants need the schemas of 
 
 from ._backend import BackendUnavailableError, get_backend, set_backend  # noqa: E402
 from ._info import format_info, info  # noqa: E402
-from .nn import FusedEmbeddingBag, FusedEmbeddingBagCollection, Int8Linear, TableConfig  # noqa: E402
+from .nn import FusedEmbeddingBag, FusedEmbeddingBagCollection, Int8Linear, Retriever, TableConfig  # noqa: E402
 from .ops import (  # noqa: E402
     candidate_scores,
     candidate_topk,

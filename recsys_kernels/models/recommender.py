@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .. import data as _data
 from .. import metrics as _metrics
+from ..nn.retriever import Retriever
 
 Csr = tuple[Tensor, Tensor]
 
@@ -219,19 +220,22 @@ class Recommender(nn.Module):
         if not 1 <= k <= self.num_items:
             raise ValueError(f"k must be in [1, num_items={self.num_items}], got {k}")
         q = self.user_vectors(users, hist_offsets, hist_items).float().contiguous()
-        if self.catalog is not None:
-            table, bias = self.catalog, self.catalog_bias
-        else:
-            table, bias = self.item_vectors().float().contiguous(), self.item_bias().float().contiguous()
         if exclude is True:
             exclude = (hist_offsets, hist_items)
         elif exclude is False:
             exclude = None
-        scoring = _scoring_ops()
-        if scoring is None:
-            return _topk_fallback(q, table, k, exclude, bias)
-        ex_off, ex_items = exclude if exclude is not None else (None, None)
-        return scoring.topk_scores(q, table, k, exclude_offsets=ex_off, exclude_items=ex_items, item_bias=bias)
+        if _scoring_ops() is None:
+            r = self.retriever()
+            return _topk_fallback(q, r.items, k, exclude, r.item_bias)
+        return self.retriever().search(q, k, exclude=exclude)
+
+    @torch.no_grad()
+    def retriever(self) -> Retriever:
+        """The index `recommend` searches: the frozen catalog (freeze_catalog) when there is one,
+        else the live item vectors and content biases (fp32, not copied when contiguous)."""
+        if self.catalog is not None:
+            return Retriever(self.catalog, self.catalog_bias)
+        return Retriever(self.item_vectors().detach().float(), self.item_bias().detach())
 
 
 # ----------------------------------------------------------------------------- training
