@@ -202,7 +202,9 @@ RK_AVX2_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, const __m256 (&
       acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b, p1), ones));
     }
   }
-  int64_t n = 0;
+  // Which (lane, item) could reach its threshold; the masks leave the registers in straight-line
+  // code (see tile_block).
+  uint32_t any = 0;
   for (int i = 0; i < NI; ++i) {
     const uint8_t* row = base + i * a.row_bytes;
     float scale, rbias;
@@ -212,29 +214,37 @@ RK_AVX2_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, const __m256 (&
     const __m256 vscale = _mm256_set1_ps(scale), vrb = _mm256_set1_ps(rbias), vib = _mm256_set1_ps(ib);
     const __m256 vk = _mm256_set1_ps(255.0f * std::fabs(scale) + std::fabs(rbias));
     const __m256 vibslack = _mm256_set1_ps(std::fabs(ib) * 0x1p-20f);
-    uint32_t m = 0;
     for (int h = 0; h < 2; ++h) {
       __m256 approx = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][h]), _mm256_mul_ps(qs[h], vscale));
       approx = _mm256_add_ps(_mm256_add_ps(approx, _mm256_mul_ps(vrb, qsum[h])), vib);
       __m256 bound = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(std::fabs(scale)), qerr[h]),
                                    _mm256_mul_ps(vk, qslack[h]));
       const __m256 upper = _mm256_add_ps(approx, _mm256_add_ps(bound, vibslack));
-      m |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(upper, thr[h], _CMP_NLT_UQ))) << (8 * h);
-    }
-    m &= a.lane_mask;
-    if (m == 0) continue;
-    for (int64_t d = 0; d < a.dim; ++d) a.scratch[d] = static_cast<float>(row[d]) * scale + rbias;
-    while (m != 0) {
-      const int lane = __builtin_ctz(m);
-      m &= m - 1;
-      __m128 s = _mm_setzero_ps();
-      for (int64_t d = 0; d < a.dim; ++d)
-        s = _mm_fmadd_ss(_mm_load_ss(a.panel + d * kLanes + lane), _mm_load_ss(a.scratch + d), s);
-      float score = _mm_cvtss_f32(s);
-      if (a.bias != nullptr) score = score + ib;
-      if (!(score < a.threshold[lane])) out[n++] = {static_cast<int32_t>(i0 + i), lane, score};
+      any |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(upper, thr[h], _CMP_NLT_UQ))) << (8 * h);
     }
   }
+  if ((any & a.lane_mask) == 0) return 0;
+  // Rescore the block exactly: its rows dequantized (code * scale + bias, two roundings), then the
+  // fp32 tile. The bound is rigorous, so every lane whose exact score passes also passed above:
+  // the fp32 tile's candidates are exactly the prefiltered lanes that pass.
+  for (int i = 0; i < NI; ++i) {
+    const uint8_t* row = base + i * a.row_bytes;
+    float scale, rbias;
+    std::memcpy(&scale, row + a.dim, 4);
+    std::memcpy(&rbias, row + a.dim + 4, 4);
+    float* x = a.scratch + i * a.dim;
+    for (int64_t d = 0; d < a.dim; ++d) x[d] = static_cast<float>(row[d]) * scale + rbias;
+  }
+  TileArgs t{};
+  t.panel = a.panel;
+  t.items = a.scratch;
+  t.bias = a.bias != nullptr ? a.bias + i0 : nullptr;
+  t.dim = a.dim;
+  t.n_items = NI;
+  t.threshold = a.threshold;
+  t.lane_mask = a.lane_mask;
+  const int64_t n = tile_block<NI>(t, 0, _mm256_loadu_ps(a.threshold), _mm256_loadu_ps(a.threshold + 8), out);
+  for (int64_t j = 0; j < n; ++j) out[j].item += static_cast<int32_t>(i0);
   return n;
 }
 

@@ -77,8 +77,8 @@ int64_t score_tile_scalar(const TileArgs& a, Candidate* out);
 // and |exact - a| <= scale * qerr + (255 * scale + |row_bias|) * qslack + |item bias| * 2^-20,
 // where qerr = 255 * sum_d |q_d - qscale * q8_d| (inflated) and qslack covers every fp32
 // rounding of both sides. A (lane, item) whose upper bound is not below the lane's threshold is
-// rescored exactly (the row dequantized, the fp32 tile kernel's fma chain), so the candidates and
-// their scores are exactly those of the fp32 path on the dequantized table.
+// rescored exactly (the block's rows dequantized, then the fp32 tile kernel), so the candidates
+// and their scores are exactly those of the fp32 path on the dequantized table.
 struct Q8TileArgs {
   const int8_t* qpanel;  // [ceil(D / 4)][16][4] q8, zero past D
   const float* qscale;   // [16]
@@ -91,7 +91,7 @@ struct Q8TileArgs {
   const float* bias;     // [n_items] or nullptr
   const float* threshold;
   uint32_t lane_mask;
-  float* scratch;        // [dim] a dequantized row
+  float* scratch;        // [4][dim] dequantized rows
 };
 
 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);

@@ -118,7 +118,7 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
     const int64_t u = u0 + lu;
     ex_at[lu] = std::lower_bound(P.ex_sorted + P.ex_off[u], P.ex_sorted + P.ex_off[u + 1], i0) - P.ex_sorted;
   }
-  std::vector<float> rows(P.items.kind == Kind::kF32 ? 0 : chunk * d), scratch(d);
+  std::vector<float> rows(P.items.kind == Kind::kF32 ? 0 : chunk * d), scratch(4 * d);  // q8 rescoring
 
   for (int64_t c0 = i0; c0 < i1; c0 += chunk) {
     const int64_t n = std::min(chunk, i1 - c0);
