@@ -131,13 +131,19 @@ def _topk_keys_kernel(
     n_users, start, stop, span, D, item_stride,
     HAS_BIAS: tl.constexpr, HAS_EX: tl.constexpr, INT8: tl.constexpr, GPU_RN: tl.constexpr,
     DOT_FP32: tl.constexpr,  # convert both operands to fp32 (ieee dot); else a dot in Q's dtype
+    KP: tl.constexpr,  # 0: write every key; else (a power of two <= BLOCK_I) only the span's top KP
     BLOCK_U: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """KEYS[u, i - start] = ranking key of (user u, item i) for u < n_users, i in [start, stop);
     KEY_INVALID for excluded items. Q [n_users, D] (this block's users); EX_OFF [n_users + 1]
     (this block's slice of the CSR offsets, absolute positions into EX_SORTED); EX_SORTED:
     every user's exclusion list sorted ascending. Program (pid_u, pid_i) covers
-    BLOCK_U users x the items [start + pid_i * span, + span)."""
+    BLOCK_U users x the items [start + pid_i * span, + span).
+
+    With KP > 0 the program selects in registers: a running [BLOCK_U, KP] top-k of its span's
+    keys (tl.topk of each tile, joined with the running one, tl.topk again), and writes only
+    that, to KEYS[u, pid_i * KP : (pid_i + 1) * KP] (KEYS is [n_users, programs * KP]).
+    Entries past the span are KEY_INVALID, so they can fill slots but never outrank an item."""
     users = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     um = users < n_users
     users64 = users.to(tl.int64)
@@ -156,6 +162,8 @@ def _topk_keys_kernel(
             lo = tl.where(right, mid + 1, lo)
             hi = tl.where(active & (v >= span_lo), mid, hi)
         ptr = lo
+    if KP > 0:
+        best = tl.full([BLOCK_U, KP], KEY_INVALID, tl.int64)
     for t0 in range(span_lo, span_hi, BLOCK_I):
         items = t0 + tl.arange(0, BLOCK_I)
         im = items < span_hi
@@ -184,8 +192,17 @@ def _topk_keys_kernel(
                 e = tl.load(EX_SORTED + ptr, mask=ptr < ex_end, other=0)
                 hit = (ptr < ex_end) & (e < t_end)
             key = tl.where(excluded != 0, KEY_INVALID, key)
-        out = KEYS + users64[:, None] * (stop - start) + (items - start)[None, :]
-        tl.store(out, key, mask=um[:, None] & im[None, :])
+        if KP > 0:
+            key = tl.where(im[None, :], key, KEY_INVALID)
+            both = tl.reshape(tl.join(best, tl.topk(key, KP)), [BLOCK_U, 2 * KP])
+            best = tl.topk(both, KP)
+        else:
+            out = KEYS + users64[:, None] * (stop - start) + (items - start)[None, :]
+            tl.store(out, key, mask=um[:, None] & im[None, :])
+    if KP > 0:
+        slots = tl.program_id(1) * KP + tl.arange(0, KP)
+        out = KEYS + users64[:, None] * (tl.num_programs(1) * KP) + slots[None, :]
+        tl.store(out, best, mask=um[:, None])
 
 
 @triton.jit
@@ -239,18 +256,26 @@ def gather_config(dim: int, on_gpu: bool) -> dict:
     return dict(BLOCK_P=max(1, min(1024, 65536 // block_d)), BLOCK_D=block_d, num_warps=1)
 
 
-def topk_config(n_users: int, chunk: int, dim: int, on_gpu: bool) -> dict:
-    """Tiles of the topk key kernel (tl.dot needs >= 16 on every side), and `span`, the items per
-    program. Not tuned on a GPU (none was available when this was written)."""
+SELECT_MAX_K = 64  # the largest k selected in registers (KP); above it every key is written
+
+
+def topk_config(n_users: int, chunk: int, dim: int, k: int, on_gpu: bool) -> dict:
+    """Tiles of the topk key kernel (tl.dot needs >= 16 on every side), `span` (the items per
+    program) and KP (in-register selection when it shrinks the output: k <= SELECT_MAX_K and a
+    span longer than KP). Not tuned on a GPU (none was available when this was written)."""
     block_d = max(16, min(triton.next_power_of_2(max(dim, 1)), 64 if on_gpu else 1024))
+    kp = triton.next_power_of_2(max(k, 1))
     if on_gpu:
         block_u = 16 if n_users <= 16 else 32 if n_users <= 32 else 64
-        block_i = 64
-        return dict(BLOCK_U=block_u, BLOCK_I=block_i, BLOCK_D=block_d, span=4 * block_i, num_warps=4)
-    # the interpreter pays per op, not per element: one program per chunk and user block
-    block_u = max(16, min(triton.next_power_of_2(max(n_users, 1)), 64))
-    block_i = max(16, min(triton.next_power_of_2(max(chunk, 1)), 2048))
-    return dict(BLOCK_U=block_u, BLOCK_I=block_i, BLOCK_D=block_d, span=max(chunk, 1), num_warps=1)
+        block_i = max(64, kp)
+        span = 16 * block_i if kp <= SELECT_MAX_K else 4 * block_i
+        cfg = dict(BLOCK_U=block_u, BLOCK_I=block_i, BLOCK_D=block_d, span=span, num_warps=4)
+    else:  # the interpreter pays per op, not per element: one program per chunk and user block
+        block_u = max(16, min(triton.next_power_of_2(max(n_users, 1)), 64))
+        block_i = max(16, kp, min(triton.next_power_of_2(max(chunk, 1)), 2048))
+        cfg = dict(BLOCK_U=block_u, BLOCK_I=block_i, BLOCK_D=block_d, span=max(chunk, 1), num_warps=1)
+    cfg["KP"] = kp if kp <= SELECT_MAX_K and kp < min(cfg["span"], chunk) else 0
+    return cfg
 
 
 def segment_config(dim: int, n_rows: int, on_gpu: bool) -> dict:

@@ -57,16 +57,29 @@ def topk_both(q, items, k, exclude=None, bias=None):
 
 
 # ----------------------------------------------------------------------------- topk_scores
-@pytest.mark.parametrize("chunk", [1, 2, 3, 16, 17, 64])
-@pytest.mark.parametrize("user_chunk", [1, 5, 1024])
+@pytest.mark.parametrize("chunk,user_chunk", [(1, 1024), (2, 3), (3, 4), (16, 1024), (17, 5), (64, 2)])
 def test_topk_many_tiny_chunks_with_ties(chunk, user_chunk, monkeypatch):
-    # few distinct score levels over 70 items: ties everywhere, straddling every chunk boundary
+    # few distinct score levels over 40 items: ties everywhere, straddling every chunk boundary
     monkeypatch.setattr(scoring, "TOPK_CHUNK", chunk)
     monkeypatch.setattr(scoring, "TOPK_USER_CHUNK", user_chunk)
-    q, items, bias = exact(7, 3, lo=0, hi=1), exact(70, 3, lo=0, hi=1), exact(70, lo=0, hi=1)
-    exclude = [torch.randint(0, 70, (int(n),)).tolist() for n in torch.randint(0, 30, (7,))]
-    for k in (1, 13, 70):
+    q, items, bias = exact(7, 3, lo=0, hi=1), exact(40, 3, lo=0, hi=1), exact(40, lo=0, hi=1)
+    exclude = [torch.randint(0, 40, (int(n),)).tolist() for n in torch.randint(0, 20, (7,))]
+    for k in (13, 40):
         assert_same(*topk_both(q, items, k, exclude, bias))
+
+
+@pytest.mark.parametrize("k", [1, 5, 16, 17, 65])  # KP = 1, 8, 16, 32; 65: every key
+def test_topk_in_kernel_selection_matches_writing_every_key(k, monkeypatch):
+    # k <= SELECT_MAX_K: each program keeps its span's top k in registers; above, or with
+    # SELECT_MAX_K = 0, every key is written. Both must give the reference's answer.
+    from recsys_kernels._triton import scoring as kernels
+    monkeypatch.setattr(scoring, "TOPK_CHUNK", 150)
+    q, items, bias = exact(5, 4, lo=-1, hi=1), exact(300, 4, lo=-1, hi=1), exact(300, lo=0, hi=1)
+    exclude = [torch.randint(0, 300, (int(n),)).tolist() for n in torch.randint(0, 120, (5,))]
+    got, ref = topk_both(q, items, k, exclude, bias)
+    assert_same(got, ref)
+    monkeypatch.setattr(kernels, "SELECT_MAX_K", 0)
+    assert_same(topk_both(q, items, k, exclude, bias)[0], ref)
 
 
 def test_topk_all_tied_across_chunks(monkeypatch):

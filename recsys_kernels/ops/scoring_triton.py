@@ -313,10 +313,12 @@ def _topk_scores_triton(queries: Tensor, items: Tensor, k: int, exclude_offsets:
         running = torch.full((u1 - u0, k), _s._KEY_INVALID, dtype=torch.int64, device=device)
         for start in range(0, n_items, chunk):
             stop = min(n_items, start + chunk)
-            cfg = _k.topk_config(u1 - u0, stop - start, dim, on_gpu)
+            cfg = _k.topk_config(u1 - u0, stop - start, dim, k, on_gpu)
             span = cfg.pop("span")
-            keys = torch.empty(u1 - u0, stop - start, dtype=torch.int64, device=device)
             grid = (triton_cdiv(u1 - u0, cfg["BLOCK_U"]), triton_cdiv(stop - start, span))
+            # every key of the chunk, or each program's top KP (selected in the kernel)
+            width = grid[1] * cfg["KP"] if cfg["KP"] else stop - start
+            keys = torch.empty(u1 - u0, width, dtype=torch.int64, device=device)
             torch.library.wrap_triton(_k._topk_keys_kernel)[grid](
                 q, items, bias if bias is not None else q, ex_offsets[u0:] if ex_offsets is not None else keys,
                 ex_sorted if ex_sorted is not None else keys, keys, token,
@@ -324,7 +326,7 @@ def _topk_scores_triton(queries: Tensor, items: Tensor, k: int, exclude_offsets:
                 HAS_BIAS=bias is not None, HAS_EX=ex_offsets is not None, INT8=items.dtype == torch.uint8,
                 GPU_RN=on_gpu, DOT_FP32=dot_fp32, **cfg)
             # the chunk's own top-k first: the merge then concatenates only [users, <= 2k]
-            best = torch.topk(keys, min(k, stop - start), dim=1).values
+            best = torch.topk(keys, min(k, width), dim=1).values
             running = _s._top_keys(torch.cat([running, best], dim=1), k)
         out_keys.append(running)
     top = out_keys[0] if len(out_keys) == 1 else torch.cat(out_keys)
