@@ -265,16 +265,17 @@ def topk_config(n_users: int, chunk: int, dim: int, k: int, on_gpu: bool) -> dic
     span longer than KP). Not tuned on a GPU (none was available when this was written)."""
     block_d = max(16, min(triton.next_power_of_2(max(dim, 1)), 64 if on_gpu else 1024))
     kp = triton.next_power_of_2(max(k, 1))
+    selecting = kp <= SELECT_MAX_K  # then BLOCK_I >= KP (tl.topk of a tile)
     if on_gpu:
         block_u = 16 if n_users <= 16 else 32 if n_users <= 32 else 64
-        block_i = max(64, kp)
-        span = 16 * block_i if kp <= SELECT_MAX_K else 4 * block_i
+        block_i = max(64, kp) if selecting else 64
+        span = 16 * block_i if selecting else 4 * block_i
         cfg = dict(BLOCK_U=block_u, BLOCK_I=block_i, BLOCK_D=block_d, span=span, num_warps=4)
     else:  # the interpreter pays per op, not per element: one program per chunk and user block
         block_u = max(16, min(triton.next_power_of_2(max(n_users, 1)), 64))
-        block_i = max(16, kp, min(triton.next_power_of_2(max(chunk, 1)), 2048))
+        block_i = max(16, kp if selecting else 16, min(triton.next_power_of_2(max(chunk, 1)), 2048))
         cfg = dict(BLOCK_U=block_u, BLOCK_I=block_i, BLOCK_D=block_d, span=max(chunk, 1), num_warps=1)
-    cfg["KP"] = kp if kp <= SELECT_MAX_K and kp < min(cfg["span"], chunk) else 0
+    cfg["KP"] = kp if selecting and kp < min(cfg["span"], chunk) else 0
     return cfg
 
 

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recsys_kernels import _backend
 from recsys_kernels.ops import scoring, scoring_triton  # noqa: F401 - registers the triton backend
@@ -160,6 +162,27 @@ def test_topk_int8_table_against_reference(monkeypatch):
                                   exclude_offsets=csr(exclude)[0].to(DEVICE),
                                   exclude_items=csr(exclude)[1].to(DEVICE), backend="triton")
     assert_same((values, ids), got_deq)
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), n_users=st.integers(0, 4), n_items=st.integers(0, 40), dim=st.integers(0, 3),
+       chunk=st.integers(1, 41), user_chunk=st.integers(1, 5))
+def test_hypothesis_against_reference(data, n_users, n_items, dim, chunk, user_chunk):
+    # any exclusion / candidate lists (duplicates, empty users), any k, any chunking
+    saved = scoring.TOPK_CHUNK, scoring.TOPK_USER_CHUNK  # (monkeypatch does not mix with @given)
+    scoring.TOPK_CHUNK, scoring.TOPK_USER_CHUNK = chunk, user_chunk
+    try:
+        q, items = exact(n_users, dim, lo=-1, hi=1), exact(n_items, dim, lo=-1, hi=1)
+        item_id = st.integers(0, n_items - 1) if n_items else st.nothing()
+        lists = data.draw(st.lists(st.lists(item_id, max_size=12 if n_items else 0), min_size=n_users,
+                                   max_size=n_users))
+        assert_same(*topk_both(q, items, data.draw(st.integers(0, n_items)), lists))
+        off, ids = csr(lists)
+        k = data.draw(st.integers(0, 8))
+        assert_same(scoring.candidate_topk(*dev(q, items, off, ids), k, backend="triton"),
+                    scoring.candidate_topk(q, items, off, ids, k, backend="reference"))
+    finally:
+        scoring.TOPK_CHUNK, scoring.TOPK_USER_CHUNK = saved
 
 
 # ----------------------------------------------------------------------------- candidates
