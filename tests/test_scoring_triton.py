@@ -366,3 +366,82 @@ def test_compile_backward():
     expected = torch.zeros(4, 3).index_add_(0, ui.cpu(), v.detach().cpu()[ii.cpu()])
     torch.testing.assert_close(u.grad.cpu(), expected)
     assert not math.isnan(float(v.grad.sum()))
+
+
+# ----------------------------------------------------------------------------- GPU code paths
+_SM90_COMPILE = r'''
+import os, re, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from recsys_kernels._triton import scoring as k
+
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+
+def build(fn, sig, consts, num_warps):
+    c = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    path = os.path.join(sys.argv[1], "k.cubin")
+    open(path, "wb").write(c.asm["cubin"])
+    sass = subprocess.run([NVDISASM, path], capture_output=True, text=True, check=True).stdout
+    return c.asm["ptx"], sass
+
+
+def gather(int8):
+    cfg = k.gather_config(64, True)
+    sig = dict(Q="*fp32", ITEMS="*u8" if int8 else "*bf16", BIAS="*fp32", QIDX="*i64", IIDX="*i32", OUT="*fp32",
+               KEYS="*i64", TOKEN="*i64", n_pairs="i32", D="i32", item_stride="i32")
+    consts = dict(HAS_BIAS=True, INT8=int8, WRITE_KEYS=True, GPU_RN=True, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
+    return build(k._gather_dot_kernel, {**sig, **{n: "constexpr" for n in consts}}, consts, cfg["num_warps"])
+
+
+def topk(int8, k_, qt, dot_fp32):
+    cfg = k.topk_config(1024, 16384, 64, k_, True)
+    cfg.pop("span")
+    warps = cfg.pop("num_warps")
+    sig = dict(Q=qt, ITEMS="*u8" if int8 else qt, BIAS="*fp32", EX_OFF="*i64", EX_SORTED="*i64", KEYS="*i64",
+               TOKEN="*fp32", n_users="i32", start="i64", stop="i64", span="i32", D="i32", item_stride="i32")
+    consts = dict(HAS_BIAS=True, HAS_EX=True, INT8=int8, GPU_RN=True, DOT_FP32=dot_fp32, **cfg)
+    return build(k._topk_keys_kernel, {**sig, **{n: "constexpr" for n in consts}}, consts, warps)
+
+
+def segment(int8):
+    cfg = k.segment_config(64, 1000, True)
+    sig = dict(G="*fp32", OTHER="*u8" if int8 else "*fp16", OTHER_IDX="*i64", PERM="*i64", SEG_LO="*i64",
+               SEG_HI="*i64", OUT="*fp32", OUT_BIAS="*fp32", TOKEN="*fp32", n_rows="i32", D="i32", other_stride="i32")
+    consts = dict(INT8=int8, HAS_BIAS=True, GPU_RN=True, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"])
+    return build(k._segment_grad_kernel, {**sig, **{n: "constexpr" for n in consts}}, consts, cfg["num_warps"])
+
+
+for name, (ptx, sass) in {
+    "gather": gather(False), "gather int8": gather(True),
+    "topk fp32": topk(False, 100, "*fp32", True), "topk int8 select": topk(True, 10, "*fp32", True),
+    "topk int8 select 64": topk(True, 64, "*fp32", True), "topk bf16 select": topk(False, 33, "*bf16", False),
+    "segment": segment(False), "segment int8": segment(True),
+}.items():
+    spills = sass.count("STL")
+    # int8 rows are dequantized with a rounded product (no fma with the bias add)
+    rounded = ptx.count("mul.rn.f32")
+    print(name, spills, rounded)
+    assert spills == 0, f"{name}: {spills} register spill stores"
+    assert ("int8" not in name) or rounded > 0, f"{name}: no mul.rn.f32"
+print("ok")
+'''
+
+
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    # the GPU-only paths (inline mul.rn, tl.topk, native bf16 dot, the chosen GPU tiles) compiled
+    # ahead of time with the ptxas in the triton wheel: no GPU needed
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("triton wheel without the NVIDIA tools")
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
