@@ -109,8 +109,10 @@ def test_topk_k_equals_items_and_exclusions_over_tiles(n_items):
 def test_topk_edges():
     q, items = exact(3, 4), exact(9, 4)
     # no users, with and without exclusions; k = 0
-    for kw in ({}, dict(exclude_offsets=torch.zeros(1, dtype=torch.long), exclude_items=torch.zeros(0, dtype=torch.long))):
-        values, ids = scoring.topk_scores(*dev(q[:0], items), 4, backend="triton", **{n: t.to(DEVICE) for n, t in kw.items()})
+    no_lists = dict(exclude_offsets=torch.zeros(1, dtype=torch.long), exclude_items=torch.zeros(0, dtype=torch.long))
+    for kw in ({}, no_lists):
+        values, ids = scoring.topk_scores(*dev(q[:0], items), 4, backend="triton",
+                                          **{n: t.to(DEVICE) for n, t in kw.items()})
         assert values.shape == (0, 4) and ids.shape == (0, 4)
     values, ids = scoring.topk_scores(*dev(q, items), 0, backend="triton")
     assert values.shape == (3, 0) and ids.shape == (3, 0)
@@ -391,7 +393,8 @@ def gather(int8):
     cfg = k.gather_config(64, True)
     sig = dict(Q="*fp32", ITEMS="*u8" if int8 else "*bf16", BIAS="*fp32", QIDX="*i64", IIDX="*i32", OUT="*fp32",
                KEYS="*i64", TOKEN="*i64", n_pairs="i32", D="i32", item_stride="i32")
-    consts = dict(HAS_BIAS=True, INT8=int8, WRITE_KEYS=True, GPU_RN=True, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
+    consts = dict(HAS_BIAS=True, INT8=int8, WRITE_KEYS=True, GPU_RN=True, BLOCK_P=cfg["BLOCK_P"],
+                  BLOCK_D=cfg["BLOCK_D"])
     return build(k._gather_dot_kernel, {**sig, **{n: "constexpr" for n in consts}}, consts, cfg["num_warps"])
 
 
