@@ -8,3 +8,4 @@ from .int8_matmul import (int8_linear, int8_linear_packed, int8_matmul, pack_wei
 from . import int8_matmul_triton  # noqa: F401,E402  (registers the triton backend of the int8 ops)
 from .rowwise import dequantize_rowwise, quantize_rowwise  # noqa: F401
 from .scoring import candidate_scores, candidate_topk, pair_scores, topk_scores  # noqa: F401
+from . import scoring_triton  # noqa: F401,E402  (registers the triton backend of the scoring ops)
