@@ -81,6 +81,7 @@ void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& 
         row_of[p] = resolve(idx[p], c.n_rows, c.bounds, c.padding);
         count += row_of[p] >= 0;
       }
+      if (G == nullptr) continue;  // the dense sum/mean gradient is reduced from grad directly
       const Acc* gb = g + b * d;
       if (c.mode == Mode::kMax) {
         // first position attaining the max, per column; -1 where a NaN makes the max NaN
@@ -150,6 +151,37 @@ void reduce_dense(const Acc* G, const int64_t* row_of, int64_t nnz, int64_t n_ro
   });
 }
 
+// The same sums without the per-index rows, for a dense gradient of mode sum / mean without
+// per-sample weights: grad_weight[r] += grad[b] (mean: grad[b] / count(b), the value backward_impl
+// would have written) for every contributing index p of bag b, in index order per row.
+template <typename I, typename Acc>
+void reduce_dense_from_bags(const Acc* g, const I* off, int64_t n_bags, const int64_t* row_of, bool mean,
+                            int64_t nnz, int64_t n_rows, int64_t d, Acc* gw) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>({threads, n_rows, nnz * d / 32768}));
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t r0 = n_rows * t0 / n_tasks, r1 = n_rows * t1 / n_tasks;
+    for (int64_t b = 0; b < n_bags; ++b) {
+      const int64_t s = off[b], e = off[b + 1];
+      int64_t n = 0;
+      if (mean)
+        for (int64_t p = s; p < e; ++p) n += row_of[p] >= 0;
+      const Acc count = static_cast<Acc>(n);
+      const Acc* gb = g + b * d;
+      for (int64_t p = s; p < e; ++p) {
+        const int64_t r = row_of[p];
+        if (r < r0 || r >= r1) continue;  // also skips -1
+        Acc* dst = gw + r * d;
+        if (mean) {
+          for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + gb[col] / count;
+        } else {
+          for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + gb[col];
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     const at::Tensor& grad_output_in, const at::Tensor& weight_in, const at::Tensor& indices,
     const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights, c10::string_view mode,
@@ -176,7 +208,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
   std::optional<at::Tensor> psw;
   if (c.psw.has_value()) psw = c.psw->to(acc).contiguous();
 
-  at::Tensor G = at::empty({c.nnz, d}, acc_opts);
+  // a dense sum / mean gradient without per-sample weights needs no per-index rows
+  const bool direct = !sparse && c.mode != Mode::kMax && !psw.has_value();
+  at::Tensor G = at::empty({direct ? 0 : c.nnz, d}, acc_opts);
   at::Tensor grad_psw = psw.has_value() ? at::empty({c.nnz}, acc_opts) : weight_in.new_empty({0});
   at::Tensor row_of = at::empty({c.nnz}, weight_in.options().dtype(at::kLong));
   at::Tensor grad_weight;
@@ -186,22 +220,22 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     AT_DISPATCH_SWITCH(wt, "embedding_bag_backward_cpu_table",
       AT_DISPATCH_CASE(at::kFloat, [&] {
         backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
+                                          direct ? nullptr : G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
                                           row_of.data_ptr<int64_t>());
       })
       AT_DISPATCH_CASE(at::kHalf, [&] {
         backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
+                                          direct ? nullptr : G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
                                           row_of.data_ptr<int64_t>());
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
         backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
+                                          direct ? nullptr : G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
                                           row_of.data_ptr<int64_t>());
       })
       AT_DISPATCH_CASE(at::kDouble, [&] {
         backward_impl<I, scalar_t, double>(c, weight, grad, psw ? psw->const_data_ptr<double>() : nullptr,
-                                           G.data_ptr<double>(), psw ? grad_psw.data_ptr<double>() : nullptr,
+                                           direct ? nullptr : G.data_ptr<double>(), psw ? grad_psw.data_ptr<double>() : nullptr,
                                            row_of.data_ptr<int64_t>());
       }));
   });
@@ -211,7 +245,20 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     grad_weight = G.to(wt);
   } else {
     at::Tensor gw = at::zeros({c.n_rows, d}, acc_opts);
-    if (c.n_rows > 0 && c.nnz > 0 && d > 0) {
+    if (c.n_rows > 0 && c.nnz > 0 && d > 0 && direct) {
+      const bool mean = c.mode == Mode::kMean;
+      AT_DISPATCH_INDEX_TYPES(c.indices.scalar_type(), "embedding_bag_backward_cpu_direct", [&] {
+        const index_t* off = c.offsets.const_data_ptr<index_t>();
+        if (acc == at::kDouble)
+          reduce_dense_from_bags<index_t, double>(grad.const_data_ptr<double>(), off, c.n_bags,
+                                                  row_of.const_data_ptr<int64_t>(), mean, c.nnz, c.n_rows, d,
+                                                  gw.data_ptr<double>());
+        else
+          reduce_dense_from_bags<index_t, float>(grad.const_data_ptr<float>(), off, c.n_bags,
+                                                 row_of.const_data_ptr<int64_t>(), mean, c.nnz, c.n_rows, d,
+                                                 gw.data_ptr<float>());
+      });
+    } else if (c.n_rows > 0 && c.nnz > 0 && d > 0) {
       if (acc == at::kDouble)
         reduce_dense<double>(G.const_data_ptr<double>(), row_of.const_data_ptr<int64_t>(), c.nnz, c.n_rows, d,
                              gw.data_ptr<double>());
