@@ -1,0 +1,219 @@
+// CUDA kernel of topk_scores: the top k items of the whole catalog per query, never
+// materialising [U, I] (semantics: recsys_kernels/ops/scoring.py; C++ signature and messages:
+// csrc/scoring/topk_scores_cpu.cpp).
+//
+// The reference's algorithm with a fused key kernel. Users are taken in blocks and the catalog in
+// chunks of C items; per (user block, chunk):
+//  1. topk_tile_keys_kernel scores a [users, C] tile (64 x 64 tiles per CUDA block, queries and
+//     items staged in shared memory as fp32, int8 rows dequantized on the way in, one fma chain
+//     over d per score, + item bias) and writes each score's ranking key (the reference's int64
+//     key: score, then lower id, NaN after -inf) into columns [k, k + C) of a key buffer whose
+//     columns [0, k) hold the block's running top k;
+//  2. mark_excluded_kernel overwrites the keys of the block's excluded items in the chunk with the
+//     padding key (one warp per user walks its exclusion list);
+//  3. at::topk over the k + C columns gives the new running top k (sorted, descending).
+// Keys are unique per (score, item), so topk's order among equal values cannot matter and the
+// result is exactly the reference's. The buffer is at most kBufferKeys int64 (256 MiB).
+//
+// Value checks (exclusion offsets and ids, the scale / bias of every int8 row) run first on the
+// device (scoring_cuda_common.cuh) and are raised in the CPU kernel's order.
+//
+// Test hooks: RECSYS_KERNELS_CUDA_TOPK_CHUNK (items per chunk) and RECSYS_KERNELS_CUDA_TOPK_USERS
+// (users per block) shrink the blocking so that small tests cross chunk and block boundaries.
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#include <ATen/ops/topk.h>
+#include <torch/library.h>
+
+#include "scoring/scoring_cuda_common.cuh"
+
+namespace recsys_kernels {
+namespace topk_scores_cuda_impl {
+
+using namespace scoring_cuda;
+
+constexpr int kTileU = 64;  // users per CUDA block tile
+constexpr int kTileI = 64;  // items per CUDA block tile
+constexpr int kTileK = 16;  // columns of d staged at once
+constexpr int kTileThreads = 256;  // 16 x 16 threads, each 4 users x 4 items
+constexpr int64_t kDefaultChunk = 32768;
+constexpr int64_t kBufferKeys = int64_t{32} << 20;
+
+// keys[lu * ld + col0 + li] = key(score(u0 + lu, c0 + li)) for lu < n_u, li < n_c.
+// Thread (tx, ty) computes users ty + 16 a and items tx + 16 b of the tile (a, b < 4).
+template <typename IRows>
+__global__ void __launch_bounds__(kTileThreads)
+topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const float* __restrict__ bias, int64_t u0,
+                      int64_t n_u, int64_t c0, int64_t n_c, int64_t d, int64_t* __restrict__ keys, int64_t ld,
+                      int64_t col0) {
+  __shared__ float qs[kTileK][kTileU];
+  __shared__ float is[kTileK][kTileI];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t tile_i = static_cast<int64_t>(blockIdx.x) * kTileI;  // within the chunk
+  const int64_t tile_u = static_cast<int64_t>(blockIdx.y) * kTileU;  // within the user block
+  float acc[4][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < d; k0 += kTileK) {
+    // stage [64 rows][16 columns] of queries and of items; zeros outside the tables
+#pragma unroll
+    for (int r = 0; r < (kTileU * kTileK) / kTileThreads; ++r) {
+      const int e = threadIdx.x + r * kTileThreads;
+      const int row = e / kTileK, kk = e % kTileK;
+      const int64_t col = k0 + kk;
+      const int64_t lu = tile_u + row;
+      qs[kk][row] = (lu < n_u && col < d) ? q[(u0 + lu) * d + col] : 0.0f;
+      const int64_t li = tile_i + row;
+      float v[1] = {0.0f};
+      if (li < n_c && col < d) items.load(c0 + li, col, v);
+      is[kk][row] = v[0];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; ++kk) {
+      float qv[4], iv[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) qv[a] = qs[kk][ty + 16 * a];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) iv[b] = is[kk][tx + 16 * b];
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(qv[a], iv[b], acc[a][b]);
+    }
+    __syncthreads();
+  }
+  // Columns past d were zero in both tiles: 0 * 0 adds nothing, so each score is the fma chain
+  // over d = 0 .. D-1 (plus exact zeros), whatever the item table's dtype.
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    const int64_t lu = tile_u + ty + 16 * a;
+    if (lu >= n_u) continue;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int64_t li = tile_i + tx + 16 * b;
+      if (li >= n_c) continue;
+      const int64_t item = c0 + li;
+      const float s = bias != nullptr ? acc[a][b] + bias[item] : acc[a][b];
+      keys[lu * ld + col0 + li] = rank_key(s, item);
+    }
+  }
+}
+
+// The padding key over the keys of excluded items of the chunk [c0, c0 + n_c): one warp per user
+// of the block [u0, u0 + n_u) walks its (validated) exclusion list.
+template <typename IndexT>
+__global__ void __launch_bounds__(kThreads)
+mark_excluded_kernel(const IndexT* __restrict__ ex_offsets, const IndexT* __restrict__ ex_items, int64_t u0,
+                     int64_t n_u, int64_t c0, int64_t n_c, int64_t* __restrict__ keys, int64_t ld, int64_t col0) {
+  const IndexPtr<IndexT> off{ex_offsets}, ex{ex_items};
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t lu = warp; lu < n_u; lu += n_warps) {
+    const int64_t end = off[u0 + lu + 1];
+    for (int64_t e = off[u0 + lu] + lane; e < end; e += kWarpSize) {
+      const int64_t li = ex[e] - c0;
+      if (li >= 0 && li < n_c) keys[lu * ld + col0 + li] = kKeyInvalid;
+    }
+  }
+}
+
+int64_t env_size(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  const long long n = std::strtoll(v, nullptr, 10);
+  return n > 0 ? static_cast<int64_t>(n) : fallback;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries_in, const at::Tensor& items_in, int64_t k,
+                                                    const std::optional<at::Tensor>& exclude_offsets,
+                                                    const std::optional<at::Tensor>& exclude_items,
+                                                    const std::optional<at::Tensor>& item_bias) {
+  const at::Tensor items_t = items_in.contiguous();
+  const Table items = table_view(items_t, "items", true);
+  check_queries(queries_in, "queries", items.dim, "items");
+  const int64_t n_users = queries_in.size(0), n_items = items.rows, d = items.dim;
+  TORCH_CHECK_VALUE(k >= 0 && k <= n_items, "k must be in [0, ", n_items, "] (the number of items), got ", k);
+  check_item_count(n_items);
+  TORCH_CHECK_VALUE(exclude_offsets.has_value() == exclude_items.has_value(),
+                    "exclude_offsets and exclude_items must be given together");
+  check_cuda(items_t, "items", queries_in, "queries");
+  const c10::cuda::CUDAGuard guard(queries_in.device());
+  at::Tensor ex_off, ex_items;
+  at::Tensor flags = new_flags(queries_in);
+  if (exclude_offsets.has_value()) {
+    check_index_tensor(*exclude_offsets, "exclude_offsets");
+    check_index_tensor(*exclude_items, "exclude_items");
+    TORCH_CHECK_VALUE(exclude_offsets->size(0) == n_users + 1, "exclude_offsets must have U + 1 = ", n_users + 1,
+                      " elements, got ", exclude_offsets->size(0));
+    check_cuda(*exclude_offsets, "exclude_offsets", queries_in, "queries");
+    check_cuda(*exclude_items, "exclude_items", queries_in, "queries");
+    std::tie(ex_off, ex_items) = index_pair(*exclude_offsets, "exclude_offsets", *exclude_items, "exclude_items");
+    launch_check_offsets(ex_off, flags);
+    launch_check_index(ex_items, n_items, kIndexA, nullptr, flags);
+  }
+  if (n_users > 0) launch_check_q8_rows(items, flags);  // the reference dequantizes every row
+  const HostFlags f(flags);
+  if (ex_off.defined()) {
+    raise_offsets(f, ex_items.size(0), "exclude_offsets");
+    raise_index(f, kIndexA, n_items, "exclude_items");
+  }
+  const at::Tensor bias = bias_f32(item_bias, n_items, queries_in, "queries");
+  at::Tensor values = at::empty({n_users, k}, queries_in.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({n_users, k}, queries_in.options().dtype(at::kLong));
+  if (n_users == 0) return {values, ids};
+  raise_scale(f);
+  if (k == 0) return {values, ids};
+
+  const at::Tensor q = queries_in.to(at::kFloat).contiguous();
+  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const int64_t chunk = std::min(n_items, env_size("RECSYS_KERNELS_CUDA_TOPK_CHUNK", kDefaultChunk));
+  const int64_t ld = k + chunk;  // running top k, then the chunk's keys
+  // grid.y (user tiles of a block) is at most 65535
+  const int64_t block_users = std::min(
+      {n_users, int64_t{65535} * kTileU, env_size("RECSYS_KERNELS_CUDA_TOPK_USERS", std::max<int64_t>(1, kBufferKeys / ld))});
+  at::Tensor buffer = at::empty({block_users, ld}, queries_in.options().dtype(at::kLong));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  for (int64_t u0 = 0; u0 < n_users; u0 += block_users) {
+    const int64_t n_u = std::min(block_users, n_users - u0);
+    at::Tensor buf = buffer.narrow(0, 0, n_u);
+    buf.narrow(1, 0, k).fill_(kKeyInvalid);
+    at::Tensor top;  // the block's running top k, contiguous [n_u, k]
+    for (int64_t c0 = 0; c0 < n_items; c0 += chunk) {
+      const int64_t n_c = std::min(chunk, n_items - c0);
+      const dim3 grid(static_cast<unsigned>(ceil_div(n_c, kTileI)), static_cast<unsigned>(ceil_div(n_u, kTileU)));
+      with_item_rows<1>(items, [&](const auto& rows) {
+        topk_tile_keys_kernel<std::decay_t<decltype(rows)>><<<grid, kTileThreads, 0, stream>>>(
+            q.const_data_ptr<float>(), rows, b, u0, n_u, c0, n_c, d, buf.data_ptr<int64_t>(), ld, k);
+      });
+      RK_CUDA_LAUNCH_CHECK();
+      if (ex_off.defined() && ex_items.numel() > 0) {
+        AT_DISPATCH_INDEX_TYPES(ex_off.scalar_type(), "topk_scores_cuda", [&] {
+          mark_excluded_kernel<index_t><<<cuda::grid_for(n_u, kWarpsPerBlock), kThreads, 0, stream>>>(
+              ex_off.const_data_ptr<index_t>(), ex_items.const_data_ptr<index_t>(), u0, n_u, c0, n_c,
+              buf.data_ptr<int64_t>(), ld, k);
+        });
+        RK_CUDA_LAUNCH_CHECK();
+      }
+      top = std::get<0>(at::topk(buf.narrow(1, 0, k + n_c), k, /*dim=*/1, /*largest=*/true, /*sorted=*/true))
+                .contiguous();
+      buf.narrow(1, 0, k).copy_(top);
+    }
+    at::Tensor v = values.narrow(0, u0, n_u), i = ids.narrow(0, u0, n_u);  // contiguous row ranges
+    launch_decode(top, v, i);
+  }
+  return {values, ids};
+}
+
+}  // namespace topk_scores_cuda_impl
+
+TORCH_LIBRARY_IMPL(recsys_kernels, CUDA, m) { m.impl("topk_scores", &topk_scores_cuda_impl::topk_scores_cuda); }
+
+}  // namespace recsys_kernels
