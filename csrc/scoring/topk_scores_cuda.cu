@@ -2,18 +2,22 @@
 // materialising [U, I] (semantics: recsys_kernels/ops/scoring.py; C++ signature and messages:
 // csrc/scoring/topk_scores_cpu.cpp).
 //
-// The reference's algorithm with a fused key kernel. Users are taken in blocks and the catalog in
-// chunks of C items; per (user block, chunk):
+// Users are taken in blocks and the catalog in chunks of C items. Each block keeps a key buffer
+// [users, k + C]: columns [0, k) hold the user's running top k (the reference's int64 ranking key:
+// score, then lower id, NaN after -inf; sorted descending, padding keys until k items are seen),
+// columns [k, k + C) collect the chunk's candidates. Per chunk:
 //  1. topk_tile_keys_kernel scores a [users, C] tile (64 x 64 tiles per CUDA block, queries and
 //     items staged in shared memory as fp32, int8 rows dequantized on the way in, one fma chain
-//     over d per score, + item bias) and writes each score's ranking key (the reference's int64
-//     key: score, then lower id, NaN after -inf) into columns [k, k + C) of a key buffer whose
-//     columns [0, k) hold the block's running top k;
-//  2. mark_excluded_kernel overwrites the keys of the block's excluded items in the chunk with the
-//     padding key (one warp per user walks its exclusion list);
-//  3. at::topk over the k + C columns gives the new running top k (sorted, descending).
-// Keys are unique per (score, item), so topk's order among equal values cannot matter and the
-// result is exactly the reference's. The buffer is at most kBufferKeys int64 (256 MiB).
+//     over d per score, + item bias) and keeps only the keys above the user's floor (its running
+//     k-th key) that are not excluded (binary search in the user's sorted exclusion list); those
+//     it appends to the user's candidates (an atomic counter per user);
+//  2. the host reads the largest count W (one small copy, which waits for the stream), pads each
+//     user's candidates to W with the padding key, and at::topk over the k + W columns gives the
+//     new running top k.
+// A key at or below the floor can never enter the top k: the k keys at or above the floor were
+// all seen before (keys are unique per (score, item), and each item is offered once per user). So
+// the result is exactly the reference's, and after the first chunks few keys pass (on random data
+// about k * C / items seen), so the scores are never written to memory.
 //
 // Value checks (exclusion offsets and ids, the scale / bias of every int8 row) run first on the
 // device (scoring_cuda_common.cuh) and are raised in the CPU kernel's order.
@@ -24,6 +28,9 @@
 #include <optional>
 #include <tuple>
 
+#include <ATen/ops/arange.h>
+#include <ATen/ops/repeat_interleave.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/topk.h>
 #include <torch/library.h>
 
@@ -39,15 +46,35 @@ constexpr int kTileI = 64;  // items per CUDA block tile
 constexpr int kTileK = 16;  // columns of d staged at once
 constexpr int kTileThreads = 256;  // 16 x 16 threads, each 4 users x 4 items
 constexpr int64_t kDefaultChunk = 32768;
-constexpr int64_t kBufferKeys = int64_t{32} << 20;
+constexpr int64_t kBufferKeys = int64_t{32} << 20;  // 256 MiB of keys per user block at most
 
-// keys[lu * ld + col0 + li] = key(score(u0 + lu, c0 + li)) for lu < n_u, li < n_c.
+// Each user's exclusions sorted ascending, int64, and the offsets as int64 (nullptr: none).
+struct Exclusions {
+  const int64_t* offsets = nullptr;
+  const int64_t* sorted = nullptr;
+};
+
+__device__ __forceinline__ bool excluded(const Exclusions& ex, int64_t user, int64_t item) {
+  if (ex.offsets == nullptr) return false;
+  int64_t lo = ex.offsets[user], hi = ex.offsets[user + 1];  // search [lo, hi)
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int64_t v = ex.sorted[mid];
+    if (v == item) return true;
+    if (v < item) lo = mid + 1;
+    else hi = mid;
+  }
+  return false;
+}
+
+// Scores of users [u0, u0 + n_u) x items [c0, c0 + n_c); a key above the user's floor
+// (buf[lu * ld + k - 1]) of an item not excluded is appended at buf[lu * ld + k + count[lu]++].
 // Thread (tx, ty) computes users ty + 16 a and items tx + 16 b of the tile (a, b < 4).
 template <typename IRows>
 __global__ void __launch_bounds__(kTileThreads)
-topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const float* __restrict__ bias, int64_t u0,
-                      int64_t n_u, int64_t c0, int64_t n_c, int64_t d, int64_t* __restrict__ keys, int64_t ld,
-                      int64_t col0) {
+topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const float* __restrict__ bias,
+                      const Exclusions ex, int64_t u0, int64_t n_u, int64_t c0, int64_t n_c, int64_t d, int64_t k,
+                      int64_t* __restrict__ buf, int64_t ld, int* __restrict__ count) {
   __shared__ float qs[kTileK][kTileU];
   __shared__ float is[kTileK][kTileI];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -94,33 +121,31 @@ topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const floa
   for (int a = 0; a < 4; ++a) {
     const int64_t lu = tile_u + ty + 16 * a;
     if (lu >= n_u) continue;
+    int64_t* row = buf + lu * ld;
+    const int64_t floor = row[k - 1];
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const int64_t li = tile_i + tx + 16 * b;
       if (li >= n_c) continue;
       const int64_t item = c0 + li;
       const float s = bias != nullptr ? acc[a][b] + bias[item] : acc[a][b];
-      keys[lu * ld + col0 + li] = rank_key(s, item);
+      const int64_t key = rank_key(s, item);
+      if (key <= floor || excluded(ex, u0 + lu, item)) continue;
+      const int slot = atomicAdd(count + lu, 1);  // < n_c: each item of the chunk once per user
+      row[k + slot] = key;
     }
   }
 }
 
-// The padding key over the keys of excluded items of the chunk [c0, c0 + n_c): one warp per user
-// of the block [u0, u0 + n_u) walks its (validated) exclusion list.
-template <typename IndexT>
+// The padding key over buf[lu * ld + k + j] for count[lu] <= j < width.
 __global__ void __launch_bounds__(kThreads)
-mark_excluded_kernel(const IndexT* __restrict__ ex_offsets, const IndexT* __restrict__ ex_items, int64_t u0,
-                     int64_t n_u, int64_t c0, int64_t n_c, int64_t* __restrict__ keys, int64_t ld, int64_t col0) {
-  const IndexPtr<IndexT> off{ex_offsets}, ex{ex_items};
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t lu = warp; lu < n_u; lu += n_warps) {
-    const int64_t end = off[u0 + lu + 1];
-    for (int64_t e = off[u0 + lu] + lane; e < end; e += kWarpSize) {
-      const int64_t li = ex[e] - c0;
-      if (li >= 0 && li < n_c) keys[lu * ld + col0 + li] = kKeyInvalid;
-    }
+pad_candidates_kernel(int64_t* __restrict__ buf, const int* __restrict__ count, int64_t n_u, int64_t ld, int64_t k,
+                      int64_t width) {
+  const int64_t total = n_u * width;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t lu = e / width, j = e % width;
+    if (j >= count[lu]) buf[lu * ld + k + j] = kKeyInvalid;
   }
 }
 
@@ -173,39 +198,60 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries_in
 
   const at::Tensor q = queries_in.to(at::kFloat).contiguous();
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const int64_t chunk = std::min(n_items, env_size("RECSYS_KERNELS_CUDA_TOPK_CHUNK", kDefaultChunk));
-  const int64_t ld = k + chunk;  // running top k, then the chunk's keys
+  const auto long_opts = queries_in.options().dtype(at::kLong);
+
+  // each user's exclusions sorted ascending: by id, then stably by user
+  Exclusions ex;
+  at::Tensor ex_off64, ex_sorted;
+  if (ex_off.defined() && ex_items.numel() > 0) {
+    ex_off64 = ex_off.to(at::kLong).contiguous();
+    const int64_t n_ex = ex_items.numel();
+    const at::Tensor lengths = ex_off64.slice(0, 1) - ex_off64.slice(0, 0, n_users);
+    const at::Tensor user_of =
+        at::repeat_interleave(at::arange(n_users, long_opts), lengths, /*dim=*/0, /*output_size=*/n_ex);
+    const auto by_id = at::sort(ex_items.to(at::kLong), /*stable=*/false, /*dim=*/0, /*descending=*/false);
+    const auto by_user = at::sort(user_of.index_select(0, std::get<1>(by_id)), /*stable=*/true, /*dim=*/0,
+                                  /*descending=*/false);
+    ex_sorted = std::get<0>(by_id).index_select(0, std::get<1>(by_user)).contiguous();
+    ex.offsets = ex_off64.const_data_ptr<int64_t>();
+    ex.sorted = ex_sorted.const_data_ptr<int64_t>();
+  }
+
+  // int counters per user: a chunk is at most 2^30 items
+  const int64_t chunk = std::min({n_items, int64_t{1} << 30, env_size("RECSYS_KERNELS_CUDA_TOPK_CHUNK", kDefaultChunk)});
+  const int64_t ld = k + chunk;  // running top k, then the chunk's candidates
   // grid.y (user tiles of a block) is at most 65535
   const int64_t block_users = std::min(
       {n_users, int64_t{65535} * kTileU, env_size("RECSYS_KERNELS_CUDA_TOPK_USERS", std::max<int64_t>(1, kBufferKeys / ld))});
-  at::Tensor buffer = at::empty({block_users, ld}, queries_in.options().dtype(at::kLong));
+  at::Tensor buffer = at::empty({block_users, ld}, long_opts);
+  at::Tensor counts = at::zeros({block_users}, queries_in.options().dtype(at::kInt));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   for (int64_t u0 = 0; u0 < n_users; u0 += block_users) {
     const int64_t n_u = std::min(block_users, n_users - u0);
     at::Tensor buf = buffer.narrow(0, 0, n_u);
+    at::Tensor count = counts.narrow(0, 0, n_u);
     buf.narrow(1, 0, k).fill_(kKeyInvalid);
-    at::Tensor top;  // the block's running top k, contiguous [n_u, k]
     for (int64_t c0 = 0; c0 < n_items; c0 += chunk) {
       const int64_t n_c = std::min(chunk, n_items - c0);
       const dim3 grid(static_cast<unsigned>(ceil_div(n_c, kTileI)), static_cast<unsigned>(ceil_div(n_u, kTileU)));
       with_item_rows<1>(items, [&](const auto& rows) {
         topk_tile_keys_kernel<std::decay_t<decltype(rows)>><<<grid, kTileThreads, 0, stream>>>(
-            q.const_data_ptr<float>(), rows, b, u0, n_u, c0, n_c, d, buf.data_ptr<int64_t>(), ld, k);
+            q.const_data_ptr<float>(), rows, b, ex, u0, n_u, c0, n_c, d, k, buf.data_ptr<int64_t>(), ld,
+            count.data_ptr<int>());
       });
       RK_CUDA_LAUNCH_CHECK();
-      if (ex_off.defined() && ex_items.numel() > 0) {
-        AT_DISPATCH_INDEX_TYPES(ex_off.scalar_type(), "topk_scores_cuda", [&] {
-          mark_excluded_kernel<index_t><<<cuda::grid_for(n_u, kWarpsPerBlock), kThreads, 0, stream>>>(
-              ex_off.const_data_ptr<index_t>(), ex_items.const_data_ptr<index_t>(), u0, n_u, c0, n_c,
-              buf.data_ptr<int64_t>(), ld, k);
-        });
-        RK_CUDA_LAUNCH_CHECK();
-      }
-      top = std::get<0>(at::topk(buf.narrow(1, 0, k + n_c), k, /*dim=*/1, /*largest=*/true, /*sorted=*/true))
-                .contiguous();
+      const int64_t width = count.max().item<int>();  // waits for the stream
+      if (width == 0) continue;  // nothing above any floor: the running top k stands
+      pad_candidates_kernel<<<cuda::grid_for(n_u * width, kThreads), kThreads, 0, stream>>>(
+          buf.data_ptr<int64_t>(), count.const_data_ptr<int>(), n_u, ld, k, width);
+      RK_CUDA_LAUNCH_CHECK();
+      const at::Tensor top =
+          std::get<0>(at::topk(buf.narrow(1, 0, k + width), k, /*dim=*/1, /*largest=*/true, /*sorted=*/true));
       buf.narrow(1, 0, k).copy_(top);
+      count.zero_();
     }
+    const at::Tensor top = buf.narrow(1, 0, k).contiguous();
     at::Tensor v = values.narrow(0, u0, n_u), i = ids.narrow(0, u0, n_u);  // contiguous row ranges
     launch_decode(top, v, i);
   }
