@@ -274,6 +274,17 @@ def test_bytes_count_shared_storage_once(trained):
     assert C.model_bytes(twin) == expect
 
 
+def test_bytes_leave_out_caches_unless_asked(trained):
+    model, *_ = trained
+    opt, _ = rk.optimize(model, quantize="int8", embeddings=8)
+    packed = sum(m.weight_packed.numel() for m in opt.mlp if isinstance(m, Int8Linear))
+    assert packed > 0 and "mlp.0.weight_packed" not in opt.state_dict()
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in opt.state_dict().values()}  # the catalog is shared
+    state = sum(t.numel() * t.element_size() for t in unique.values())
+    assert C.model_bytes(opt) == state
+    assert C.model_bytes(opt, caches=True) == state + packed
+
+
 def test_int8_everywhere_model(trained):
     model, train, test = trained
     opt, report = rk.optimize(model, quantize="int8", embeddings=8, data=(train, test), repeats=2)

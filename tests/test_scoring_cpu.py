@@ -109,6 +109,24 @@ def test_topk_nan_queries_and_items():
     assert avx2[1][0, -2:].tolist() == [3, 17]  # NaN items last for a normal query
 
 
+def test_topk_dense_exclusions_across_item_ranges():
+    # each query excludes about half the catalog, unsorted with duplicates; on 2 threads the
+    # catalog is split into item ranges, and each range starts its walk of the sorted lists midway
+    g = torch.Generator().manual_seed(3)
+    n_items = 6000
+    q, items, bias = exact(21, 9, generator=g), exact(n_items, 9, generator=g), exact(n_items, generator=g)
+    lists = [torch.randint(0, n_items, (n_items // 2,), generator=g).tolist() for _ in range(21)]
+    off, ex = csr(lists)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scalar, avx2 = both_paths(lambda: cpu_topk(q, items, 40, exclude_offsets=off, exclude_items=ex, item_bias=bias))
+    finally:
+        torch.set_num_threads(previous)
+    assert_same(scalar, avx2)
+    assert_same(avx2, ref_topk(q, items, 40, exclude_offsets=off, exclude_items=ex, item_bias=bias))
+
+
 def test_topk_exclusions_longer_than_items_minus_k():
     n_items, k = 40, 10
     q, items = exact(5, 3), exact(n_items, 3)

@@ -254,6 +254,7 @@ RK_AVX2_INLINE void int8_tile(const Tile& t, const Epilogue& e, const ColumnVect
 template <int MR>
 RK_AVX2_INLINE void float_tile(const FloatTile& t, const Epilogue& e) {
   __m256 c[MR][2];
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
   const float* x = t.x;
   const int64_t ldx = t.ldx;
@@ -267,6 +268,8 @@ RK_AVX2_INLINE void float_tile(const FloatTile& t, const Epilogue& e) {
     }
   }
   const ColumnVectors cv = column_vectors(e, t.col0, t.ncols);
+  // unrolled, so c[] is only indexed by constants: else GCC keeps it on the stack in the K loop
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) finish_row(e, cv, nullptr, r, t.row0 + r, t.col0, t.ncols, c[r][0], c[r][1]);
 }
 

@@ -155,26 +155,25 @@ RK_AVX2_INLINE int64_t tile_block(const TileArgs& a, int64_t i0, __m256 thr0, __
       acc[i][1] = _mm256_add_ps(acc[i][1], b);
     }
   }
-  __m256 any = _mm256_setzero_ps();
-  __m256 hit[NI][2];
+  // Masks and scores leave the registers in straight-line code: indexing acc[] with a run-time i
+  // (the candidate loop below) would keep the accumulators in memory during the fma loop above.
+  uint32_t mask[NI];
+  uint32_t any = 0;
+  alignas(32) float s[NI][kLanes];
   for (int i = 0; i < NI; ++i) {
-    hit[i][0] = _mm256_cmp_ps(acc[i][0], thr0, _CMP_NLT_UQ);
-    hit[i][1] = _mm256_cmp_ps(acc[i][1], thr1, _CMP_NLT_UQ);
-    any = _mm256_or_ps(any, _mm256_or_ps(hit[i][0], hit[i][1]));
+    mask[i] = (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[i][0], thr0, _CMP_NLT_UQ))) |
+               (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[i][1], thr1, _CMP_NLT_UQ))) << 8)) &
+              a.lane_mask;
+    any |= mask[i];
+    _mm256_store_ps(s[i], acc[i][0]);
+    _mm256_store_ps(s[i] + 8, acc[i][1]);
   }
-  if (_mm256_testz_ps(any, any)) return 0;
+  if (any == 0) return 0;
   int64_t n = 0;
-  alignas(32) float s[kLanes];
   for (int i = 0; i < NI; ++i) {
-    uint32_t m = (static_cast<uint32_t>(_mm256_movemask_ps(hit[i][0])) |
-                  (static_cast<uint32_t>(_mm256_movemask_ps(hit[i][1])) << 8)) & a.lane_mask;
-    if (m == 0) continue;
-    _mm256_store_ps(s, acc[i][0]);
-    _mm256_store_ps(s + 8, acc[i][1]);
-    while (m != 0) {
+    for (uint32_t m = mask[i]; m != 0; m &= m - 1) {
       const int lane = __builtin_ctz(m);
-      m &= m - 1;
-      out[n++] = {static_cast<int32_t>(i0 + i), lane, s[lane]};
+      out[n++] = {static_cast<int32_t>(i0 + i), lane, s[i][lane]};
     }
   }
   return n;

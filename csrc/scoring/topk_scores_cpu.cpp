@@ -11,7 +11,8 @@
 // reference does, whatever order the candidates come in) with a floor: when the buffer is full it
 // is cut to its k largest keys (nth_element), the k-th becomes the floor, and its score the
 // threshold the tile kernel compares with. Excluded items (per-query sorted CSR lists) are
-// dropped when they are offered. Units over different item ranges are merged per query at the end.
+// dropped when they are offered: a query's candidates come in increasing item order, so a cursor
+// walks its sorted list once. Units over different item ranges are merged per query at the end.
 #include <algorithm>
 #include <atomic>
 #include <limits>
@@ -111,6 +112,12 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
       floor(n_local, std::numeric_limits<int64_t>::min());
   std::vector<float> thr((g1 - g0) * kLanes, std::numeric_limits<float>::quiet_NaN());
   std::vector<Candidate> cands(kLanes * chunk);
+  // per query: the first of its sorted exclusions not below the items offered so far
+  std::vector<int64_t> ex_at(P.ex_off != nullptr ? n_local : 0);
+  for (int64_t lu = 0; lu < static_cast<int64_t>(ex_at.size()); ++lu) {
+    const int64_t u = u0 + lu;
+    ex_at[lu] = std::lower_bound(P.ex_sorted + P.ex_off[u], P.ex_sorted + P.ex_off[u + 1], i0) - P.ex_sorted;
+  }
   std::vector<float> rows(P.items.kind == Kind::kF32 ? 0 : chunk * d), scratch(d);
 
   for (int64_t c0 = i0; c0 < i1; c0 += chunk) {
@@ -175,9 +182,12 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
         const int64_t u = g * kLanes + cd.lane, lu = u - u0, id = c0 + cd.item;
         const int64_t key = rank_key(cd.score, id);
         if (key <= floor[lu]) continue;
-        if (P.ex_off != nullptr &&
-            std::binary_search(P.ex_sorted + P.ex_off[u], P.ex_sorted + P.ex_off[u + 1], id))
-          continue;
+        if (P.ex_off != nullptr) {  // a lane's candidates come in increasing id order: walk its list once
+          const int64_t* ex = P.ex_sorted;
+          int64_t& at = ex_at[lu];
+          while (at < P.ex_off[u + 1] && ex[at] < id) ++at;
+          if (at < P.ex_off[u + 1] && ex[at] == id) continue;
+        }
         int64_t* b = buf.data() + lu * cap;
         if (size[lu] == cap) {  // cut to the k best; the k-th becomes the floor
           std::nth_element(b, b + (k - 1), b + cap, std::greater<int64_t>());

@@ -1,7 +1,8 @@
 """`optimize(model, ...)`: compress a trained Recommender step by step, measuring every step.
 
 Each step works on a deep copy (the model passed in is never modified) and is followed by a
-measurement of the model as it stands: stored weights (and how many are non-zero), bytes,
+measurement of the model as it stands: stored weights (and how many are non-zero), bytes (of
+the state a checkpoint holds; run-time caches such as packed weights are listed in the notes),
 CPU latency of scoring a batch of (user, item) pairs and of top-k retrieval over the whole
 catalog (median of `repeats` timed runs after a warm-up, on `threads` intra-op threads), and
 NDCG@k / recall@k / DCG@k on the held-out split. Nothing in the report is a constant: every
@@ -191,6 +192,10 @@ def measure(model: nn.Module, ev: Optional[EvalData], name: str, *, k: int = 10,
     model.eval()
     params, nonzero = serving_params(model)
     res = StepResult(name, params, nonzero, model_bytes(model), notes=list(notes or []))
+    cache = model_bytes(model, caches=True) - res.bytes
+    if cache:
+        res.notes.append(f"bytes count the state (state_dict); run-time caches rebuilt from it add {cache} "
+                         "(Int8Linear's packed weights)")
     if ev is None:
         return res
     ranked = ranked_lists(model, ev, k)

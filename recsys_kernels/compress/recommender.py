@@ -119,13 +119,19 @@ def serving_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of everything the model stores (parameters and buffers, sparse CSR parts
-    included), each tensor counted once even when two attributes share it."""
+def model_bytes(model: nn.Module, *, caches: bool = False) -> int:
+    """Bytes of the model's state: parameters and persistent buffers (what `state_dict` holds, and
+    so what a checkpoint ships), sparse CSR parts included, each tensor counted once even when two
+    attributes share it. caches=True adds the non-persistent buffers: run-time caches rebuilt from
+    the state, such as Int8Linear's packed weight copy, which a serving process also holds."""
     seen, total = set(), 0
     tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
-    tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
+    tensors += [t for t in model.state_dict(keep_vars=True).values()]
+    if caches:
+        tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
     for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
         parts = [t]
         if t.layout == torch.sparse_csr:
             parts = [t.values(), t.col_indices(), t.crow_indices()]
