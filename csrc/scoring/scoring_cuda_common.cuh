@@ -203,7 +203,7 @@ check_index_kernel(const IndexT* __restrict__ idx, int64_t n, int64_t n_rows, in
     } else if (q8 != nullptr) {
       const uint8_t* tail = q8 + v * (q8_dim + 8) + q8_dim;
       float sb[2];
-      memcpy(sb, tail, sizeof(sb));  // the tail of a row is only 4-byte aligned in general
+      memcpy(sb, tail, sizeof(sb));  // rows of D + 8 bytes: the tail can sit at any alignment
       if (!isfinite(sb[0]) || !isfinite(sb[1])) flag_min(flags, kBadScale, p);
     }
   }
