@@ -77,9 +77,20 @@ topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const floa
                       int64_t* __restrict__ buf, int64_t ld, int* __restrict__ count) {
   __shared__ float qs[kTileK][kTileU];
   __shared__ float is[kTileK][kTileI];
+  __shared__ float row_scale[kTileI], row_bias[kTileI];  // int8 rows: read once per tile
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t tile_i = static_cast<int64_t>(blockIdx.x) * kTileI;  // within the chunk
   const int64_t tile_u = static_cast<int64_t>(blockIdx.y) * kTileU;  // within the user block
+  if constexpr (IRows::kQuant) {
+    if (threadIdx.x < kTileI) {
+      const int64_t li = tile_i + threadIdx.x;
+      float scale = 0.0f, rbias = 0.0f;
+      if (li < n_c) items.params(items.w + (c0 + li) * items.cols, scale, rbias);
+      row_scale[threadIdx.x] = scale;
+      row_bias[threadIdx.x] = rbias;
+    }
+    __syncthreads();
+  }
   float acc[4][4];
 #pragma unroll
   for (int a = 0; a < 4; ++a)
@@ -96,9 +107,17 @@ topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const floa
       const int64_t lu = tile_u + row;
       qs[kk][row] = (lu < n_u && col < d) ? q[(u0 + lu) * d + col] : 0.0f;
       const int64_t li = tile_i + row;
-      float v[1] = {0.0f};
-      if (li < n_c && col < d) items.load(c0 + li, col, v);
-      is[kk][row] = v[0];
+      float v = 0.0f;
+      if (li < n_c && col < d) {
+        if constexpr (IRows::kQuant) {  // QuantRows::load's arithmetic, the row's scale / bias from shared memory
+          v = rowwise::dequant(static_cast<float>(items.w[(c0 + li) * items.cols + col]), row_scale[row], row_bias[row]);
+        } else {
+          float x[1];
+          items.load(c0 + li, col, x);
+          v = x[0];
+        }
+      }
+      is[kk][row] = v;
     }
     __syncthreads();
 #pragma unroll
