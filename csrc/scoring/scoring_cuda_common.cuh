@@ -1,0 +1,393 @@
+// What the CUDA kernels of the scoring ops share (pair_scores_cuda.cu, candidate_scores_cuda.cu,
+// topk_scores_cuda.cu): the argument checks with the CPU kernels' messages
+// (csrc/scoring/scoring_cpu_common.h; the reference is recsys_kernels/ops/scoring.py), the
+// validation kernels and their device error flags, the ranking key, and the gather-dot loop.
+//
+// Bad input. Every op first runs small validation kernels over its offsets and indices (and the
+// scale / bias of the int8 rows the reference would dequantize); they record into one int64 flag
+// tensor the first offsets value, the last, the first decreasing step, the smallest negative index
+// and the largest index past the table (as its negation, so that every flag is an atomicMin), the
+// first non-finite int8 row and the longest CSR list. The host reads the flags back (one small
+// D2H copy, which waits for the stream) and raises the CPU kernel's error in the CPU kernel's
+// order, before any scoring kernel runs: the scoring kernels only ever see valid input.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <utility>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "embedding_bag/embedding_bag_cuda_common.cuh"
+#include "embedding_bag/rowwise_common.h"
+
+namespace recsys_kernels::scoring_cuda {
+
+using cuda::kFullMask;
+using cuda::kWarpSize;
+using embedding_bag_cuda_common::FloatRows;
+using embedding_bag_cuda_common::IndexPtr;
+using embedding_bag_cuda_common::QuantRows;
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+
+// ----------------------------------------------------------------------------- ranking key
+// The reference's key (scoring.py _rank_key), int64, larger = ranked first:
+// (score ordinal << 32) | (2^32 - 1 - item id); NaN just below -inf, padding below NaN.
+constexpr int64_t kOrdNegInf = -2139095041;
+constexpr int64_t kOrdNan = kOrdNegInf - 1;
+constexpr int64_t kKeyInvalid = static_cast<int64_t>(static_cast<uint64_t>(kOrdNegInf - 2) << 32);
+constexpr uint64_t kIdMask = 0xFFFFFFFFull;
+
+__device__ __forceinline__ int64_t rank_key(float s, int64_t id) {
+  int64_t ord = kOrdNan;
+  if (!isnan(s)) {
+    const int32_t bits = __float_as_int(s == 0.0f ? 0.0f : s);  // -0.0 ties +0.0
+    ord = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
+  }
+  return static_cast<int64_t>((static_cast<uint64_t>(ord) << 32) | (kIdMask - static_cast<uint64_t>(id)));
+}
+
+// (value, id) of a key: padding gives (-inf, -1), the NaN ordinal a NaN.
+__device__ __forceinline__ void decode_key(int64_t key, float& value, int64_t& id) {
+  if (key == kKeyInvalid) {
+    value = -INFINITY;
+    id = -1;
+    return;
+  }
+  id = static_cast<int64_t>(kIdMask - (static_cast<uint64_t>(key) & kIdMask));
+  const int64_t ord = key >> 32;  // arithmetic shift: the ordinal's sign comes back
+  if (ord == kOrdNan) {
+    value = __int_as_float(0x7FC00000);
+    return;
+  }
+  value = __int_as_float(static_cast<int32_t>(ord >= 0 ? ord : (ord ^ 0x7FFFFFFF)));
+}
+
+// values [n] / ids [n] of keys [n] (keys row-major [rows, k], outputs likewise).
+static __global__ void __launch_bounds__(kThreads)
+decode_keys_kernel(const int64_t* __restrict__ keys, int64_t n, float* __restrict__ values, int64_t* __restrict__ ids) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride)
+    decode_key(keys[j], values[j], ids[j]);
+}
+
+inline void launch_decode(const at::Tensor& keys, at::Tensor& values, at::Tensor& ids) {
+  const int64_t n = keys.numel();
+  if (n == 0) return;
+  decode_keys_kernel<<<cuda::grid_for(n, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      keys.const_data_ptr<int64_t>(), n, values.data_ptr<float>(), ids.data_ptr<int64_t>());
+  RK_CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------- host checks
+// The CPU kernels' metadata checks and messages (scoring_cpu_common.h), for CUDA tensors.
+enum class Kind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 3 };
+
+struct Table {
+  Kind kind;
+  const uint8_t* data;
+  int64_t rows, dim, row_bytes;
+};
+
+inline Kind float_kind(at::ScalarType t) {
+  return t == at::kFloat ? Kind::kF32 : t == at::kHalf ? Kind::kF16 : Kind::kBF16;
+}
+
+inline Table table_view(const at::Tensor& t, const char* name, bool allow_packed) {
+  if (allow_packed) check_dtype(t, name, {at::kFloat, at::kHalf, at::kBFloat16, at::kByte});
+  else check_float_dtype(t, name);
+  check_dim(t, name, 2);
+  Table tab;
+  tab.data = static_cast<const uint8_t*>(t.const_data_ptr());
+  tab.rows = t.size(0);
+  if (t.scalar_type() == at::kByte) {
+    RK_CHECK_VALUE(t.size(1) >= 9, name, "needs at least 9 bytes per row (an 8-bit row-wise table), got ", t.size(1));
+    tab.kind = Kind::kQ8;
+    tab.dim = t.size(1) - 8;
+    tab.row_bytes = t.size(1);
+  } else {
+    tab.kind = float_kind(t.scalar_type());
+    tab.dim = t.size(1);
+    tab.row_bytes = t.size(1) * t.element_size();
+  }
+  return tab;
+}
+
+inline void check_queries(const at::Tensor& q, const char* name, int64_t dim, const char* items_name) {
+  check_float_dtype(q, name);
+  check_dim(q, name, 2);
+  TORCH_CHECK_VALUE(q.size(1) == dim, name, " has dim ", q.size(1), " but ", items_name, " has dim ", dim);
+}
+
+inline void check_index_tensor(const at::Tensor& t, const char* name) {
+  check_dtype(t, name, {at::kInt, at::kLong});
+  check_dim(t, name, 1);
+}
+
+inline void check_item_count(int64_t n_items) {
+  TORCH_CHECK_VALUE(n_items <= (int64_t(1) << 32), "items: top-k ranks at most 2^32 items, got ", n_items);
+}
+
+// ValueError unless every given tensor is a CUDA tensor on `first`'s device (a CPU tensor among
+// CUDA ones would otherwise be read through a host pointer on the device).
+inline void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& first, const char* first_name) {
+  TORCH_CHECK_VALUE(first.is_cuda(), first_name, " must be a CUDA tensor for the CUDA kernel, got ", first.device());
+  check_device(t, name, first.device(), first_name);
+}
+
+// Two index tensors of one dtype (int64 when they differ), contiguous.
+inline std::pair<at::Tensor, at::Tensor> index_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                                                    const char* b_name) {
+  check_index_tensor(a, a_name);
+  check_index_tensor(b, b_name);
+  if (a.scalar_type() != b.scalar_type()) return {a.to(at::kLong).contiguous(), b.to(at::kLong).contiguous()};
+  return {a.contiguous(), b.contiguous()};
+}
+
+// fp32 item bias [I] (converted once), or an undefined tensor.
+inline at::Tensor bias_f32(const std::optional<at::Tensor>& item_bias, int64_t n_items, const at::Tensor& like,
+                           const char* like_name) {
+  if (!item_bias.has_value()) return {};
+  check_float_dtype(*item_bias, "item_bias");
+  check_dim(*item_bias, "item_bias", 1);
+  TORCH_CHECK_VALUE(item_bias->size(0) == n_items, "item_bias must have one value per item (", n_items, "), got ",
+                    item_bias->size(0));
+  check_cuda(*item_bias, "item_bias", like, like_name);
+  return item_bias->to(at::kFloat).contiguous();
+}
+
+inline void raise_non_finite() { TORCH_CHECK_VALUE(false, "packed table has non-finite scales or biases"); }
+
+// ----------------------------------------------------------------------------- error flags
+// One int64 flag tensor per call; every slot starts at kNone and only ever decreases (atomicMin).
+constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+constexpr int kOffFirst = 0;  // offsets[0] (written, not min-reduced)
+constexpr int kOffLast = 1;   // offsets[n] (written)
+constexpr int kBadStep = 2;   // smallest b with offsets[b] > offsets[b + 1]
+constexpr int kMaxLenNeg = 3;  // -(longest list), kNone when there are no lists
+constexpr int kBadScale = 4;  // smallest position / row whose int8 row has a non-finite scale or bias
+// Per index tensor (slot base kIndexA or kIndexB): + 0 the smallest negative index,
+// + 1 -(the largest index >= the table's rows).
+constexpr int kIndexA = 5;
+constexpr int kIndexB = 7;
+constexpr int kFlagCount = 9;
+
+inline at::Tensor new_flags(const at::Tensor& like) {
+  return at::full({kFlagCount}, kNone, like.options().dtype(at::kLong));
+}
+
+__device__ __forceinline__ void flag_min(int64_t* flags, int slot, int64_t v) {
+  atomicMin(reinterpret_cast<long long*>(flags + slot), static_cast<long long>(v));
+}
+
+// Range of idx[0, n) against [0, n_rows) into slots base, base + 1; with `q8` (an int8 table), the
+// in-range positions whose row has a non-finite scale or bias into kBadScale.
+template <typename IndexT>
+__global__ void __launch_bounds__(kThreads)
+check_index_kernel(const IndexT* __restrict__ idx, int64_t n, int64_t n_rows, int base, const uint8_t* __restrict__ q8,
+                   int64_t q8_dim, int64_t* __restrict__ flags) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const IndexPtr<IndexT> ix{idx};
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < n; p += stride) {
+    const int64_t v = ix[p];
+    if (v < 0) {
+      flag_min(flags, base, v);
+    } else if (v >= n_rows) {
+      flag_min(flags, base + 1, -v);
+    } else if (q8 != nullptr) {
+      const uint8_t* tail = q8 + v * (q8_dim + 8) + q8_dim;
+      float sb[2];
+      memcpy(sb, tail, sizeof(sb));  // rows of D + 8 bytes: the tail can sit at any alignment
+      if (!isfinite(sb[0]) || !isfinite(sb[1])) flag_min(flags, kBadScale, p);
+    }
+  }
+}
+
+// CSR offsets [n_lists + 1]: first / last value, the first decreasing step, the longest list.
+template <typename IndexT>
+__global__ void __launch_bounds__(kThreads)
+check_offsets_kernel(const IndexT* __restrict__ offsets, int64_t n_lists, int64_t* __restrict__ flags) {
+  const IndexPtr<IndexT> off{offsets};
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    flags[kOffFirst] = off[0];
+    flags[kOffLast] = off[n_lists];
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < n_lists; b += stride) {
+    const int64_t len = off[b + 1] - off[b];
+    if (len < 0) flag_min(flags, kBadStep, b);
+    else flag_min(flags, kMaxLenNeg, -len);
+  }
+}
+
+// Every row of an int8 table [n_rows, dim + 8]: the first non-finite scale or bias.
+static __global__ void __launch_bounds__(kThreads)
+check_q8_rows_kernel(const uint8_t* __restrict__ q8, int64_t n_rows, int64_t dim, int64_t* __restrict__ flags) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n_rows; r += stride) {
+    float sb[2];
+    memcpy(sb, q8 + r * (dim + 8) + dim, sizeof(sb));
+    if (!isfinite(sb[0]) || !isfinite(sb[1])) flag_min(flags, kBadScale, r);
+  }
+}
+
+// Host launchers (current stream).
+inline void launch_check_index(const at::Tensor& idx, int64_t n_rows, int base, const Table* q8, at::Tensor& flags) {
+  const int64_t n = idx.numel();
+  if (n == 0) return;
+  const uint8_t* rows = q8 != nullptr && q8->kind == Kind::kQ8 ? q8->data : nullptr;
+  const int64_t dim = q8 != nullptr ? q8->dim : 0;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "scoring_check_index", [&] {
+    check_index_kernel<index_t><<<cuda::grid_for(n, kThreads), kThreads, 0, stream>>>(
+        idx.const_data_ptr<index_t>(), n, n_rows, base, rows, dim, flags.data_ptr<int64_t>());
+  });
+  RK_CUDA_LAUNCH_CHECK();
+}
+
+inline void launch_check_offsets(const at::Tensor& offsets, at::Tensor& flags) {
+  const int64_t n_lists = offsets.numel() - 1;  // offsets.numel() >= 1: checked by the caller
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(offsets.scalar_type(), "scoring_check_offsets", [&] {
+    check_offsets_kernel<index_t><<<cuda::grid_for(n_lists, kThreads), kThreads, 0, stream>>>(
+        offsets.const_data_ptr<index_t>(), n_lists, flags.data_ptr<int64_t>());
+  });
+  RK_CUDA_LAUNCH_CHECK();
+}
+
+inline void launch_check_q8_rows(const Table& t, at::Tensor& flags) {
+  if (t.kind != Kind::kQ8 || t.rows == 0) return;
+  check_q8_rows_kernel<<<cuda::grid_for(t.rows, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      t.data, t.rows, t.dim, flags.data_ptr<int64_t>());
+  RK_CUDA_LAUNCH_CHECK();
+}
+
+// The flags on the host (waits for the stream).
+struct HostFlags {
+  at::Tensor host;
+  explicit HostFlags(const at::Tensor& flags) : host(flags.to(at::kCPU)) {}
+  int64_t operator[](int slot) const { return host.const_data_ptr<int64_t>()[slot]; }
+  int64_t max_len() const { return (*this)[kMaxLenNeg] == kNone ? 0 : -(*this)[kMaxLenNeg]; }
+};
+
+// The CPU kernels' errors, in their order (scoring_cpu_common.h).
+inline void raise_offsets(const HostFlags& f, int64_t nnz, const char* name) {
+  TORCH_CHECK_VALUE(f[kOffFirst] == 0, name, "[0] must be 0, got ", f[kOffFirst]);
+  RK_CHECK_VALUE(f[kBadStep] == kNone, name, "must be non-decreasing");
+  TORCH_CHECK_VALUE(f[kOffLast] == nnz, name, "[-1] must equal the number of items listed (", nnz, "), got ",
+                    f[kOffLast]);
+}
+
+// IndexError naming the smallest index when it is negative, else the largest (as the reference).
+inline void raise_index(const HostFlags& f, int base, int64_t n_rows, const char* name) {
+  int64_t bad = 0;
+  bool found = false;
+  if (f[base] != kNone) {
+    bad = f[base];
+    found = true;
+  } else if (f[base + 1] != kNone) {
+    bad = -f[base + 1];
+    found = true;
+  }
+  if (found) TORCH_CHECK_INDEX(false, name, ": index ", bad, " out of range [0, ", n_rows, ")");
+}
+
+inline void raise_scale(const HostFlags& f) {
+  if (f[kBadScale] != kNone) raise_non_finite();
+}
+
+// ----------------------------------------------------------------------------- gather-dot
+// Row readers (embedding_bag_cuda_common.cuh): load(row, col, v[VEC]) gives fp32 values, int8 rows
+// dequantized as code * scale + bias with the reference's two roundings.
+//
+// gather_dot: one group of `tpr` lanes (a power of two <= 32) per pair; lane `sub` of the group
+// covers columns sub * VEC + j * tpr * VEC, an fma chain per lane, then a butterfly over the group.
+// The order of the float operations depends only on D, VEC and tpr, never on the table's dtype, so
+// an int8 table scores bit-identically to its dequantized fp32 table (the launcher picks VEC and
+// tpr from D and the pointers' alignment alone).
+// `pairs(p, u, i)` gives the query row and item row of pair p (valid: checked before the launch).
+template <typename QRows, typename IRows, typename Pairs, bool KEYS>
+__global__ void __launch_bounds__(kThreads)
+gather_dot_kernel(const QRows q, const IRows items, const Pairs pairs, const float* __restrict__ bias, int64_t n,
+                  int64_t d, int tpr_log2, float* __restrict__ out_scores, int64_t* __restrict__ out_keys) {
+  constexpr int VEC = IRows::kVec;
+  static_assert(QRows::kVec == VEC, "one column mapping for both rows");
+  const int lane = threadIdx.x % kWarpSize;
+  const int tpr = 1 << tpr_log2;
+  const int sub = lane & (tpr - 1);
+  const int group = lane >> tpr_log2;
+  const int64_t groups = kWarpSize >> tpr_log2;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t p0 = warp * groups; p0 < n; p0 += n_warps * groups) {  // warp-uniform loop
+    const int64_t p = p0 + group;
+    const bool live = p < n;
+    int64_t u = 0, i = 0;
+    if (live) pairs(p, u, i);
+    float acc = 0.0f;
+    if (live) {
+      for (int64_t col = static_cast<int64_t>(sub) * VEC; col < d; col += static_cast<int64_t>(tpr) * VEC) {
+        float a[VEC], b[VEC];
+        q.load(u, col, a);
+        items.load(i, col, b);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc = fmaf(a[k], b[k], acc);
+      }
+    }
+    for (int o = tpr / 2; o > 0; o /= 2) acc += __shfl_xor_sync(kFullMask, acc, o);
+    if (live && sub == 0) {
+      const float s = bias != nullptr ? acc + bias[i] : acc;
+      if constexpr (KEYS) out_keys[p] = rank_key(s, i);
+      else out_scores[p] = s;
+    }
+  }
+}
+
+// log2 of the lanes per pair: enough to cover D once with VEC columns a lane, at most a warp.
+inline int tpr_log2_for(int64_t d, int vec) {
+  const int64_t lanes = (d + vec - 1) / vec;
+  int l = 0;
+  while (l < 5 && (int64_t{1} << l) < lanes) ++l;
+  return l;
+}
+
+// The vectorised readers (VEC = 4) need D % 8 == 0 (int8 rows: the scale / bias pair is then
+// 8-byte aligned; the same condition for every dtype keeps one summation order) and 16-byte
+// aligned tables.
+inline bool use_vec(int64_t d, const void* a, const void* b) {
+  return d % 8 == 0 && cuda::aligned(a, 16) && cuda::aligned(b, 16);
+}
+
+// Calls fn(rows) with the reader of table t for VEC (ALIGNED when VEC > 1).
+template <int VEC, typename Fn>
+void with_item_rows(const Table& t, Fn&& fn) {
+  constexpr bool kAl = VEC > 1;
+  switch (t.kind) {
+    case Kind::kF32: fn(FloatRows<float, VEC, kAl>{reinterpret_cast<const float*>(t.data), t.dim}); break;
+    case Kind::kF16: fn(FloatRows<c10::Half, VEC, kAl>{reinterpret_cast<const c10::Half*>(t.data), t.dim}); break;
+    case Kind::kBF16:
+      fn(FloatRows<c10::BFloat16, VEC, kAl>{reinterpret_cast<const c10::BFloat16*>(t.data), t.dim});
+      break;
+    case Kind::kQ8: fn(QuantRows<8, VEC, kAl>{t.data, t.dim, t.row_bytes}); break;
+  }
+}
+
+template <typename QRows, typename IRows, typename Pairs, bool KEYS>
+void launch_gather_dot(const QRows& q, const IRows& items, const Pairs& pairs, const float* bias, int64_t n, int64_t d,
+                       float* out_scores, int64_t* out_keys) {
+  if (n == 0) return;
+  const int tpr_log2 = tpr_log2_for(d, IRows::kVec);
+  const int64_t per_block = static_cast<int64_t>(kWarpsPerBlock) * (kWarpSize >> tpr_log2);
+  gather_dot_kernel<QRows, IRows, Pairs, KEYS>
+      <<<cuda::grid_for(n, per_block), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          q, items, pairs, bias, n, d, tpr_log2, out_scores, out_keys);
+  RK_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace recsys_kernels::scoring_cuda
