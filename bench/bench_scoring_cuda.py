@@ -1,8 +1,8 @@
-"""The CUDA C++ scoring kernels (csrc/scoring/*_cuda.cu) against what a user would otherwise run on
-the GPU:
+"""The GPU scoring kernels, CUDA C++ (csrc/scoring/*_cuda.cu) and Triton (kernels/scoring.py), against
+what a user would otherwise run on the GPU:
   * topk_scores: U = 16384 queries against a 1,000,000 x 64 fp32 catalog, k = 100. Peer: torch
     (queries @ items_chunk.T + topk, chunked over the items with a running top-k; ties in torch's
-    order). Ours on the fp32 catalog and on its int8 row-wise table (same case, so both ratios are
+    order). Ours (each backend) on the fp32 catalog and on its int8 row-wise table (same case, so both ratios are
     against fp32 torch). Matrix work: 2 * U * I * D = 2.1 TFLOP in fp32.
   * pair_scores: 4,000,000 random (user, item) pairs over two 1,000,000 x 64 fp32 tables. Peer:
     gather + multiply + sum.
@@ -26,9 +26,9 @@ PAIRS = 4_000_000
 TORCH_CHUNK = 16384  # items per torch mm + topk step: a [16384, 16384] fp32 score block (1 GiB)
 
 
-def _need_cuda_backend(op):
-    if "cuda" not in _backend.available_backends(op, "cuda"):
-        pytest.skip(_backend.availability(op)["cuda"])
+def _need_backend(op, backend):
+    if backend not in _backend.available_backends(op, "cuda"):
+        pytest.skip(_backend.availability(op)[backend])
 
 
 @functools.cache
@@ -69,22 +69,23 @@ def _recall(got_ids, exact_ids):
 
 @pytest.mark.benchmark(group=f"topk_scores cuda U={TOPK_U} I={N_ITEMS} D={D} k={TOPK_K}", min_rounds=1,
                        max_time=1.0)
-@pytest.mark.parametrize("impl", ["torch_mm_topk", "cuda_fp32", "cuda_int8"])
+@pytest.mark.parametrize("impl", ["torch_mm_topk", "cuda_fp32", "cuda_int8", "triton_fp32", "triton_int8"])
 def test_topk_scores(run_bench, impl):
     q, items = _queries(TOPK_U), _items()
     info = {}
     if impl == "torch_mm_topk":
         fn, table = (lambda q, t: torch_topk(q, t, TOPK_K)), items
     else:
-        _need_cuda_backend("topk_scores")
-        table = items if impl == "cuda_fp32" else _packed()
+        backend, kind = impl.split("_")
+        _need_backend("topk_scores", backend)
+        table = items if kind == "fp32" else _packed()
 
         def fn(q, t):
-            return scoring.topk_scores(q, t, TOPK_K, backend="cuda")
+            return scoring.topk_scores(q, t, TOPK_K, backend=backend)
         exact = torch_topk(q[:64], items, TOPK_K)
         got = fn(q[:64], table)
         info["recall_at_k"] = _recall(got[1], exact[1])
-        if impl == "cuda_fp32":
+        if kind == "fp32":
             torch.testing.assert_close(got[0], exact[0], rtol=1e-5, atol=1e-4)
         else:
             assert info["recall_at_k"] >= 0.97, info
@@ -102,7 +103,7 @@ def _pairs():
 
 
 @pytest.mark.benchmark(group=f"pair_scores cuda P={PAIRS} tables {N_ITEMS}x{D}", min_rounds=5, max_time=0.5)
-@pytest.mark.parametrize("impl", ["torch_gather_mul_sum", "cuda"])
+@pytest.mark.parametrize("impl", ["torch_gather_mul_sum", "cuda", "triton"])
 def test_pair_scores(run_bench, impl):
     users, items = _items(), _items().flip(0)  # two tables (the flip is a copy)
     ui, ii = _pairs()
@@ -110,10 +111,10 @@ def test_pair_scores(run_bench, impl):
         def fn(u, v, a, b):
             return (u.index_select(0, a) * v.index_select(0, b)).sum(1)
     else:
-        _need_cuda_backend("pair_scores")
+        _need_backend("pair_scores", impl)
 
         def fn(u, v, a, b):
-            return scoring.pair_scores(u, v, a, b, backend="cuda")
+            return scoring.pair_scores(u, v, a, b, backend=impl)
         torch.testing.assert_close(fn(users, items, ui[:1000], ii[:1000]),
                                    (users[ui[:1000]] * items[ii[:1000]]).sum(1), rtol=1e-5, atol=1e-4)
     run_bench(fn, users, items, ui, ii, bytes_moved=PAIRS * (2 * D * 4 + 16 + 4), ops=2 * PAIRS * D,
