@@ -7,7 +7,7 @@ and FAISS IndexFlatIP when `import faiss` works. Ours on
 the fp32 catalog and on its int8 row-wise table (same case, so the ratio is against fp32 torch);
 the int8 run records its recall@100 against the exact fp32 answer on a few queries.
 pair_scores: 1,000,000 random (user, item) pairs over two 1,000,000 x 64 fp32 tables. Peers:
-gather + multiply + sum, and gather + bmm.
+gather + multiply + sum, gather + bmm, and torch.compile of the reference's formula.
 candidate_topk: 4096 users x 1000 candidates each from a 1,000,000 x 64 catalog, k = 50. Peer:
 gather + bmm + topk (in blocks of 512 users to bound the [users, 1000, 64] gather).
 
@@ -109,12 +109,23 @@ def _pairs():
     return torch.randint(0, N_ITEMS, (PAIRS,), generator=g), torch.randint(0, N_ITEMS, (PAIRS,), generator=g)
 
 
+@functools.cache
+def _compiled_pair_reference():
+    """torch.compile of the reference's formula for float tables (Inductor fuses the gathers, the
+    product and the sum into one loop)."""
+    def ref(u, v, a, b):
+        return (u[a].float() * v[b].float()).sum(dim=1)
+    return torch.compile(ref)
+
+
 @pytest.mark.benchmark(group=f"pair_scores P={PAIRS} tables {N_ITEMS}x{D}", min_rounds=3, max_time=1.0)
-@pytest.mark.parametrize("impl", ["torch_gather_mul_sum", "torch_gather_bmm", "ours"])
+@pytest.mark.parametrize("impl", ["torch_gather_mul_sum", "torch_gather_bmm", "torch_compile_ref", "ours"])
 def test_pair_scores(run_bench, impl):
     users, items = _items(), _items().flip(0)  # two tables (the flip is a copy)
     ui, ii = _pairs()
-    if impl == "torch_gather_mul_sum":
+    if impl == "torch_compile_ref":
+        fn = _compiled_pair_reference()
+    elif impl == "torch_gather_mul_sum":
         def fn(u, v, a, b):
             return (u.index_select(0, a) * v.index_select(0, b)).sum(1)
     elif impl == "torch_gather_bmm":
