@@ -51,11 +51,12 @@ def _skip_unless_ours(op):
         pytest.skip(_backend.availability(op)["cpu"])
 
 
-def torch_topk(q, items, k):
-    """Running top-k over item chunks with torch.mm + torch.topk (ties in torch's order)."""
+def torch_topk(q, items, k, chunk=TORCH_CHUNK):
+    """Running top-k over item chunks with torch.mm + torch.topk (ties in torch's order); also
+    the GPU benchmark's peer (bench_scoring_cuda.py)."""
     best_v = best_i = None
-    for start in range(0, items.shape[0], TORCH_CHUNK):
-        s = q @ items[start:start + TORCH_CHUNK].t()
+    for start in range(0, items.shape[0], chunk):
+        s = q @ items[start:start + chunk].t()
         v, i = s.topk(min(k, s.shape[1]), dim=1)
         i += start
         if best_v is not None:

@@ -18,6 +18,8 @@ import recsys_kernels as rk
 from recsys_kernels import _backend
 from recsys_kernels.ops import scoring
 
+from bench_scoring import _recall, torch_topk  # the same peer and recall as on the CPU
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 N_ITEMS, D = 1_000_000, 64
@@ -48,25 +50,6 @@ def _queries(n):
     return torch.randn(n, D, generator=g, device="cuda")
 
 
-def torch_topk(q, items, k):
-    """Running top-k over item chunks with torch.mm + torch.topk (ties in torch's order)."""
-    best_v = best_i = None
-    for start in range(0, items.shape[0], TORCH_CHUNK):
-        s = q @ items[start:start + TORCH_CHUNK].t()
-        v, i = s.topk(min(k, s.shape[1]), dim=1)
-        i += start
-        if best_v is not None:
-            v, pos = torch.cat([best_v, v], 1).topk(k, dim=1)
-            i = torch.cat([best_i, i], 1).gather(1, pos)
-        best_v, best_i = v, i
-    return best_v, best_i
-
-
-def _recall(got_ids, exact_ids):
-    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got_ids.cpu(), exact_ids.cpu()))
-    return hits / exact_ids.numel()
-
-
 @pytest.mark.benchmark(group=f"topk_scores cuda U={TOPK_U} I={N_ITEMS} D={D} k={TOPK_K}", min_rounds=1,
                        max_time=1.0)
 @pytest.mark.parametrize("impl", ["torch_mm_topk", "cuda_fp32", "cuda_int8", "triton_fp32", "triton_int8"])
@@ -74,7 +57,7 @@ def test_topk_scores(run_bench, impl):
     q, items = _queries(TOPK_U), _items()
     info = {}
     if impl == "torch_mm_topk":
-        fn, table = (lambda q, t: torch_topk(q, t, TOPK_K)), items
+        fn, table = (lambda q, t: torch_topk(q, t, TOPK_K, TORCH_CHUNK)), items
     else:
         backend, kind = impl.split("_")
         _need_backend("topk_scores", backend)
@@ -82,7 +65,7 @@ def test_topk_scores(run_bench, impl):
 
         def fn(q, t):
             return scoring.topk_scores(q, t, TOPK_K, backend=backend)
-        exact = torch_topk(q[:64], items, TOPK_K)
+        exact = torch_topk(q[:64], items, TOPK_K, TORCH_CHUNK)
         got = fn(q[:64], table)
         info["recall_at_k"] = _recall(got[1], exact[1])
         if kind == "fp32":

@@ -24,6 +24,7 @@
 #include "common/cuda_utils.cuh"
 #include "embedding_bag/embedding_bag_cuda_common.cuh"
 #include "embedding_bag/rowwise_common.h"
+#include "scoring/scoring_cpu_common.h"
 
 namespace recsys_kernels::scoring_cuda {
 
@@ -86,53 +87,14 @@ inline void launch_decode(const at::Tensor& keys, at::Tensor& values, at::Tensor
 }
 
 // ----------------------------------------------------------------------------- host checks
-// The CPU kernels' metadata checks and messages (scoring_cpu_common.h), for CUDA tensors.
-enum class Kind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 3 };
-
-struct Table {
-  Kind kind;
-  const uint8_t* data;
-  int64_t rows, dim, row_bytes;
-};
-
-inline Kind float_kind(at::ScalarType t) {
-  return t == at::kFloat ? Kind::kF32 : t == at::kHalf ? Kind::kF16 : Kind::kBF16;
-}
-
-inline Table table_view(const at::Tensor& t, const char* name, bool allow_packed) {
-  if (allow_packed) check_dtype(t, name, {at::kFloat, at::kHalf, at::kBFloat16, at::kByte});
-  else check_float_dtype(t, name);
-  check_dim(t, name, 2);
-  Table tab;
-  tab.data = static_cast<const uint8_t*>(t.const_data_ptr());
-  tab.rows = t.size(0);
-  if (t.scalar_type() == at::kByte) {
-    RK_CHECK_VALUE(t.size(1) >= 9, name, "needs at least 9 bytes per row (an 8-bit row-wise table), got ", t.size(1));
-    tab.kind = Kind::kQ8;
-    tab.dim = t.size(1) - 8;
-    tab.row_bytes = t.size(1);
-  } else {
-    tab.kind = float_kind(t.scalar_type());
-    tab.dim = t.size(1);
-    tab.row_bytes = t.size(1) * t.element_size();
-  }
-  return tab;
-}
-
-inline void check_queries(const at::Tensor& q, const char* name, int64_t dim, const char* items_name) {
-  check_float_dtype(q, name);
-  check_dim(q, name, 2);
-  TORCH_CHECK_VALUE(q.size(1) == dim, name, " has dim ", q.size(1), " but ", items_name, " has dim ", dim);
-}
-
-inline void check_index_tensor(const at::Tensor& t, const char* name) {
-  check_dtype(t, name, {at::kInt, at::kLong});
-  check_dim(t, name, 1);
-}
-
-inline void check_item_count(int64_t n_items) {
-  TORCH_CHECK_VALUE(n_items <= (int64_t(1) << 32), "items: top-k ranks at most 2^32 items, got ", n_items);
-}
+// The CPU kernels' metadata checks, messages and table view (scoring_cpu_common.h), one copy.
+using scoring_cpu::check_index_tensor;
+using scoring_cpu::check_item_count;
+using scoring_cpu::check_queries;
+using scoring_cpu::Kind;
+using scoring_cpu::raise_non_finite;
+using scoring_cpu::Table;
+using scoring_cpu::table_view;
 
 // ValueError unless every given tensor is a CUDA tensor on `first`'s device (a CPU tensor among
 // CUDA ones would otherwise be read through a host pointer on the device).
@@ -161,8 +123,6 @@ inline at::Tensor bias_f32(const std::optional<at::Tensor>& item_bias, int64_t n
   check_cuda(*item_bias, "item_bias", like, like_name);
   return item_bias->to(at::kFloat).contiguous();
 }
-
-inline void raise_non_finite() { TORCH_CHECK_VALUE(false, "packed table has non-finite scales or biases"); }
 
 // ----------------------------------------------------------------------------- error flags
 // One int64 flag tensor per call; every slot starts at kNone and only ever decreases (atomicMin).
