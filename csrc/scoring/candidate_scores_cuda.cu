@@ -59,13 +59,12 @@ struct Candidates {
 // The CPU kernel's checks in its order (check_candidates), then the value checks on the device.
 Candidates check_candidates(const at::Tensor& queries, const at::Tensor& items, const at::Tensor& cand_offsets,
                             const at::Tensor& cand_items, const std::optional<at::Tensor>& item_bias) {
+  const CandidateInputs in = candidate_inputs(queries, items, cand_offsets, cand_items);
+  const at::Tensor& off = in.offsets;
+  const at::Tensor& cand = in.cand;
   Candidates c;
-  c.items_t = items.contiguous();
-  c.items = table_view(c.items_t, "items", true);
-  check_queries(queries, "queries", c.items.dim, "items");
-  auto [off, cand] = index_pair(cand_offsets, "cand_offsets", cand_items, "cand_items");
-  TORCH_CHECK_VALUE(off.size(0) == queries.size(0) + 1, "cand_offsets must have U + 1 = ", queries.size(0) + 1,
-                    " elements, got ", off.size(0));
+  c.items_t = in.items_t;
+  c.items = in.items;
   check_cuda(items, "items", queries, "queries");
   check_cuda(off, "cand_offsets", queries, "queries");
   check_cuda(cand, "cand_items", queries, "queries");

@@ -73,23 +73,11 @@ void launch_backward(const URows& users, const IRows& items, const at::Tensor& u
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& user_emb_in, const at::Tensor& item_emb_in,
     const at::Tensor& user_idx_in, const at::Tensor& item_idx_in, const std::optional<at::Tensor>& item_bias) {
-  const at::Tensor item_emb = item_emb_in.contiguous();
-  const Table items = table_view(item_emb, "item_emb", true);
-  check_queries(user_emb_in, "user_emb", items.dim, "item_emb");
-  const at::Tensor user_emb = user_emb_in.contiguous();
+  const auto [user_emb, item_emb, user_idx, item_idx, items] = pair_inputs(user_emb_in, item_emb_in, user_idx_in,
+                                                                          item_idx_in);
   const Table users = table_view(user_emb, "user_emb", false);
-  auto [user_idx, item_idx] = index_pair(user_idx_in, "user_idx", item_idx_in, "item_idx");
-  TORCH_CHECK_VALUE(user_idx.size(0) == item_idx.size(0), "user_idx and item_idx must have the same length, got ",
-                    user_idx.size(0), " and ", item_idx.size(0));
-  check_float_dtype(grad_output, "grad_output");
-  TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad_output.size(0) == user_idx.size(0),
-                    "grad_output must have shape [", user_idx.size(0), "], got ", grad_output.sizes());
-  if (item_bias.has_value()) {
-    check_float_dtype(*item_bias, "item_bias");
-    TORCH_CHECK_VALUE(item_bias->dim() == 1 && item_bias->size(0) == items.rows,
-                      "item_bias must have one value per item (", items.rows, "), got ", item_bias->sizes());
-    check_cuda(*item_bias, "item_bias", user_emb, "user_emb");
-  }
+  check_pair_grad(grad_output, user_idx.size(0), item_bias, items.rows);
+  if (item_bias.has_value()) check_cuda(*item_bias, "item_bias", user_emb, "user_emb");
   check_cuda(item_emb, "item_emb", user_emb, "user_emb");
   check_cuda(user_idx, "user_idx", user_emb, "user_emb");
   check_cuda(item_idx, "item_idx", user_emb, "user_emb");

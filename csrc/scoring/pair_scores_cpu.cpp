@@ -34,14 +34,6 @@ void dot_pairs_parallel(const DotArgs& a, int64_t idx_bytes) {
 }
 
 // Two index tensors of one dtype (int64 when they differ), contiguous.
-std::pair<at::Tensor, at::Tensor> index_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                                             const char* b_name) {
-  check_index_tensor(a, a_name);
-  check_index_tensor(b, b_name);
-  if (a.scalar_type() != b.scalar_type()) return {a.to(at::kLong).contiguous(), b.to(at::kLong).contiguous()};
-  return {a.contiguous(), b.contiguous()};
-}
-
 DotArgs dot_args(const at::Tensor& queries, const Table& items, const at::Tensor& bias, const at::Tensor& item_idx) {
   DotArgs a{};
   a.q_kind = float_kind(queries.scalar_type());
@@ -59,13 +51,8 @@ DotArgs dot_args(const at::Tensor& queries, const Table& items, const at::Tensor
 // ----------------------------------------------------------------------------- pair_scores
 at::Tensor pair_scores_cpu(const at::Tensor& user_emb_in, const at::Tensor& item_emb_in, const at::Tensor& user_idx_in,
                            const at::Tensor& item_idx_in, const std::optional<at::Tensor>& item_bias) {
-  const at::Tensor item_emb = item_emb_in.contiguous();
-  const Table items = table_view(item_emb, "item_emb", true);
-  check_queries(user_emb_in, "user_emb", items.dim, "item_emb");
-  const at::Tensor user_emb = user_emb_in.contiguous();
-  auto [user_idx, item_idx] = index_pair(user_idx_in, "user_idx", item_idx_in, "item_idx");
-  TORCH_CHECK_VALUE(user_idx.size(0) == item_idx.size(0), "user_idx and item_idx must have the same length, got ",
-                    user_idx.size(0), " and ", item_idx.size(0));
+  const auto [user_emb, item_emb, user_idx, item_idx, items] = pair_inputs(user_emb_in, item_emb_in, user_idx_in,
+                                                                          item_idx_in);
   const at::Tensor bias = bias_f32(item_bias, items.rows);
   check_index_range(user_idx, user_emb.size(0), "user_idx");
   check_index_range(item_idx, items.rows, "item_idx");
@@ -131,22 +118,10 @@ bool accumulate_rows(const RowGroups& groups, const float* g, const Table& other
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& user_emb_in, const at::Tensor& item_emb_in,
     const at::Tensor& user_idx_in, const at::Tensor& item_idx_in, const std::optional<at::Tensor>& item_bias) {
-  const at::Tensor item_emb = item_emb_in.contiguous();
-  const Table items = table_view(item_emb, "item_emb", true);
-  check_queries(user_emb_in, "user_emb", items.dim, "item_emb");
-  const at::Tensor user_emb = user_emb_in.contiguous();
+  const auto [user_emb, item_emb, user_idx, item_idx, items] = pair_inputs(user_emb_in, item_emb_in, user_idx_in,
+                                                                          item_idx_in);
   const Table users = table_view(user_emb, "user_emb", false);
-  auto [user_idx, item_idx] = index_pair(user_idx_in, "user_idx", item_idx_in, "item_idx");
-  TORCH_CHECK_VALUE(user_idx.size(0) == item_idx.size(0), "user_idx and item_idx must have the same length, got ",
-                    user_idx.size(0), " and ", item_idx.size(0));
-  check_float_dtype(grad_output, "grad_output");
-  TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad_output.size(0) == user_idx.size(0),
-                    "grad_output must have shape [", user_idx.size(0), "], got ", grad_output.sizes());
-  if (item_bias.has_value()) {
-    check_float_dtype(*item_bias, "item_bias");
-    TORCH_CHECK_VALUE(item_bias->dim() == 1 && item_bias->size(0) == items.rows,
-                      "item_bias must have one value per item (", items.rows, "), got ", item_bias->sizes());
-  }
+  check_pair_grad(grad_output, user_idx.size(0), item_bias, items.rows);
   check_index_range(user_idx, users.rows, "user_idx");
   check_index_range(item_idx, items.rows, "item_idx");
   const at::Tensor g = grad_output.to(at::kFloat).contiguous();
@@ -190,18 +165,15 @@ struct Candidates {
 
 Candidates check_candidates(const at::Tensor& queries, const at::Tensor& items, const at::Tensor& cand_offsets,
                             const at::Tensor& cand_items, const std::optional<at::Tensor>& item_bias) {
+  const CandidateInputs in = candidate_inputs(queries, items, cand_offsets, cand_items);
   Candidates c;
-  c.items_t = items.contiguous();
-  c.items = table_view(c.items_t, "items", true);
-  check_queries(queries, "queries", c.items.dim, "items");
+  c.items_t = in.items_t;
+  c.items = in.items;
   c.queries = queries.contiguous();
-  auto [off, cand] = index_pair(cand_offsets, "cand_offsets", cand_items, "cand_items");
-  TORCH_CHECK_VALUE(off.size(0) == queries.size(0) + 1, "cand_offsets must have U + 1 = ", queries.size(0) + 1,
-                    " elements, got ", off.size(0));
   c.bias = bias_f32(item_bias, c.items.rows);
-  c.offsets = check_offsets(off, cand.size(0), "cand_offsets");
-  check_index_range(cand, c.items.rows, "cand_items");
-  c.cand = cand;
+  c.offsets = check_offsets(in.offsets, in.cand.size(0), "cand_offsets");
+  check_index_range(in.cand, c.items.rows, "cand_items");
+  c.cand = in.cand;
   return c;
 }
 

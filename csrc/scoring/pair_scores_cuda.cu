@@ -26,13 +26,8 @@ struct IndexedPairs {
 
 at::Tensor pair_scores_cuda(const at::Tensor& user_emb_in, const at::Tensor& item_emb_in, const at::Tensor& user_idx_in,
                             const at::Tensor& item_idx_in, const std::optional<at::Tensor>& item_bias) {
-  const at::Tensor item_emb = item_emb_in.contiguous();
-  const Table items = table_view(item_emb, "item_emb", true);
-  check_queries(user_emb_in, "user_emb", items.dim, "item_emb");
-  const at::Tensor user_emb = user_emb_in.contiguous();
-  auto [user_idx, item_idx] = index_pair(user_idx_in, "user_idx", item_idx_in, "item_idx");
-  TORCH_CHECK_VALUE(user_idx.size(0) == item_idx.size(0), "user_idx and item_idx must have the same length, got ",
-                    user_idx.size(0), " and ", item_idx.size(0));
+  const auto [user_emb, item_emb, user_idx, item_idx, items] = pair_inputs(user_emb_in, item_emb_in, user_idx_in,
+                                                                          item_idx_in);
   check_cuda(item_emb, "item_emb", user_emb, "user_emb");
   check_cuda(user_idx, "user_idx", user_emb, "user_emb");
   check_cuda(item_idx, "item_idx", user_emb, "user_emb");

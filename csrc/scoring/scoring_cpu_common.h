@@ -1,5 +1,6 @@
 // What the scoring CPU ops share: argument and value checks with the reference's messages
-// (recsys_kernels/ops/scoring.py), table views, and the ranking key.
+// (recsys_kernels/ops/scoring.py), table views, and the ranking key. The CUDA kernels use its
+// metadata checks too (scoring_cuda_common.cuh), so every device raises the same errors.
 #pragma once
 
 #include <algorithm>
@@ -7,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <torch/types.h>
@@ -86,6 +89,67 @@ inline void check_queries(const at::Tensor& q, const char* name, int64_t dim, co
   check_float_dtype(q, name);
   check_dim(q, name, 2);
   TORCH_CHECK_VALUE(q.size(1) == dim, name, " has dim ", q.size(1), " but ", items_name, " has dim ", dim);
+}
+
+// Two index tensors of one dtype (int64 when they differ), contiguous.
+inline std::pair<at::Tensor, at::Tensor> index_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                                                    const char* b_name) {
+  check_index_tensor(a, a_name);
+  check_index_tensor(b, b_name);
+  if (a.scalar_type() != b.scalar_type()) return {a.to(at::kLong).contiguous(), b.to(at::kLong).contiguous()};
+  return {a.contiguous(), b.contiguous()};
+}
+
+// The metadata checks that open pair_scores and its backward, on every device (the reference's
+// messages and order); the tensors come back contiguous.
+struct PairInputs {
+  at::Tensor user_emb, item_emb, user_idx, item_idx;
+  Table items;
+};
+
+inline PairInputs pair_inputs(const at::Tensor& user_emb, const at::Tensor& item_emb, const at::Tensor& user_idx,
+                              const at::Tensor& item_idx) {
+  PairInputs p;
+  p.item_emb = item_emb.contiguous();
+  p.items = table_view(p.item_emb, "item_emb", true);
+  check_queries(user_emb, "user_emb", p.items.dim, "item_emb");
+  p.user_emb = user_emb.contiguous();
+  std::tie(p.user_idx, p.item_idx) = index_pair(user_idx, "user_idx", item_idx, "item_idx");
+  TORCH_CHECK_VALUE(p.user_idx.size(0) == p.item_idx.size(0), "user_idx and item_idx must have the same length, got ",
+                    p.user_idx.size(0), " and ", p.item_idx.size(0));
+  return p;
+}
+
+// pair_scores_backward's grad_output [P] and item_bias [I] metadata.
+inline void check_pair_grad(const at::Tensor& grad_output, int64_t n_pairs, const std::optional<at::Tensor>& item_bias,
+                            int64_t n_items) {
+  check_float_dtype(grad_output, "grad_output");
+  TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad_output.size(0) == n_pairs, "grad_output must have shape [",
+                    n_pairs, "], got ", grad_output.sizes());
+  if (item_bias.has_value()) {
+    check_float_dtype(*item_bias, "item_bias");
+    TORCH_CHECK_VALUE(item_bias->dim() == 1 && item_bias->size(0) == n_items, "item_bias must have one value per item (",
+                      n_items, "), got ", item_bias->sizes());
+  }
+}
+
+// The metadata checks that open candidate_scores / candidate_topk: the item table, the queries and
+// the CSR candidate lists (offsets [U + 1], items) in one index dtype.
+struct CandidateInputs {
+  at::Tensor items_t, offsets, cand;
+  Table items;
+};
+
+inline CandidateInputs candidate_inputs(const at::Tensor& queries, const at::Tensor& items,
+                                        const at::Tensor& cand_offsets, const at::Tensor& cand_items) {
+  CandidateInputs c;
+  c.items_t = items.contiguous();
+  c.items = table_view(c.items_t, "items", true);
+  check_queries(queries, "queries", c.items.dim, "items");
+  std::tie(c.offsets, c.cand) = index_pair(cand_offsets, "cand_offsets", cand_items, "cand_items");
+  TORCH_CHECK_VALUE(c.offsets.size(0) == queries.size(0) + 1, "cand_offsets must have U + 1 = ", queries.size(0) + 1,
+                    " elements, got ", c.offsets.size(0));
+  return c;
 }
 
 // fp32 item bias [I] (converted once), or an undefined tensor.

@@ -88,10 +88,16 @@ inline void launch_decode(const at::Tensor& keys, at::Tensor& values, at::Tensor
 
 // ----------------------------------------------------------------------------- host checks
 // The CPU kernels' metadata checks, messages and table view (scoring_cpu_common.h), one copy.
+using scoring_cpu::candidate_inputs;
+using scoring_cpu::CandidateInputs;
 using scoring_cpu::check_index_tensor;
 using scoring_cpu::check_item_count;
+using scoring_cpu::check_pair_grad;
 using scoring_cpu::check_queries;
+using scoring_cpu::index_pair;
 using scoring_cpu::Kind;
+using scoring_cpu::pair_inputs;
+using scoring_cpu::PairInputs;
 using scoring_cpu::raise_non_finite;
 using scoring_cpu::Table;
 using scoring_cpu::table_view;
@@ -101,15 +107,6 @@ using scoring_cpu::table_view;
 inline void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& first, const char* first_name) {
   TORCH_CHECK_VALUE(first.is_cuda(), first_name, " must be a CUDA tensor for the CUDA kernel, got ", first.device());
   check_device(t, name, first.device(), first_name);
-}
-
-// Two index tensors of one dtype (int64 when they differ), contiguous.
-inline std::pair<at::Tensor, at::Tensor> index_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                                                    const char* b_name) {
-  check_index_tensor(a, a_name);
-  check_index_tensor(b, b_name);
-  if (a.scalar_type() != b.scalar_type()) return {a.to(at::kLong).contiguous(), b.to(at::kLong).contiguous()};
-  return {a.contiguous(), b.contiguous()};
 }
 
 // fp32 item bias [I] (converted once), or an undefined tensor.
