@@ -11,6 +11,7 @@ index bounds, finite scales) run inside every kernel, where they are opaque to t
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable, Iterable
 
@@ -63,6 +64,28 @@ def triton_devices() -> tuple[str, ...]:
     """Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how it is tested
     on machines without a GPU)."""
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def triton_kernels(module: str):
+    """(the kernel module recsys_kernels._triton.<module>, None), or (None, why it cannot be
+    imported): no triton, or a triton that cannot import."""
+    try:
+        return importlib.import_module(f"recsys_kernels._triton.{module}"), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"triton cannot be imported: {type(e).__name__}: {e}"
+
+
+def keep_opaque_under_interpreter(op) -> None:
+    """Under TRITON_INTERPRET=1 wrap_triton returns the kernel itself, so tracing a triton_op's
+    body (what torch.compile does) would launch it on fake tensors. Keep the op opaque to the
+    compiler instead, as torch.export does for triton ops: the compiled graph calls it eagerly.
+    On a GPU the body is traced and Inductor sees the kernel."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def opaque(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, opaque)
 
 
 def register_autograd(variants: dict, backward: Callable, setup_context: Callable) -> None:

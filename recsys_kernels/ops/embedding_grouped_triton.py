@@ -26,12 +26,7 @@ from .embedding import BACKWARD
 from .embedding_grouped import (NAME, SCHEMA, _embedding_bag_grouped_fake, _make_backward, _setup_context,
                                 lookup_dim)
 
-try:
-    from .._triton import embedding_bag_grouped as _k
-    _REASON = None
-except Exception as e:  # noqa: BLE001 - no triton, or a triton that cannot import
-    _k = None
-    _REASON = f"triton cannot be imported: {type(e).__name__}: {e}"
+_k, _REASON = _common.triton_kernels("embedding_bag_grouped")
 
 _FORMATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

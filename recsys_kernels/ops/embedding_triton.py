@@ -37,12 +37,7 @@ from .embedding import (BACKWARD, _acc_dtype, _check_offsets, _embedding_bag_bac
                         _make_backward, _setup_context)
 from .rowwise import unpacked_dim
 
-try:
-    from .._triton import embedding_bag as _k
-    _REASON = None
-except Exception as e:  # noqa: BLE001 - no triton, or a triton that cannot import
-    _k = None
-    _REASON = f"triton cannot be imported: {type(e).__name__}: {e}"
+_k, _REASON = _common.triton_kernels("embedding_bag")
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -200,19 +195,6 @@ def _embedding_bag_backward_triton(grad_output: Tensor, weight: Tensor, indices:
     return grad_weight, grad_psw
 
 
-def _keep_opaque_under_interpreter(op) -> None:
-    """Under TRITON_INTERPRET=1 wrap_triton returns the kernel itself, so tracing the body (what
-    triton_op does under torch.compile) would launch it on fake tensors. Keep the op opaque to
-    the compiler instead, as torch.export does for triton ops: the compiled graph calls it
-    eagerly. On a GPU the body is traced and Inductor sees the kernel."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    def opaque(mode, func, types, args, kwargs):
-        return mode.__torch_dispatch__(func, types, args, kwargs)
-
-    op.register_torch_dispatch(FunctionalTensorMode, opaque)
-
-
 if _k is not None:
     OP = torch.library.triton_op(f"{_common.LIB}::embedding_bag_triton", _embedding_bag_triton, mutates_args=())
     BACKWARD_OP = torch.library.triton_op(f"{_common.LIB}::embedding_bag_backward_triton",
@@ -221,8 +203,8 @@ if _k is not None:
     OP.register_fake(_embedding_bag_fake)
     BACKWARD_OP.register_fake(_embedding_bag_backward_fake)
     if _k.interpreted():
-        _keep_opaque_under_interpreter(OP)
-        _keep_opaque_under_interpreter(BACKWARD_OP)
+        _common.keep_opaque_under_interpreter(OP)
+        _common.keep_opaque_under_interpreter(BACKWARD_OP)
     _common.register_autograd_with_backward_op({"triton": OP}, {**BACKWARD, "triton": BACKWARD_OP},
                                                "embedding_bag_backward", _make_backward, _setup_context)
 else:

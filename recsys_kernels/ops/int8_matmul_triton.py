@@ -27,12 +27,7 @@ from . import _common
 from .int8_matmul import (ACT_QUANTS, ACTIVATIONS, _int8_linear_fake, _int8_matmul_fake, _no_backward,
                           _quantize_rows_int8_fake, _setup_nothing)
 
-try:
-    from .._triton import int8_matmul as _k
-    _REASON = None
-except Exception as e:  # noqa: BLE001 - no triton, or a triton that cannot import
-    _k = None
-    _REASON = f"triton cannot be imported: {type(e).__name__}: {e}"
+_k, _REASON = _common.triton_kernels("int8_matmul")
 
 _X_NAME = "quantize_rows_int8: x"  # the reference's wording for a non-finite x
 
@@ -183,18 +178,6 @@ def _int8_linear_triton(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias:
     return _launch_gemm(x_q, weight_q, x_scale, weight_scale, bias, activation, out_dtype, token)
 
 
-def _keep_opaque_under_interpreter(op) -> None:
-    """Under TRITON_INTERPRET=1 wrap_triton returns the kernel itself, so tracing the body (what
-    triton_op does under torch.compile) would launch it on fake tensors: keep the op opaque to
-    the compiler there (see embedding_triton.py). On a GPU the body is traced."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    def opaque(mode, func, types, args, kwargs):
-        return mode.__torch_dispatch__(func, types, args, kwargs)
-
-    op.register_torch_dispatch(FunctionalTensorMode, opaque)
-
-
 OPS = {}
 for _name, _fn, _fake in (("quantize_rows_int8", _quantize_rows_int8_triton, _quantize_rows_int8_fake),
                           ("int8_matmul", _int8_matmul_triton, _int8_matmul_fake),
@@ -204,7 +187,7 @@ for _name, _fn, _fake in (("quantize_rows_int8", _quantize_rows_int8_triton, _qu
         _op = torch.library.triton_op(f"{_common.LIB}::{_name}_triton", _fn, mutates_args=())
         _op.register_fake(_fake)  # the shared fake kernel (a triton_op's own would trace the body)
         if _k.interpreted():
-            _keep_opaque_under_interpreter(_op)
+            _common.keep_opaque_under_interpreter(_op)
         _common.register_autograd({"triton": _op}, _no_backward(_name), _setup_nothing)
     OPS[_name] = _op
     _backend.register(_name, "triton", _op, devices=_common.triton_devices(), reason=_REASON)

@@ -42,12 +42,7 @@ from .. import _backend
 from . import _common
 from . import scoring as _s
 
-try:
-    from .._triton import scoring as _k
-    _REASON = None
-except Exception as e:  # noqa: BLE001 - no triton, or a triton that cannot import
-    _k = None
-    _REASON = f"triton cannot be imported: {type(e).__name__}: {e}"
+_k, _REASON = _common.triton_kernels("scoring")
 
 _NON_FINITE = "packed table has non-finite scales or biases"  # the reference's words (rowwise.py)
 
@@ -334,18 +329,6 @@ def _topk_scores_triton(queries: Tensor, items: Tensor, k: int, exclude_offsets:
 
 
 # ----------------------------------------------------------------------------- registration
-def _keep_opaque_under_interpreter(op) -> None:
-    """Under TRITON_INTERPRET=1 wrap_triton returns the kernel itself, so tracing the body (what
-    triton_op does under torch.compile) would launch it on fake tensors: keep the op opaque to
-    the compiler there (see embedding_triton.py). On a GPU the body is traced."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    def opaque(mode, func, types, args, kwargs):
-        return mode.__torch_dispatch__(func, types, args, kwargs)
-
-    op.register_torch_dispatch(FunctionalTensorMode, opaque)
-
-
 _OPS = (("pair_scores", _pair_scores_triton, _s._pair_scores_fake),
         ("pair_scores_backward", _pair_scores_backward_triton, _s._pair_scores_backward_fake),
         ("candidate_scores", _candidate_scores_triton, _s._candidate_scores_fake),
@@ -358,7 +341,7 @@ for _name, _fn, _fake in _OPS:
         _op = torch.library.triton_op(f"{_common.LIB}::{_name}_triton", _fn, mutates_args=())
         _op.register_fake(_fake)  # the shared fake kernel (a triton_op's own would trace the body)
         if _k.interpreted():
-            _keep_opaque_under_interpreter(_op)
+            _common.keep_opaque_under_interpreter(_op)
     OPS[_name] = _op
     _backend.register(_name, "triton", _op, devices=_common.triton_devices(), reason=_REASON)
 
