@@ -125,8 +125,7 @@ def model_bytes(model: nn.Module, *, caches: bool = False) -> int:
     attributes share it. caches=True adds the non-persistent buffers: run-time caches rebuilt from
     the state, such as Int8Linear's packed weight copy, which a serving process also holds."""
     seen, total = set(), 0
-    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
-    tensors += [t for t in model.state_dict(keep_vars=True).values()]
+    tensors = list(model.state_dict(keep_vars=True).values())  # the parameters are in it too
     if caches:
         tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
     for t in tensors:
