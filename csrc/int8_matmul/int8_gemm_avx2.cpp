@@ -16,10 +16,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/avx2_rows.h"  // RK_AVX2, RK_AVX2_INLINE
 #include "int8_matmul/int8_gemm_kernels.h"
-
-#define RK_AVX2 __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off")))
-#define RK_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"), always_inline)) inline
 
 namespace recsys_kernels::int8_gemm {
 namespace {

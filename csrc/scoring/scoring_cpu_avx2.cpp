@@ -8,66 +8,17 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/avx2_rows.h"
 #include "scoring/scoring_cpu_kernels.h"
-
-#define RK_AVX2 __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off")))
-#define RK_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"), always_inline)) inline
 
 namespace recsys_kernels::scoring_cpu {
 namespace {
 
-struct RowParams {
-  float scale = 1.0f, bias = 0.0f;
-};
-
-// Loaders: 8 fp32 values from column c, one value, and a row's int8 parameters.
-struct F32 {
-  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
-  }
-  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
-    float v;
-    std::memcpy(&v, row + 4 * c, 4);
-    return v;
-  }
-};
-
-struct F16 {
-  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
-  }
-  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
-    uint16_t h;
-    std::memcpy(&h, row + 2 * c, 2);
-    return _cvtsh_ss(h);
-  }
-};
-
-struct BF16 {
-  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
-    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-  }
-  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
-    uint16_t h;
-    std::memcpy(&h, row + 2 * c, 2);
-    const uint32_t u = static_cast<uint32_t>(h) << 16;
-    float v;
-    std::memcpy(&v, &u, 4);
-    return v;
-  }
-};
-
-struct Q8 {
-  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams& p) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
-    const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-    return _mm256_add_ps(_mm256_mul_ps(codes, _mm256_set1_ps(p.scale)), _mm256_set1_ps(p.bias));
-  }
-  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams& p) {
-    return static_cast<float>(row[c]) * p.scale + p.bias;
-  }
-};
+using avx2::BF16;
+using avx2::F16;
+using avx2::F32;
+using avx2::Q8;
+using avx2::RowParams;
 
 RK_AVX2_INLINE float hsum(__m256 v) {
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // a_j + a_{j+4}
@@ -83,7 +34,7 @@ RK_AVX2_INLINE int64_t idx_at(const void* p, int64_t i) {
 
 constexpr int64_t kPrefetch = 12;  // pairs ahead
 
-template <typename QL, typename IL, bool kQuant, typename I>
+template <typename QL, typename IL, typename I>
 RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
   const int64_t d = a.dim, d8 = d & ~int64_t(7);
   bool ok = true;
@@ -100,12 +51,7 @@ RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
     const int64_t item = idx_at<I>(a.item_idx, p);
     const uint8_t* q = a.queries + (fixed ? a.fixed_user : idx_at<I>(a.user_idx, p)) * a.q_row_bytes;
     const uint8_t* x = a.items + item * a.item_row_bytes;
-    RowParams rp;
-    if constexpr (kQuant) {
-      std::memcpy(&rp.scale, x + d, 4);
-      std::memcpy(&rp.bias, x + d + 4, 4);
-      ok &= std::isfinite(rp.scale) && std::isfinite(rp.bias);
-    }
+    const RowParams rp = IL::params(x, d, ok);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t c = 0; c < d8; c += 8) acc = _mm256_fmadd_ps(QL::load(q, c, {}), IL::load(x, c, rp), acc);
     float s = hsum(acc);
@@ -116,18 +62,18 @@ RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
   return ok;
 }
 
-template <typename QL, typename IL, bool kQuant>
+template <typename QL, typename IL>
 RK_AVX2 bool dot_pairs_idx(const DotArgs& a) {
-  return a.idx64 ? dot_pairs_impl<QL, IL, kQuant, int64_t>(a) : dot_pairs_impl<QL, IL, kQuant, int32_t>(a);
+  return a.idx64 ? dot_pairs_impl<QL, IL, int64_t>(a) : dot_pairs_impl<QL, IL, int32_t>(a);
 }
 
 template <typename QL>
 RK_AVX2 bool dot_pairs_q(const DotArgs& a) {
   switch (a.item_kind) {
-    case Kind::kF32: return dot_pairs_idx<QL, F32, false>(a);
-    case Kind::kF16: return dot_pairs_idx<QL, F16, false>(a);
-    case Kind::kBF16: return dot_pairs_idx<QL, BF16, false>(a);
-    case Kind::kQ8: return dot_pairs_idx<QL, Q8, true>(a);
+    case Kind::kF32: return dot_pairs_idx<QL, F32>(a);
+    case Kind::kF16: return dot_pairs_idx<QL, F16>(a);
+    case Kind::kBF16: return dot_pairs_idx<QL, BF16>(a);
+    case Kind::kQ8: return dot_pairs_idx<QL, Q8>(a);
   }
   return true;
 }

@@ -1,0 +1,95 @@
+// What the AVX2+FMA+F16C translation units share (embedding_bag_cpu_avx2.cpp, scoring_cpu_avx2.cpp,
+// int8_gemm_avx2.cpp): the function attributes, and the readers of one table row (fp32, fp16, bf16,
+// int8 row-wise) into 8-float vectors. Include it only from those files: the build has no -mavx2,
+// every function here carries the target attribute, and callers check cpu_isa() first.
+// fp-contract=off: a * b + c stays two roundings (an int8 value is code * scale + bias, as in the
+// reference), only explicit _mm256_fmadd_ps calls fuse. No torch headers.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define RK_AVX2 __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off")))
+#define RK_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"), always_inline)) inline
+
+namespace recsys_kernels::avx2 {
+
+RK_AVX2_INLINE float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+struct RowParams {
+  float scale = 1.0f, bias = 0.0f;
+};
+
+// Loaders: vector of 8 columns from column c (a multiple of 8), scalar column c, the row's scale
+// and bias, and where a column's byte is.
+struct F32 {
+  static constexpr bool kQuant = false;
+  RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    float v;
+    std::memcpy(&v, row + 4 * c, 4);
+    return v;
+  }
+  static constexpr int64_t byte_of(int64_t c) { return 4 * c; }
+};
+
+struct F16 {
+  static constexpr bool kQuant = false;
+  RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, 2);
+    return half_to_float(h);
+  }
+  static constexpr int64_t byte_of(int64_t c) { return 2 * c; }
+};
+
+struct BF16 {
+  static constexpr bool kQuant = false;
+  RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams&) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, 2);
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float v;
+    std::memcpy(&v, &u, 4);
+    return v;
+  }
+  static constexpr int64_t byte_of(int64_t c) { return 2 * c; }
+};
+
+// 8-bit: D codes, fp32 scale, fp32 bias.
+struct Q8 {
+  static constexpr bool kQuant = true;
+  RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
+    RowParams p;
+    std::memcpy(&p.scale, row + dim, 4);
+    std::memcpy(&p.bias, row + dim + 4, 4);
+    ok &= std::isfinite(p.scale) && std::isfinite(p.bias);
+    return p;
+  }
+  RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams& p) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
+    const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    return _mm256_add_ps(_mm256_mul_ps(codes, _mm256_set1_ps(p.scale)), _mm256_set1_ps(p.bias));
+  }
+  RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams& p) {
+    return static_cast<float>(row[c]) * p.scale + p.bias;
+  }
+  static constexpr int64_t byte_of(int64_t c) { return c; }
+};
+
+}  // namespace recsys_kernels::avx2
