@@ -39,7 +39,8 @@ def tol(dtype):
 
 
 # ----------------------------------------------------------------------------- forward, both paths
-@pytest.mark.parametrize("d", [1, 3, 8, 64, 129, 256])
+# 100 and 128: the AVX2 kernel's column blocks hold up to 16 vectors (100 = 12 + a tail of 4)
+@pytest.mark.parametrize("d", [1, 3, 8, 64, 100, 128, 129, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
 def test_paths_agree_with_reference(d, dtype, mode, weighted):
@@ -58,6 +59,37 @@ def test_paths_agree_with_reference(d, dtype, mode, weighted):
         assert torch.equal(scalar, avx2)  # same operations in the same order
     if dtype == torch.float32:  # fp32: the same sums as index_add_, to rounding
         torch.testing.assert_close(scalar, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [16, 100, 128, 200])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_every_index_contributes(d, index_dtype, aligned):
+    """bounds="raise" without padding: no compaction, int32 indices widened while they are checked;
+    the prefetch look-ahead runs on into the next bags. A table that does not start on a 64-byte
+    line (a view one float in) exercises the unaligned-row prefetch."""
+    g = torch.Generator().manual_seed(d)
+    base = torch.randn(300 * d + 1, generator=g)
+    weight = base[:300 * d].view(300, d) if aligned else base[1:].view(300, d)
+    indices, offsets = bags(torch.randint(0, 40, (70,), generator=g), 300, dtype=index_dtype, generator=g)
+    psw = torch.rand(indices.numel(), generator=g)
+    for kw in (dict(), dict(per_sample_weights=psw)):
+        scalar, avx2 = both_paths(weight, indices, offsets, **kw)
+        torch.testing.assert_close(scalar, reference(weight, indices, offsets, **kw), rtol=1e-5, atol=1e-5)
+        if avx2 is not None:
+            assert torch.equal(scalar, avx2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bounds", ["zero", "clamp"])
+def test_huge_int64_indices(isa, bounds):
+    """Indices far outside int32 (the prefetch reads only their low 32 bits) pool as the reference."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(1000, 64, generator=g)
+    indices, offsets = bags(torch.full((50,), 30), 1000, generator=g)
+    indices[::7] = torch.tensor([2**40 + 5, -2**40, 2**32 + 1, 2**31, -1])[torch.arange(len(indices[::7])) % 5]
+    got = on_isa(isa, lambda: embedding_bag(weight, indices, offsets, bounds=bounds, backend="cpu"))
+    torch.testing.assert_close(got, reference(weight, indices, offsets, bounds=bounds), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -312,6 +312,16 @@ inline void prepare_lookup(Lookup& lk, const at::Tensor& weight_in, const at::Te
   lk.first_bad.store(c.nnz);
 }
 
+// Prefetches the first lines (up to 512 bytes) of p[0, n). The pooling kernel's look-ahead reads
+// only the first 16 indices of the next bag; without this the bounds scan of a bag waited for the
+// rest of its indices from memory (a fifth of the time on the cache-resident shape B).
+template <typename T>
+inline void prefetch_span(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  const int64_t len = std::min<int64_t>(n * static_cast<int64_t>(sizeof(T)), 512);
+  for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(bytes + o);
+}
+
 // Pools bags [b0, b1) of lk. Under bounds="raise" the indices are checked here, bag by bag: the
 // range stops at its first bad index and lk.first_bad keeps the smallest such position over all
 // ranges (the caller then raises), so the indices are read once, in the one parallel region.
@@ -335,9 +345,26 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   bool ok = true;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = off[b], e = off[b + 1];
+    if (b + 1 < b1) {  // the next bag's indices (and weights), a bag ahead
+      prefetch_span(idx + e, off[b + 2] - e);
+      if (psw) prefetch_span(psw + e, off[b + 2] - e);
+    }
+    // int32 indices that all contribute are widened into the row list in the same pass as the
+    // bounds check (one read of the indices)
+    const bool widen = all_contribute && std::is_same_v<I, int32_t>;
+    if (widen && static_cast<int64_t>(rows_buf.size()) < e - s) rows_buf.resize(e - s);
     if (c.bounds == Bounds::kRaise) {
       bool bad = false;
-      for (int64_t p = s; p < e; ++p) bad |= static_cast<uint64_t>(static_cast<int64_t>(idx[p])) >= n_rows_u;
+      if (widen) {
+        int64_t* out = rows_buf.data() - s;
+        for (int64_t p = s; p < e; ++p) {
+          const int64_t r = idx[p];
+          out[p] = r;
+          bad |= static_cast<uint64_t>(r) >= n_rows_u;
+        }
+      } else {
+        for (int64_t p = s; p < e; ++p) bad |= static_cast<uint64_t>(static_cast<int64_t>(idx[p])) >= n_rows_u;
+      }
       if (bad) {
         int64_t p = s;
         while (static_cast<uint64_t>(static_cast<int64_t>(idx[p])) < n_rows_u) ++p;
@@ -355,9 +382,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
       if constexpr (std::is_same_v<I, int64_t>) {
         rows = idx + s;
       } else {
-        if (static_cast<int64_t>(rows_buf.size()) < n) rows_buf.resize(n);
-        for (int64_t p = 0; p < n; ++p) rows_buf[p] = idx[s + p];
-        rows = rows_buf.data();
+        rows = rows_buf.data();  // widened above
       }
       if (psw) weights = psw + s;
     } else {

@@ -30,8 +30,8 @@ struct PoolArgs {
   float* out;                 // [D] fp32 result
   // Prefetching looks ahead in the raw indices, not in the compacted rows, so that it runs on into
   // the next bags (FBGEMM does the same): raw_idx points at this bag's first raw index (int64 or
-  // int32), raw_left counts the raw indices left in the batch from there; only rows in
-  // [0, n_rows) are fetched. raw_idx == nullptr: prefetch from `rows`, within the bag.
+  // int32), raw_left (>= 1) counts the raw indices left in the batch from there; only rows in
+  // [0, n_rows) are fetched.
   const void* raw_idx = nullptr;
   bool raw_is_int64 = true;
   int64_t raw_left = 0, n_rows = 0;
