@@ -55,6 +55,13 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
 
 
+# Link the C++ runtime as a shared library whatever the compiler driver adds: a g++ wrapper that
+# appends -static-libstdc++ (the GPU machine's image has one) puts a second libstdc++ inside the
+# extension, beside the one torch loads, and then formatting a number into an error message crashes
+# the process. Named before the driver's own -lstdc++, the shared one resolves every reference.
+SHARED_LIBSTDCXX = ["-lstdc++"]
+
+
 def extensions():
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -64,7 +71,7 @@ def extensions():
             sources("**/*.cpp"),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", *SHARED_LIBSTDCXX],
         )
     ]
     build_cuda, why_not = cuda_build_requested()
@@ -79,6 +86,7 @@ def extensions():
                     "cxx": ["-O3", "-std=c++20"],
                     "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
                 },
+                extra_link_args=SHARED_LIBSTDCXX,
             )
         )
         print(f"recsys_kernels: building the CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (DESIGN.md §8). On a fresh GPU machine, from any directory:
 #   bash bench/gpu_check.sh
-# builds the package with the CUDA extension (sm_90 only, to save time), runs the whole test suite
-# (the CUDA tests run there), runs the benchmarks, and writes everything under $OUT (default
+# builds the package with the CUDA extension (sm_90 only, to save time), runs the tests that use
+# the GPU, runs the GPU benchmarks, and writes everything under $OUT (default
 # /tmp/recsys_kernels_gpu_check): summary.txt (read this first), nvidia-smi.txt, build.log,
 # tests.log, junit.xml, bench.log, bench.json (and build_pip_failed.log if pip could not
 # install). Everything fits in 8 minutes: each step runs under `timeout`.
@@ -11,7 +11,9 @@
 # PYTHON=...), and that torch, whatever its version; nothing is downloaded. Exit status: 0 when
 # every step passed, 1 when a step failed, 2 when the machine cannot run the check at all.
 # GPU_CHECK_NO_GPU_OK=1 runs it without a GPU (to test the script itself; CUDA tests then skip);
-# GPU_CHECK_TESTS narrows the test selection (default: tests); GPU_CHECK_BUDGET_S (470) and
+# GPU_CHECK_TESTS narrows the test selection (default: tests, -k "cuda or triton"; GPU_CHECK_CPU_TOO=1
+# drops the -k), GPU_CHECK_BENCH the benchmark files, GPU_CHECK_AFTER_BUILD runs a command once the
+# build is in place (output in after_build.log); GPU_CHECK_BUDGET_S (470) and
 # GPU_CHECK_BUILD_S (270) change the time limits, for slow machines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,12 +100,25 @@ raise SystemExit('extensions not loaded: ' + str({n: _loader.LOAD_ERRORS.get(n) 
 " 2>&1 | tee -a "$OUT/summary.txt"
 (( ${PIPESTATUS[0]} == 0 )) || { log "FATAL: the built extensions do not load"; exit 1; }
 
-# --- the whole test suite; the CUDA parametrizations run here
-step tests 200 "$OUT/tests.log" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q -p no:cacheprovider --junitxml="$OUT/junit.xml"
-tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+# --- an optional diagnostic with the build in place (GPU_CHECK_AFTER_BUILD: a shell command)
+if [[ -n "${GPU_CHECK_AFTER_BUILD:-}" ]]; then
+  step after-build 150 "$OUT/after_build.log" bash -c "$GPU_CHECK_AFTER_BUILD"
+  tail -60 "$OUT/after_build.log"
+fi
 
-# --- benchmarks (GPU and CPU side by side), numbers in bench.json
-step bench 150 "$OUT/bench.log" "$PY" -m pytest bench -q -p no:cacheprovider \
+# --- the tests that run on the GPU (CUDA parametrizations, CUDA-only files, Triton on CUDA
+# tensors), spread over processes when pytest-xdist is there; -v prints each outcome as it comes,
+# so a step cut short still says what passed. The CPU-only tests are CI's (CPU_TOO=1 adds them).
+XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-12}")
+SELECT=(-k "cuda or triton"); [[ "${GPU_CHECK_CPU_TOO:-0}" == 1 ]] && SELECT=()
+OMP_NUM_THREADS=1 step tests 220 "$OUT/tests.log" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} "${SELECT[@]}" \
+  "${XDIST[@]}" -v -rfE --tb=short -p no:cacheprovider --junitxml="$OUT/junit.xml"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
+tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+
+# --- the GPU benchmarks (the CPU ones are for the 2-core CI machine), numbers in bench.json
+step bench 130 "$OUT/bench.log" "$PY" -m pytest ${GPU_CHECK_BENCH:-bench/bench_embedding_bag_cuda.py \
+  bench/bench_int8_linear_cuda.py bench/bench_scoring_cuda.py} -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,ops
 sed -n '/throughput (median/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 

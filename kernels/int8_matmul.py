@@ -96,7 +96,7 @@ def _int8_dot(a_rows, b_cols, k_start, k_end,
         in_k = ks < k_end
         a = tl.load(a_rows + ks[None, :], mask=in_k[None, :], other=0)
         b = tl.load(b_cols + ks[:, None], mask=in_k[:, None], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # explicit: Triton < 3.8 defaults to float32
     return acc
 
 

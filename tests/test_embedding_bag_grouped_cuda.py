@@ -163,9 +163,9 @@ def test_each_lookup_equals_the_single_table_op():
     lookups = mixed_lookups(300)
     got = run_grouped(lookups)
     col = 0
-    for lk in lookups:
+    for lk, spec in zip(lookups, MIXED):
         d = lk_dim(lk)
-        assert torch.equal(got[:, col:col + d], lk.single_op("raise"))
+        assert torch.equal(got[:, col:col + d], lk.single_op("raise")), f"lookup {spec}"
         col += d
 
 
@@ -204,7 +204,10 @@ def test_skewed_bag():
     lk.indices = torch.randint(0, 5000, (int(lk.offsets[-1]),), device=DEV)
     other = make_lookup("q8", 64, 50, mode="mean")
     got = run_grouped([lk, other])
-    torch.testing.assert_close(got, expected([lk, other]), rtol=1e-5, atol=1e-4)
+    # bag 0 against float64: a float32 sum of 10,000 terms is off by ~1e-4 in any summation order
+    exact = Lookup(lk.weight.double(), lk.indices, lk.offsets).reference("raise")
+    torch.testing.assert_close(got[:, :128], exact.float(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got[:, 128:], expected([other]), rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_index_and_offset_dtypes_in_one_lookup():

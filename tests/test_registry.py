@@ -158,3 +158,20 @@ def test_cpu_isa_env_rejects_unknown_names():
         pytest.skip("C++ extension not loaded")
     out = _run("import recsys_kernels as rk; rk._C.cpu_features()", {"RECSYS_KERNELS_CPU_ISA": "sse9"})
     assert out.returncode != 0 and "RECSYS_KERNELS_CPU_ISA" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["_C", "_C_cuda"])
+def test_extension_links_the_shared_cxx_runtime(name):
+    """setup.py names -lstdc++ so that a compiler driver which links libstdc++ statically (a g++
+    wrapper adding -static-libstdc++, as on the GPU machine's image) cannot put a second C++
+    runtime inside the extension: with one, every C++ error message that formats a number crashed
+    the process there."""
+    import shutil
+
+    if name not in _loader.EXTENSIONS:
+        pytest.skip(f"recsys_kernels.{name} is not built here")
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) is not installed")
+    path = _loader.EXTENSIONS[name].__file__
+    needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in needed, f"{path} does not load the shared libstdc++:\n{needed}"

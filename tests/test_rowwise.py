@@ -42,6 +42,19 @@ def test_dequantize_roundtrip(device, backend, bits, out_dtype):
     assert ((got.float() - w).abs() <= step * 0.5 + 2e-2 * (out_dtype is not None) + 1e-3).all()
 
 
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
+@pytest.mark.parametrize("bits,d", [(8, 3), (8, 64), (4, 6), (4, 30)])
+def test_one_gathered_row_of_a_packed_table(device, backend, bits, d):
+    """One bag of one index: the reference dequantizes a one-row slice that sits at an odd byte
+    offset of the table (regression: viewing its scale bytes as floats failed)."""
+    packed = rk.quantize_rowwise(torch.randn(5, d), bits).to(device)
+    for row in range(5):
+        got = rk.embedding_bag(packed, torch.tensor([row], device=device), torch.tensor([0, 1], device=device),
+                               bits=bits, backend=backend)
+        expected = rk.dequantize_rowwise(packed, bits, backend="reference")[row:row + 1]
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_constant_rows_and_zero_rows():
     w = torch.tensor([[3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
     for bits in (8, 4):

@@ -309,7 +309,9 @@ __device__ __forceinline__ void pool_bag(const Rows& rows, const Index& indices,
         ++count;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const acc_t x = v[u][k] * wgt[u];
+          // a rounded product (never contracted into an FMA with the sum, which nvcc decides per
+          // kernel): the single-table and the grouped kernels give the same bits, as the reference
+          const acc_t x = rowwise::mul_rn(v[u][k], wgt[u]);
           acc[k] = mode == kMax ? max_nan(acc[k], x) : acc[k] + x;
         }
       }

@@ -47,6 +47,14 @@ C10_HOST_DEVICE inline float mul_rn(float a, float b) {
 #endif
 }
 
+C10_HOST_DEVICE inline double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 C10_HOST_DEVICE inline float div_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fdiv_rn(a, b);

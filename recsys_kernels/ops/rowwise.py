@@ -68,6 +68,12 @@ def _dequantize_rowwise_ref(packed: Tensor, bits: int, output_dtype: Optional[to
     return dequantize_rows(packed, bits).to(out_dtype)
 
 
+def _fresh(t: Tensor) -> Tensor:
+    """A row-major copy of t at the start of its own storage, so its bytes can be viewed as wider
+    types (.contiguous() would return a one-row slice as it is, at its odd storage offset)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def dequantize_rows(packed: Tensor, bits: int) -> Tensor:
     """fp32 values of packed rows [n, cols] -> [n, D]. Shared by the references of every op
     that reads row-wise tables."""
@@ -75,11 +81,11 @@ def dequantize_rows(packed: Tensor, bits: int) -> Tensor:
     d = unpacked_dim(cols, bits)
     if bits == 8:
         codes = packed[:, :d].float()
-        tail = packed[:, d:].contiguous().view(torch.float32)  # [n, 2]
+        tail = _fresh(packed[:, d:]).view(torch.float32)  # [n, 2]
     else:
         nib = packed[:, : d // 2]
         codes = torch.stack([nib & 0xF, nib >> 4], dim=2).reshape(n, d).float()
-        tail = packed[:, d // 2:].contiguous().view(torch.float16).float()  # [n, 2]
+        tail = _fresh(packed[:, d // 2:]).view(torch.float16).float()  # [n, 2]
     values = codes * tail[:, 0:1] + tail[:, 1:2]
     if not bool(torch.isfinite(tail).all()):
         raise ValueError("packed table has non-finite scales or biases")

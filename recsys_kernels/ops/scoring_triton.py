@@ -237,7 +237,10 @@ def _pair_scores_backward_triton(grad_output: Tensor, user_emb: Tensor, item_emb
 def _segment_of(offsets: Tensor, nnz: int) -> Tensor:
     """The row of each of the nnz entries of a checked CSR list (static shape)."""
     positions = torch.arange(nnz, device=offsets.device)
-    return torch.searchsorted(offsets.long()[1:], positions, right=True)
+    # over the whole offsets (offsets[0] = 0 <= p always), not the view offsets[1:]: under torch
+    # 2.11's Inductor on a GPU candidate_scores came out wrong (eager and aot_eager were right), and
+    # searchsorted over that view is the suspect (docs/design.md, "First GPU check")
+    return torch.searchsorted(offsets.long(), positions, right=True) - 1
 
 
 def _candidate_scores_triton(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_items: Tensor,
