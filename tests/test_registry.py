@@ -1,6 +1,7 @@
 """The op registry: every schema has a reference and a fake kernel; backend selection rules."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -166,8 +167,6 @@ def test_extension_links_the_shared_cxx_runtime(name):
     wrapper adding -static-libstdc++, as on the GPU machine's image) cannot put a second C++
     runtime inside the extension: with one, every C++ error message that formats a number crashed
     the process there."""
-    import shutil
-
     if name not in _loader.EXTENSIONS:
         pytest.skip(f"recsys_kernels.{name} is not built here")
     if shutil.which("readelf") is None:

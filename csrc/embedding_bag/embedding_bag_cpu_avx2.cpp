@@ -72,7 +72,7 @@ RK_AVX2_INLINE float max_nan(float acc, float v) { return (std::isnan(v) || v > 
 // at D = 128). A float sum keeps all 16 ymm registers as accumulators (with weights GCC spills
 // one or two, which still measured 0-12% faster); max and dequantization need more temporaries,
 // and 16 there measured up to 30% slower than blocks of 8.
-template <class L, bool MAX, bool W>
+template <class L, bool MAX>
 constexpr int kMaxVecs = (MAX || L::kQuant) ? 8 : 16;
 
 // Which lines of a row to prefetch, past the `known` first ones: `extra` more lines, and for a row
@@ -181,7 +181,7 @@ RK_AVX2 bool pool_tail(const PoolArgs& a, int64_t c0) {
 // pool_block for a block of nv (1..kMaxVecs) vectors: the template instance with NV == nv.
 template <class L, bool MAX, bool W, int NV = 1>
 RK_AVX2_INLINE bool pool_block_n(int nv, bool first, const PoolArgs& a, int64_t c0) {
-  if constexpr (NV < kMaxVecs<L, MAX, W>) {
+  if constexpr (NV < kMaxVecs<L, MAX>) {
     if (nv != NV) return pool_block_n<L, MAX, W, NV + 1>(nv, first, a, c0);
   }
   return first ? pool_block<L, NV, MAX, W, true>(a, c0) : pool_block<L, NV, MAX, W, false>(a, c0);
@@ -189,7 +189,7 @@ RK_AVX2_INLINE bool pool_block_n(int nv, bool first, const PoolArgs& a, int64_t 
 
 template <class L, bool MAX, bool W>
 RK_AVX2 bool pool(const PoolArgs& a) {
-  constexpr int kBlock = kMaxVecs<L, MAX, W>;
+  constexpr int kBlock = kMaxVecs<L, MAX>;
   bool ok = true;
   const int64_t nvec = a.dim / 8;
   for (int64_t v0 = 0; v0 < nvec; v0 += kBlock) {

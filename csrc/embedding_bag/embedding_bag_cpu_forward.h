@@ -340,6 +340,9 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   // every index contributes once it is known to be in range: no compaction (int64 indices are
   // then the row list itself)
   const bool all_contribute = c.bounds == Bounds::kRaise && c.padding < 0;
+  // int32 indices that all contribute are widened into the row list in the same pass as the
+  // bounds check (one read of the indices)
+  const bool widen = all_contribute && std::is_same_v<I, int32_t>;
   const uint64_t n_rows_u = static_cast<uint64_t>(c.n_rows);
   std::vector<int64_t> rows_buf;
   std::vector<Acc> weights_buf, scratch(direct ? 0 : d);
@@ -350,9 +353,6 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
       prefetch_span(idx + e, off[b + 2] - e);
       if (psw) prefetch_span(psw + e, off[b + 2] - e);
     }
-    // int32 indices that all contribute are widened into the row list in the same pass as the
-    // bounds check (one read of the indices)
-    const bool widen = all_contribute && std::is_same_v<I, int32_t>;
     if (widen && static_cast<int64_t>(rows_buf.size()) < e - s) rows_buf.resize(e - s);
     if (c.bounds == Bounds::kRaise) {
       bool bad = false;
