@@ -12,7 +12,6 @@ Int8Linear module path (weight prepacked once: int8_linear_packed), both act_qua
 
 GOP/s counts 2 M K N. The CPU path follows RECSYS_KERNELS_CPU_ISA (set it to "scalar" to time
 the fallback). Run: pytest bench/bench_int8_linear.py -q (or --benchmark-disable for a smoke run)."""
-import contextlib
 import functools
 
 import pytest
@@ -23,6 +22,8 @@ from torch import nn
 import recsys_kernels as rk
 from recsys_kernels import _backend
 from recsys_kernels.nn.linear import Int8Linear
+
+from conftest import quantized_engine  # bench/ is on the path, as for the other benchmarks
 
 SHAPES = [(4096, 1024, 1024), (256, 1024, 4096), (4096, 128, 128), (1, 1024, 1024)]
 IMPLS = ["fp32_linear", "bf16_linear", "ao_dynamic_onednn", "ao_dynamic_x86", "ao_dynamic_fbgemm",
@@ -47,16 +48,6 @@ def _reference(m, k, n):
         return linear(x)
 
 
-@contextlib.contextmanager
-def _engine(name):
-    prev = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = prev
-
-
 def _make(impl, x, linear):
     """The callable fn(x) an implementation runs (weights prepared outside the timing)."""
     if impl == "fp32_linear":
@@ -69,11 +60,11 @@ def _make(impl, x, linear):
         engine = impl.removeprefix("ao_dynamic_")
         if engine not in torch.backends.quantized.supported_engines:
             pytest.skip(f"quantized engine {engine} is not supported by this torch")
-        with _engine(engine):
+        with quantized_engine(engine):
             q = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
 
         def run(x):
-            with _engine(engine):
+            with quantized_engine(engine):
                 return q(x)
         return run
     if impl == "int_mm":
@@ -115,4 +106,5 @@ def test_linear(run_bench, benchmark, impl, m, k, n):
         with torch.no_grad():
             return fn(x)
 
-    run_bench(call, x, bytes_moved=4 * m * k + n * k + 4 * m * n, ops=2 * m * k * n, shape=(m, k, n), impl=impl)
+    run_bench(call, x, bytes_moved=4 * m * k + n * k + 4 * m * n, ops=2 * m * k * n, shape=(m, k, n), impl=impl,
+              peak={"fp32_linear": "fp32", "bf16_linear": None}.get(impl, "int8"), peer=not impl.startswith("ours"))

@@ -39,7 +39,7 @@ def test_int8_gemm(run_bench, impl):
     else:
         def fn(x, w):
             return torch._int_mm(x, w.t())
-    run_bench(fn, a, b, bytes_moved=2 * S * S + 4 * S * S, ops=2 * S ** 3, shape=(S, S, S), impl=impl)
+    run_bench(fn, a, b, bytes_moved=2 * S * S + 4 * S * S, ops=2 * S ** 3, shape=(S, S, S), impl=impl, peak="int8")
 
 
 @pytest.mark.benchmark(group=f"int8_linear bf16 K=N={S}", min_rounds=5, max_time=0.5)

@@ -69,7 +69,7 @@ def test_topk_scores(run_bench, impl):
     row_bytes = table.shape[1] * table.element_size()
     run_bench(fn, q, table, bytes_moved=N_ITEMS * row_bytes + q.numel() * 4 + TOPK_U * TOPK_K * 12,
               ops=2 * TOPK_U * N_ITEMS * D, shape=(TOPK_U, N_ITEMS, D, TOPK_K), impl=impl,
-              peer=impl.startswith("torch"), **info)
+              peer=impl.startswith("torch"), peak="int8" if impl.endswith("int8") else "fp32", **info)
 
 
 @functools.cache

@@ -11,11 +11,19 @@
 - A benchmark marked peer=True is what a user would otherwise run (PyTorch, FBGEMM, ...); the
   others are compared against the fastest peer of their group and `case`: "x peer" = the peer's
   median time / this one's (> 1: faster than the best peer).
+- A compute-bound benchmark names the arithmetic it runs (`peak="fp32"` or `"int8"`); that
+  peak is measured once per device and session, in the same run: the best GOP/s of a vendor
+  GEMM, M x K x N = 4096 x 1024 x 1024 on CPU, 8192^3 on CUDA (fp32: torch.mm, without TF32;
+  int8: on CPU oneDNN's u8 x s8 GEMM inside torch.ao's dynamic quantized Linear, on CUDA
+  torch._int_mm, i.e. cuBLASLt). "% of peak" is against what the library reaches here, not a
+  data sheet.
 - At the end, a table prints each benchmark's median time, GB/s, % of the measured bandwidth,
-  GOP/s and the ratio to the peer. The same numbers are in --benchmark-json's extra_info.
+  GOP/s, % of the measured peak and the ratio to the peer. The same numbers are in
+  --benchmark-json's extra_info.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -40,23 +48,95 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _best_time(fn, device: torch.device, runs: int = 5) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measured_bandwidth(device: torch.device | str) -> float:
     """GB/s of reading a large device-local tensor (a sum: one read, no write), best of several runs."""
     device = torch.device(device)
     if device.type not in _BANDWIDTH_GBPS:
         nbytes = _PROBE_BYTES.get(device.type, 256 << 20)
         src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()  # not zeros
-        src.sum()  # warm-up
-        best = float("inf")
-        for _ in range(7):
-            _sync(device)
-            start = time.perf_counter()
-            src.sum()
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
-        _BANDWIDTH_GBPS[device.type] = nbytes / best / 1e9
+        _BANDWIDTH_GBPS[device.type] = nbytes / _best_time(src.sum, device, runs=7) / 1e9
         del src
     return _BANDWIDTH_GBPS[device.type]
+
+
+_PEAK_GOPS: dict[tuple[str, str], float] = {}  # (device type, "fp32" | "int8") -> measured GOP/s
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str):
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _int8_gemm_cpu(m: int, n: int):
+    """oneDNN's u8 x s8 GEMM as a user reaches it: torch.ao's dynamic quantized Linear (the
+    activation quantization it includes is 1/n of the work); None without a quantized engine."""
+    engines = torch.backends.quantized.supported_engines
+    engine = next((e for e in ("onednn", "x86", "fbgemm") if e in engines), None)
+    if engine is None:
+        return None
+    with quantized_engine(engine):
+        layer = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(n, n)), {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+    x = torch.randn(m, n)
+
+    def run():
+        with quantized_engine(engine):
+            layer(x)
+    return run
+
+
+def measured_peak(device: torch.device | str, kind: str) -> float:
+    """GOP/s of a vendor GEMM of `kind` ("fp32" or "int8") on this device, best of several runs
+    (nan where there is none)."""
+    device = torch.device(device)
+    key = (device.type, kind)
+    if key not in _PEAK_GOPS:
+        m, n = (4096, 1024) if device.type == "cpu" else (8192, 8192)
+        fn = None
+        if kind == "fp32":
+            a, b = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
+            tf32 = contextlib.nullcontext() if device.type == "cpu" else _no_tf32()
+
+            def fn():
+                with tf32:
+                    a @ b
+        elif kind == "int8" and device.type == "cpu":
+            fn = _int8_gemm_cpu(m, n)
+        elif kind == "int8":
+            a = torch.randint(-128, 128, (m, n), dtype=torch.int8, device=device)
+            b = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device)
+
+            def fn():
+                torch._int_mm(a, b)
+        _PEAK_GOPS[key] = 2 * m * n * n / _best_time(fn, device) / 1e9 if fn is not None else float("nan")
+    return _PEAK_GOPS[key]
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _device_of(args) -> torch.device:
@@ -68,15 +148,20 @@ def _device_of(args) -> torch.device:
 
 @pytest.fixture
 def run_bench(benchmark):
-    """run_bench(fn, *args, bytes_moved=..., ops=0, shape=..., peer=False, case="") -> fn's result.
+    """run_bench(fn, *args, bytes_moved=..., ops=0, shape=..., peer=False, case="", peak=None)
+    -> fn's result.
 
     Times fn(*args) after one untimed warm-up call. `bytes_moved`: the fewest bytes the op must
     move through memory; `ops`: its arithmetic operations (0 where counting makes no sense);
     `peer`: this is a competitor's implementation; `case`: benchmarks of a group are compared
-    within the same case (e.g. "int8" and "int4" in one group)."""
+    within the same case (e.g. "int8" and "int4" in one group); `peak`: "fp32" or "int8", the
+    arithmetic whose measured peak the GOP/s are compared with."""
 
-    def run(fn, *args, bytes_moved: int, ops: int = 0, shape=None, peer: bool = False, case: str = "", **info):
+    def run(fn, *args, bytes_moved: int, ops: int = 0, shape=None, peer: bool = False, case: str = "",
+            peak: str | None = None, **info):
         device = _device_of(args)
+        if peak is not None:
+            benchmark.extra_info.update(peak=peak, peak_GOPs=round(measured_peak(device, peak), 2))
         benchmark.extra_info.update(
             device=device.type,
             shape=list(shape) if shape is not None else None,
@@ -116,6 +201,8 @@ def pytest_terminal_summary(terminalreporter, config):
     for dev, bw in sorted(_BANDWIDTH_GBPS.items()):
         tr.write_line(f"measured {dev} read bandwidth: {bw:.1f} GB/s "
                       f"(sum of {_PROBE_BYTES.get(dev, 256 << 20) >> 20} MiB, this run)")
+    for (dev, kind), gops in sorted(_PEAK_GOPS.items()):
+        tr.write_line(f"measured {dev} {kind} peak: {gops:.1f} GOP/s (vendor GEMM, this run)")
     best_peer: dict[tuple, float] = {}
     for b in results:
         if b.extra_info.get("peer"):
@@ -123,13 +210,15 @@ def pytest_terminal_summary(terminalreporter, config):
             best_peer[key] = min(best_peer.get(key, float("inf")), b.stats.median)
     width = max(len(b.name) for b in results)
     tr.write_line(f"{'benchmark':<{width}}  {'device':<6} {'median':>10} {'GB/s':>9} {'% of bw':>8} {'GOP/s':>9} "
-                  f"{'x peer':>7}")
+                  f"{'% peak':>7} {'x peer':>7}")
     for b in results:
         info, median = b.extra_info, b.stats.median
         gbps = info["bytes"] / median / 1e9
         pct = 100 * gbps / info["bandwidth_GBps"] if info.get("bandwidth_GBps") else float("nan")
         gops = f"{info['ops'] / median / 1e9:9.2f}" if info.get("ops") else f"{'-':>9}"
+        of_peak = (f"{100 * info['ops'] / median / 1e9 / info['peak_GOPs']:6.1f}%"
+                   if info.get("ops") and info.get("peak_GOPs") else f"{'-':>7}")
         peer = best_peer.get((b.group, info.get("case", "")))
         ratio = "peer" if info.get("peer") else (f"{peer / median:6.2f}x" if peer else "-")
         tr.write_line(f"{b.name:<{width}}  {info['device']:<6} {median * 1e3:8.3f}ms {gbps:9.2f} {pct:7.1f}% {gops} "
-                      f"{ratio:>7}")
+                      f"{of_peak} {ratio:>7}")

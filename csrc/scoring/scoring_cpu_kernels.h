@@ -71,27 +71,52 @@ int64_t score_tile_avx2(const TileArgs& a, Candidate* out);
 int64_t score_tile_scalar(const TileArgs& a, Candidate* out);
 
 // int8 catalogs, AVX2 only: an integer prefilter, then exact rescoring of what passes. Queries
-// are quantized per query, q ~= qscale * q8 with q8 in [-64, 64] (so vpmaddubsw's u8 x s8 pair
-// sums cannot saturate); a row's approximate score is
-//   a = float(sum_d q8_d * code_d) * (qscale * scale) + row_bias * qsum (+ item bias)
-// and |exact - a| <= scale * qerr + (255 * scale + |row_bias|) * qslack + |item bias| * 2^-20,
-// where qerr = 255 * sum_d |q_d - qscale * q8_d| (inflated) and qslack covers every fp32
-// rounding of both sides. A (lane, item) whose upper bound is not below the lane's threshold is
-// rescored exactly (the block's rows dequantized, then the fp32 tile kernel), so the candidates
+// are quantized per query, q_d = qscale * q8_d + e_d with q8_d in [-32, 32], so that two of
+// vpmaddubsw's u8 x s8 pair sums add in int16 without saturating (2 * 2 * 255 * 32 < 2^15). With
+// value_d = code_d * scale + row_bias, a row's exact score is
+//   qscale * scale * sum_d q8_d code_d + scale * sum_d e_d code_d + row_bias * sum_d q_d,
+// and writing code_d = 127.5 + c_d (|c_d| <= 127.5) the approximation is
+//   a = (float(sum_d q8_d * code_d) * qscale + qcorr) * scale + row_bias * qsum (+ item bias),
+//   qcorr = 127.5 * sum_d e_d,
+// whose error scale * sum_d e_d c_d is at most |scale| * min(qerr, qnorm * row_norm) (L1 / L-inf
+// and Cauchy-Schwarz), plus (255 * |scale| + |row_bias|) * qslack + |item bias| * 2^-20 for every
+// fp32 rounding of both sides. qerr = 127.5 * sum_d |e_d|, qnorm = ||e||_2, row_norm = ||c||_2,
+// each rounded up. A (lane, item) whose upper bound is not below the lane's threshold is rescored
+// exactly (the items with such a lane dequantized, then the fp32 tile kernel), so the candidates
 // and their scores are exactly those of the fp32 path on the dequantized table.
+constexpr int kQ8QueryMax = 32;
+// Quads (4 columns) of a q8 query panel: ceil(D / 4) rounded up to even, the kernel's step. The
+// codes read past D are the row's scale and bias bytes (row_bytes = D + 8 > 4 * quads - 1),
+// multiplied by zero queries.
+inline int64_t q8_quads(int64_t dim) { return ((dim + 7) / 8) * 2; }
+constexpr int kQ8RescoreRows = 6;  // rows dequantized and rescored together (the fp32 tile's width)
+
+// A packed row's terms in the prefilter's bound, computed once per chunk (shared by every group
+// of queries).
+struct Q8Row {
+  float scale, row_bias, abs_scale;
+  float value_max;  // 255 * |scale| + |row_bias|
+  float norm;       // ||code - 127.5||_2, rounded up
+  float bias_up;    // item bias + |item bias| * 2^-20
+};
+
 struct Q8TileArgs {
-  const int8_t* qpanel;  // [ceil(D / 4)][16][4] q8, zero past D
-  const float* qscale;   // [16]
-  const float* qsum;     // [16] sum_d q_d in fp32
-  const float* qerr;     // [16]
-  const float* qslack;   // [16]
-  const float* panel;    // [D][16] fp32 queries (exact rescoring)
-  const uint8_t* rows;   // [n_items] packed rows of the chunk
+  const int8_t* qpanel;   // [q8_quads(D)][16][4] q8, zero past D
+  const float* qscale;    // [16]
+  const float* qsum;      // [16] sum_d q_d
+  const float* qcorr;     // [16]
+  const float* qerr;      // [16]
+  const float* qnorm;     // [16]
+  const float* qslack;    // [16]
+  const float* panel;     // [D][16] fp32 queries (exact rescoring)
+  const uint8_t* rows;    // [n_items] packed rows of the chunk
+  const Q8Row* row_info;  // [n_items]
   int64_t row_bytes, dim, n_items;
-  const float* bias;     // [n_items] or nullptr
+  const float* bias;      // [n_items] or nullptr
   const float* threshold;
   uint32_t lane_mask;
-  float* scratch;        // [4][dim] dequantized rows
+  int32_t* passed;        // [n_items] scratch: the items to rescore
+  float* scratch;         // [kQ8RescoreRows][dim] scratch: dequantized rows
 };
 
 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);

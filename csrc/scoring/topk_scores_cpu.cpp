@@ -42,19 +42,18 @@ float threshold_of(int64_t floor_key) {
 // int8 catalogs on the AVX2 path: the queries quantized for the integer prefilter
 // (scoring_cpu_kernels.h, Q8TileArgs), per group of 16 queries.
 struct Q8Queries {
-  std::vector<int8_t> panels;  // [groups][ceil(D / 4)][16][4]
-  std::vector<float> scale, sum, err, slack;  // [groups * 16]
+  std::vector<int8_t> panels;  // [groups][q8_quads(D)][16][4]
+  std::vector<float> scale, sum, corr, err, norm, slack;  // [groups * 16]
   std::vector<uint8_t> exact_only;  // [groups]: a non-finite query, use the fp32 path
 };
 
 Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t groups) {
   Q8Queries r;
-  const int64_t quads = ceil_div(d, 4);
+  const int64_t quads = q8_quads(d);
+  const float qmax = static_cast<float>(kQ8QueryMax);
   r.panels.assign(groups * quads * kLanes * 4, 0);
   r.scale.assign(groups * kLanes, 1.0f);
-  r.sum.assign(groups * kLanes, 0.0f);
-  r.err.assign(groups * kLanes, 0.0f);
-  r.slack.assign(groups * kLanes, 0.0f);
+  for (auto* v : {&r.sum, &r.corr, &r.err, &r.norm, &r.slack}) v->assign(groups * kLanes, 0.0f);
   r.exact_only.assign(groups, 0);
   for (int64_t u = 0; u < n_users; ++u) {
     const float* row = q + u * d;
@@ -65,24 +64,48 @@ Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t g
       finite &= std::isfinite(row[c]);
       maxabs = std::max(maxabs, std::fabs(row[c]));
     }
-    if (!finite || !std::isfinite(maxabs / 64.0f)) {
+    if (!finite || !std::isfinite(maxabs / qmax)) {
       r.exact_only[g] = 1;
       continue;
     }
-    const float qs = maxabs > 0.0f ? maxabs / 64.0f : 1.0f;
-    float sum = 0.0f, l1 = 0.0f, err = 0.0f;
+    const float qs = maxabs > 0.0f ? maxabs / qmax : 1.0f;
+    // the error sums in double: their own rounding stays far below the bound's 2^-10 inflation
+    double sum = 0.0, l1 = 0.0, err = 0.0, abs_err = 0.0, sq_err = 0.0;
     for (int64_t c = 0; c < d; ++c) {
-      const float q8 = std::min(64.0f, std::max(-64.0f, std::nearbyint(row[c] / qs)));
+      const float q8 = std::min(qmax, std::max(-qmax, std::nearbyint(row[c] / qs)));
       r.panels[((g * quads + c / 4) * kLanes + lane) * 4 + c % 4] = static_cast<int8_t>(q8);
-      err += std::fabs(row[c] - qs * q8);
+      const double e = static_cast<double>(row[c]) - static_cast<double>(qs) * q8;  // qs * q8 exact
+      err += e;
+      abs_err += std::fabs(e);
+      sq_err += e * e;
       sum += row[c];
       l1 += std::fabs(row[c]);
     }
     r.scale[u] = qs;
-    r.sum[u] = sum;
-    r.err[u] = 255.0f * err * (1.0f + 0x1p-10f);
-    r.slack[u] = static_cast<float>(2 * d + 32) * 0x1p-24f * l1 * 1.25f;
+    r.sum[u] = static_cast<float>(sum);
+    r.corr[u] = static_cast<float>(127.5 * err);
+    r.err[u] = static_cast<float>(127.5 * abs_err * (1.0 + 0x1p-10));
+    r.norm[u] = static_cast<float>(std::sqrt(sq_err) * (1.0 + 0x1p-10));
+    r.slack[u] = static_cast<float>(static_cast<double>(2 * d + 48) * 0x1p-24 * l1 * 1.25);
   }
+  return r;
+}
+
+// A packed row's terms in the prefilter's bound (Q8Row). The sum of the odd integers
+// (2 code - 255)^2 is exact in int64.
+Q8Row q8_row(const uint8_t* row, int64_t d, float item_bias) {
+  Q8Row r;
+  std::memcpy(&r.scale, row + d, 4);
+  std::memcpy(&r.row_bias, row + d + 4, 4);
+  r.abs_scale = std::fabs(r.scale);
+  r.value_max = 255.0f * r.abs_scale + std::fabs(r.row_bias);
+  int64_t sq = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    const int64_t t = 2 * static_cast<int64_t>(row[c]) - 255;
+    sq += t * t;
+  }
+  r.norm = static_cast<float>(0.5 * std::sqrt(static_cast<double>(sq)) * (1.0 + 0x1p-20));
+  r.bias_up = item_bias + std::fabs(item_bias) * 0x1p-20f;
   return r;
 }
 
@@ -118,7 +141,10 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
     const int64_t u = u0 + lu;
     ex_at[lu] = std::lower_bound(P.ex_sorted + P.ex_off[u], P.ex_sorted + P.ex_off[u + 1], i0) - P.ex_sorted;
   }
-  std::vector<float> rows(P.items.kind == Kind::kF32 ? 0 : chunk * d), scratch(4 * d);  // q8 rescoring
+  std::vector<float> rows(P.items.kind == Kind::kF32 ? 0 : chunk * d);
+  std::vector<float> q8_scratch(kQ8RescoreRows * d);  // the int8 prefilter's
+  std::vector<Q8Row> row_info(chunk);
+  std::vector<int32_t> passed(chunk);
 
   for (int64_t c0 = i0; c0 < i1; c0 += chunk) {
     const int64_t n = std::min(chunk, i1 - c0);
@@ -152,7 +178,10 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
       qa.dim = d;
       qa.n_items = n;
       qa.bias = a.bias;
-      qa.scratch = scratch.data();
+      qa.row_info = row_info.data();
+      qa.passed = passed.data();
+      qa.scratch = q8_scratch.data();
+      for (int64_t i = 0; i < n; ++i) row_info[i] = q8_row(qa.rows + i * qa.row_bytes, d, a.bias ? a.bias[i] : 0.0f);
     }
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t valid = std::min<int64_t>(kLanes, P.n_users - g * kLanes);
@@ -161,9 +190,11 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
       int64_t found;
       if (chunk_q8 && !P.q8->exact_only[g]) {
         const Q8Queries& Q = *P.q8;
-        qa.qpanel = Q.panels.data() + g * ceil_div(d, 4) * kLanes * 4;
+        qa.qpanel = Q.panels.data() + g * q8_quads(d) * kLanes * 4;
         qa.qscale = Q.scale.data() + g * kLanes;
         qa.qsum = Q.sum.data() + g * kLanes;
+        qa.qcorr = Q.corr.data() + g * kLanes;
+        qa.qnorm = Q.norm.data() + g * kLanes;
         qa.qerr = Q.err.data() + g * kLanes;
         qa.qslack = Q.slack.data() + g * kLanes;
         qa.panel = P.panels + g * d * kLanes;
