@@ -245,3 +245,32 @@ def test_packed_weight_is_a_cache_rebuilt_on_load():
         fresh.weight_q.neg_()
     fresh.repack()
     assert torch.equal(fresh.weight_packed, pack_weight_int8(fresh.weight_q))
+
+
+def test_eager_fast_path_matches_the_dispatched_op():
+    # In plain eager inference Int8Linear calls the CPU kernel below the op's autograd wrapper;
+    # under a dispatch mode (here one that records the ops it sees) it must go through the op.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from recsys_kernels.ops.int8_matmul import PACKED_CPU_KERNEL
+
+    if not PACKED_CPU_KERNEL:
+        pytest.skip("the C++ CPU kernel of int8_linear_packed is not built")
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    q = Int8Linear.from_float(nn.Linear(33, 17), activation="relu")
+    for x in (torch.randn(5, 33), torch.randn(2, 3, 33), torch.randn(33), torch.randn(0, 33), torch.randn(2, 0, 33)):
+        with torch.no_grad():
+            fast = q(x)
+            with Recorder() as rec:
+                slow = q(x)
+        assert torch.ops.recsys_kernels.int8_linear_packed.default in rec.ops
+        assert fast.shape == (*x.shape[:-1], 17) and torch.equal(fast, slow)
+        assert torch.equal(fast, int8_linear(x, q.weight_q, q.weight_scale, q.bias, activation="relu"))
