@@ -23,7 +23,7 @@ import recsys_kernels as rk
 from recsys_kernels import _backend
 from recsys_kernels.nn.linear import Int8Linear
 
-from conftest import quantized_engine  # bench/ is on the path, as for the other benchmarks
+from conftest import temporarily  # bench/ is on the path, as for the other benchmarks
 
 SHAPES = [(4096, 1024, 1024), (256, 1024, 4096), (4096, 128, 128), (1, 1024, 1024)]
 IMPLS = ["fp32_linear", "bf16_linear", "ao_dynamic_onednn", "ao_dynamic_x86", "ao_dynamic_fbgemm",
@@ -60,11 +60,11 @@ def _make(impl, x, linear):
         engine = impl.removeprefix("ao_dynamic_")
         if engine not in torch.backends.quantized.supported_engines:
             pytest.skip(f"quantized engine {engine} is not supported by this torch")
-        with quantized_engine(engine):
+        with temporarily(torch.backends.quantized, "engine", engine):
             q = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
 
         def run(x):
-            with quantized_engine(engine):
+            with temporarily(torch.backends.quantized, "engine", engine):
                 return q(x)
         return run
     if impl == "int_mm":

@@ -75,13 +75,14 @@ _PEAK_GOPS: dict[tuple[str, str], float] = {}  # (device type, "fp32" | "int8") 
 
 
 @contextlib.contextmanager
-def quantized_engine(engine: str):
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
+def temporarily(obj, name: str, value):
+    """obj.name = value inside the block (a backend setting: the quantized engine, TF32)."""
+    previous = getattr(obj, name)
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        torch.backends.quantized.engine = previous
+        setattr(obj, name, previous)
 
 
 def _int8_gemm_cpu(m: int, n: int):
@@ -91,13 +92,13 @@ def _int8_gemm_cpu(m: int, n: int):
     engine = next((e for e in ("onednn", "x86", "fbgemm") if e in engines), None)
     if engine is None:
         return None
-    with quantized_engine(engine):
+    with temporarily(torch.backends.quantized, "engine", engine):
         layer = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(n, n)), {torch.nn.Linear},
                                                        dtype=torch.qint8)
     x = torch.randn(m, n)
 
     def run():
-        with quantized_engine(engine):
+        with temporarily(torch.backends.quantized, "engine", engine):
             layer(x)
     return run
 
@@ -112,11 +113,9 @@ def measured_peak(device: torch.device | str, kind: str) -> float:
         fn = None
         if kind == "fp32":
             a, b = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
-            tf32 = contextlib.nullcontext() if device.type == "cpu" else _no_tf32()
 
             def fn():
-                with tf32:
-                    a @ b
+                a @ b
         elif kind == "int8" and device.type == "cpu":
             fn = _int8_gemm_cpu(m, n)
         elif kind == "int8":
@@ -125,18 +124,9 @@ def measured_peak(device: torch.device | str, kind: str) -> float:
 
             def fn():
                 torch._int_mm(a, b)
-        _PEAK_GOPS[key] = 2 * m * n * n / _best_time(fn, device) / 1e9 if fn is not None else float("nan")
+        with temporarily(torch.backends.cuda.matmul, "allow_tf32", False):  # fp32 means fp32
+            _PEAK_GOPS[key] = 2 * m * n * n / _best_time(fn, device) / 1e9 if fn is not None else float("nan")
     return _PEAK_GOPS[key]
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _device_of(args) -> torch.device:

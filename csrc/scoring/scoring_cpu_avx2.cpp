@@ -195,9 +195,7 @@ RK_AVX2_INLINE int64_t q8_rescore(const Q8TileArgs& a, const int32_t* items, Can
   float bias[NI];
   for (int i = 0; i < NI; ++i) {
     const uint8_t* row = a.rows + items[i] * a.row_bytes;
-    float scale, rbias;
-    std::memcpy(&scale, row + a.dim, 4);
-    std::memcpy(&rbias, row + a.dim + 4, 4);
+    const float scale = a.row_info[items[i]].scale, rbias = a.row_info[items[i]].row_bias;
     float* x = a.scratch + i * a.dim;
     for (int64_t d = 0; d < a.dim; ++d) x[d] = static_cast<float>(row[d]) * scale + rbias;
     bias[i] = a.bias != nullptr ? a.bias[items[i]] : 0.0f;
