@@ -1,4 +1,4 @@
-// What the AVX2+FMA+F16C translation units share (embedding_bag_cpu_avx2.cpp, scoring_cpu_avx2.cpp,
+// What the AVX2+FMA+F16C translation units share (embedding_bag_cpu_avx2.h, scoring_cpu_avx2.cpp,
 // int8_gemm_avx2.cpp): the function attributes, and the readers of one table row (fp32, fp16, bf16,
 // int8 row-wise) into 8-float vectors. Include it only from those files: the build has no -mavx2,
 // every function here carries the target attribute, and callers check cpu_isa() first.

@@ -2,15 +2,16 @@
 // recsys_kernels/ops/embedding.py, which this must match, errors included).
 //
 // Forward: the offsets are checked first; under bounds="raise" the indices are checked by the
-// pooling pass itself, bag by bag before a bag is pooled (one read of the indices, one parallel
+// pooling pass itself, each before its row is read (one read of the indices, one parallel
 // region), and the first bad index in index order raises IndexError once the pass is over (the
 // output, a fresh tensor, is dropped). The bags are split into chunks of about equal work
-// (indices + bags, not bag count: bag lengths are skewed) for at::parallel_for. Each bag's
-// indices are resolved (bounds policy, padding_idx) into a compacted list of the contributing rows
-// (no copy for int64 indices when every index contributes), which is pooled in fp32 (fp64 for
-// fp64 tables) in index order, like the reference's index_add_: by the AVX2+FMA+F16C kernel
-// (embedding_bag_cpu_avx2.cpp) when recsys_kernels::cpu_isa() allows it, else by the scalar loop
-// below (RECSYS_KERNELS_CPU_ISA=scalar forces it). Both paths give the same bits.
+// (indices + bags, not bag count: bag lengths are skewed) for at::parallel_for. Rows are pooled in
+// fp32 (fp64 for fp64 tables) in index order, like the reference's index_add_: by the
+// AVX2+FMA+F16C kernel (embedding_bag_cpu_avx2.h) when recsys_kernels::cpu_isa() allows it, else
+// by the scalar loop (RECSYS_KERNELS_CPU_ISA=scalar forces it). When every index contributes the
+// kernel pools a chunk's bags straight from the raw indices in one call; otherwise each bag's
+// indices are first resolved (bounds policy, padding_idx) into a compacted list of the
+// contributing rows (embedding_bag_cpu_forward.h). Both paths give the same bits.
 //
 // Backward: the per-index gradient rows G [nnz, D] (grad_output of the bag, / count for mean, only
 // at the first arg-max index for max, * per-sample weight) are computed in parallel over bags,

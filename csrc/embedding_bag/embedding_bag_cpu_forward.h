@@ -312,10 +312,8 @@ inline void prepare_lookup(Lookup& lk, const at::Tensor& weight_in, const at::Te
   lk.first_bad.store(c.nnz);
 }
 
-// Prefetches the first lines (up to 512 bytes) of p[0, n). The pooling kernel's look-ahead reads
-// only the first 16 indices of the next bag; without this the bounds scan of a bag waited for the
-// rest of its indices (on the cache-resident shape B it took a fifth of the kernel's time, a
-// quarter less with the prefetch).
+// Prefetches the first lines (up to 512 bytes) of p[0, n). The scalar loop's bounds scan of a bag
+// otherwise waits for the bag's indices.
 template <typename T>
 inline void prefetch_span(const T* p, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(p);
@@ -323,9 +321,43 @@ inline void prefetch_span(const T* p, int64_t n) {
   for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(bytes + o);
 }
 
+// Keeps the smallest out-of-range index position seen by any thread.
+inline void record_bad_index(Lookup& lk, int64_t p) {
+  int64_t seen = lk.first_bad.load(std::memory_order_relaxed);
+  while (p < seen && !lk.first_bad.compare_exchange_weak(seen, p, std::memory_order_relaxed)) {
+  }
+}
+
+// Writes bag b's D pooled values (src, in the accumulation type) into the output in its dtype.
+template <typename Acc>
+void store_converted(const Lookup& lk, int64_t b, const Acc* src) {
+  const int64_t d = lk.dim();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lk.out_dtype, "embedding_bag_cpu_out", [&] {
+    auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
+    for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(src[col]);
+  });
+}
+
+// The AVX2 kernel's description of lk, without the bags.
+inline PoolArgs pool_args(const Lookup& lk) {
+  PoolArgs a{};
+  a.kind = lk.reader.kind;
+  a.is_max = lk.c.mode == Mode::kMax;
+  a.is_mean = lk.c.mode == Mode::kMean;
+  a.table = lk.reader.table;
+  a.row_bytes = lk.reader.row_bytes;
+  a.dim = lk.reader.dim;
+  a.n_rows = lk.c.n_rows;
+  return a;
+}
+
 // Pools bags [b0, b1) of lk. Under bounds="raise" the indices are checked here, bag by bag: the
 // range stops at its first bad index and lk.first_bad keeps the smallest such position over all
 // ranges (the caller then raises), so the indices are read once, in the one parallel region.
+// The common case, AVX2 with every index contributing (bounds="raise", no padding_idx) and an
+// fp32 output, is one call of the kernel for the whole range, straight from the raw indices; the
+// rest goes bag by bag: each bag's contributing rows are compacted into a list (no copy for int64
+// indices that all contribute) and pooled as a run of one bag, or by the scalar loop.
 template <typename I, typename T, typename Acc>
 void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   const Common& c = lk.c;
@@ -337,18 +369,56 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   const Acc* psw = c.psw.has_value() ? c.psw->const_data_ptr<Acc>() : nullptr;
   const bool direct = lk.out_dtype == c10::CppTypeToScalarType<Acc>::value;  // write the output in place
   const int64_t out_elem = c10::elementSize(lk.out_dtype);
-  // every index contributes once it is known to be in range: no compaction (int64 indices are
-  // then the row list itself)
   const bool all_contribute = c.bounds == Bounds::kRaise && c.padding < 0;
-  // int32 indices that all contribute are widened into the row list in the same pass as the
-  // bounds check (one read of the indices)
-  const bool widen = all_contribute && std::is_same_v<I, int32_t>;
+  constexpr bool kVectorAcc = std::is_same_v<Acc, float>;  // the AVX2 kernel accumulates in fp32
+  const bool vector = kVectorAcc && use_avx2;
+  if constexpr (kVectorAcc) {
+    if (vector && all_contribute && direct) {
+      PoolArgs a = pool_args(lk);
+      a.idx = idx;
+      a.idx_is_int64 = std::is_same_v<I, int64_t>;
+      a.off = off + b0;
+      a.n_bags = b1 - b0;
+      a.idx_end = c.nnz;
+      a.weights = psw;
+      a.out = reinterpret_cast<float*>(lk.out) + b0 * lk.out_stride + lk.col0;
+      a.out_stride = lk.out_stride;
+      const PoolResult r = pool_bags_avx2(a);
+      if (r.first_bad >= 0) record_bad_index(lk, r.first_bad);
+      if (!r.finite) lk.bad_scale.store(true);
+      return;
+    }
+  }
+  // the scalar loop reads int32 indices that all contribute widened into the row list, in the
+  // same pass as their bounds check (the AVX2 kernel checks them itself)
+  const bool widen = all_contribute && std::is_same_v<I, int32_t> && !vector;
   const uint64_t n_rows_u = static_cast<uint64_t>(c.n_rows);
   std::vector<int64_t> rows_buf;
   std::vector<Acc> weights_buf, scratch(direct ? 0 : d);
   bool ok = true;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = off[b], e = off[b + 1];
+    Acc* dst = direct ? reinterpret_cast<Acc*>(lk.out + (b * lk.out_stride + lk.col0) * out_elem) : scratch.data();
+    if constexpr (kVectorAcc) {
+      if (vector && all_contribute) {  // one bag through the scratch row: the raw indices, checked by the kernel
+        PoolArgs a = pool_args(lk);
+        a.idx = idx;
+        a.idx_is_int64 = std::is_same_v<I, int64_t>;
+        a.off = off + b;
+        a.n_bags = 1;
+        a.idx_end = c.nnz;
+        a.weights = psw;
+        a.out = dst;
+        const PoolResult r = pool_bags_avx2(a);
+        ok &= r.finite;
+        if (r.first_bad >= 0) {
+          record_bad_index(lk, r.first_bad);
+          break;  // later bags of this chunk cannot hold the first bad index
+        }
+        store_converted(lk, b, dst);
+        continue;
+      }
+    }
     if (b + 1 < b1) {  // the next bag's indices (and weights), a bag ahead
       prefetch_span(idx + e, off[b + 2] - e);
       if (psw) prefetch_span(psw + e, off[b + 2] - e);
@@ -369,9 +439,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
       if (bad) {
         int64_t p = s;
         while (static_cast<uint64_t>(static_cast<int64_t>(idx[p])) < n_rows_u) ++p;
-        int64_t seen = lk.first_bad.load(std::memory_order_relaxed);
-        while (p < seen && !lk.first_bad.compare_exchange_weak(seen, p, std::memory_order_relaxed)) {
-        }
+        record_bad_index(lk, p);
         break;  // later bags of this chunk cannot hold the first bad index
       }
     }
@@ -406,46 +474,29 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
       rows = rows_buf.data();
       if (psw) weights = weights_buf.data();
     }
-    Acc* dst = direct ? reinterpret_cast<Acc*>(lk.out + (b * lk.out_stride + lk.col0) * out_elem) : scratch.data();
-    if (n == 0) {
+    if (vector) {  // the compacted rows as a run of one bag (an empty one writes zeros)
+      if constexpr (kVectorAcc) {
+        const int64_t run_off[2] = {0, n};
+        PoolArgs a = pool_args(lk);
+        a.idx = rows;
+        a.idx_is_int64 = true;
+        a.off = run_off;
+        a.n_bags = 1;
+        a.idx_end = std::max<int64_t>(n, 1);
+        a.weights = weights;
+        a.out = dst;
+        ok &= pool_bags_avx2(a).finite;
+      }
+    } else if (n == 0) {
       std::fill(dst, dst + d, Acc(0));
     } else {
-      const bool is_max = c.mode == Mode::kMax;
-      if constexpr (std::is_same_v<Acc, float>) {
-        if (use_avx2) {
-          PoolArgs a{reader.kind, is_max, reader.table, reader.row_bytes, d, rows, weights, n, dst};
-          a.raw_idx = idx + s;
-          a.raw_is_int64 = std::is_same_v<I, int64_t>;
-          a.raw_left = c.nnz - s;
-          a.n_rows = c.n_rows;
-          ok &= embedding_bag_cpu::pool_bag_avx2(a);
-        } else {
-          ok &= pool_scalar<T, Acc>(reader, rows, weights, n, is_max, dst);
-        }
-      } else {
-        ok &= pool_scalar<T, Acc>(reader, rows, weights, n, is_max, dst);
-      }
+      ok &= pool_scalar<T, Acc>(reader, rows, weights, n, c.mode == Mode::kMax, dst);
       if (c.mode == Mode::kMean) {
         const Acc count = static_cast<Acc>(n);
         for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] / count;
       }
     }
-    if (!direct) {
-      AT_DISPATCH_SWITCH(lk.out_dtype, "embedding_bag_cpu_out",
-                         AT_DISPATCH_CASE(at::kFloat, [&] {
-                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
-                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
-                         }) AT_DISPATCH_CASE(at::kHalf, [&] {
-                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
-                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
-                         }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
-                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
-                         }) AT_DISPATCH_CASE(at::kDouble, [&] {
-                           auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
-                           for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(dst[col]);
-                         }));
-    }
+    if (!direct) store_converted(lk, b, dst);
   }
   if (!ok) lk.bad_scale.store(true);
 }

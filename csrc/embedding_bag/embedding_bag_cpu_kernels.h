@@ -1,13 +1,15 @@
-// What the two translation units of the embedding_bag CPU kernel share: the description of one
-// bag to pool. embedding_bag_cpu.cpp resolves each bag's indices (bounds policy, padding_idx) into
-// a compacted list of the rows that contribute, then pools it with the AVX2 kernel
-// (embedding_bag_cpu_avx2.cpp, the only code built for AVX2+FMA+F16C, chosen at run time) or with
-// its own scalar fallback. Both compute, per column, the same float operations in the same order
-// (row value = code * scale + bias for quantized rows, then * weight, then acc + value or
-// max(acc, value), index order), so the two paths give bit-identical results. No FMA: the
-// reference rounds the product and the sum separately.
+// What the two translation units of the embedding_bag CPU kernel share: the description of a run
+// of bags to pool. When every index contributes (bounds="raise", no padding_idx) the AVX2 kernel
+// (embedding_bag_cpu_avx2.h, the only code built for AVX2+FMA+F16C, chosen at run time) pools a
+// thread's whole range of bags straight from the raw indices in one call, checking each index as
+// it reads it, as FBGEMM does; otherwise embedding_bag_cpu_forward.h resolves each bag's indices
+// into a compacted list of the rows that contribute and pools it as a run of one bag. The scalar
+// fallback is in embedding_bag_cpu_forward.h. Both compute, per column, the same float operations
+// in the same order (row value = code * scale + bias for quantized rows, then * weight, then
+// acc + value or max(acc, value), index order, then / count for mean), so the two paths give
+// bit-identical results. No FMA: the reference rounds the product and the sum separately.
 //
-// Kept free of torch headers on purpose: the AVX2 translation unit must not instantiate any
+// Kept free of torch headers on purpose: the AVX2 translation units must not instantiate any
 // inline function that the rest of the library could link against.
 #pragma once
 
@@ -17,28 +19,42 @@ namespace recsys_kernels::embedding_bag_cpu {
 
 enum class TableKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 3, kQ4 = 4 };
 
-// Bytes a table row occupies in the row-major table (quantized: codes, then scale and bias).
+// A run of bags to pool, all of whose indices contribute (the caller resolved the bounds policy and
+// padding_idx, or they have nothing to resolve): bag b pools the rows idx[off[b]], ...,
+// idx[off[b + 1] - 1], in index order, into out + b * out_stride.
 struct PoolArgs {
   TableKind kind;
-  bool is_max;                // max, else sum (mean = sum, divided by the caller)
+  bool is_max;                // max, else sum
+  bool is_mean;               // sum / count
   const uint8_t* table;       // base of the table
   int64_t row_bytes;          // bytes per row
   int64_t dim;                // D (unpacked)
-  const int64_t* rows;        // [n] rows that contribute, in index order (all in range)
-  const float* weights;       // [n] per-sample weights (fp32), or nullptr
-  int64_t n;                  // >= 1
-  float* out;                 // [D] fp32 result
-  // Prefetching looks ahead in the raw indices, not in the compacted rows, so that it runs on into
-  // the next bags (FBGEMM does the same): raw_idx points at this bag's first raw index (int64 or
-  // int32), raw_left (>= 1) counts the raw indices left in the batch from there; only rows in
-  // [0, n_rows) are fetched.
-  const void* raw_idx = nullptr;
-  bool raw_is_int64 = true;
-  int64_t raw_left = 0, n_rows = 0;
+  int64_t n_rows;             // the table's rows: an index outside [0, n_rows) stops the run
+  const void* idx;            // indices, int32 or int64 (idx_is_int64)
+  const void* off;            // [n_bags + 1] offsets into idx, same dtype as idx
+  bool idx_is_int64;
+  int64_t n_bags;
+  // the prefetch look-ahead reads idx[p + 16] up to idx[idx_end - 1], running on into the bags
+  // after the run (FBGEMM does the same)
+  int64_t idx_end;
+  const float* weights;       // one fp32 weight per index (same positions as idx), or nullptr
+  float* out;                 // fp32 results, D per bag; an empty bag gets zeros
+  int64_t out_stride;
 };
 
-// AVX2+FMA+F16C kernel; call only when cpu_isa() >= kAvx2. Returns false when a quantized row
-// had a non-finite scale or bias (the result is then meaningless and the caller raises).
-bool pool_bag_avx2(const PoolArgs& a);
+struct PoolResult {
+  // position in idx of the first index out of range: its bag and the later ones are not (fully)
+  // written; -1 when all were in range
+  int64_t first_bad = -1;
+  bool finite = true;  // false: a quantized row had a non-finite scale or bias (the caller raises)
+};
+
+// AVX2+FMA+F16C kernel, one build per index dtype; call only when cpu_isa() >= kAvx2.
+PoolResult pool_bags_avx2_i32(const PoolArgs& a);
+PoolResult pool_bags_avx2_i64(const PoolArgs& a);
+
+inline PoolResult pool_bags_avx2(const PoolArgs& a) {
+  return a.idx_is_int64 ? pool_bags_avx2_i64(a) : pool_bags_avx2_i32(a);
+}
 
 }  // namespace recsys_kernels::embedding_bag_cpu
