@@ -21,7 +21,10 @@
 #include "common/avx2_rows.h"
 #include "embedding_bag/embedding_bag_cpu_kernels.h"
 
+// Internal linkage in each including unit: as external (interposable) symbols of the shared
+// library the kernels were called through the PLT and lost GCC's inter-procedural clones.
 namespace recsys_kernels::embedding_bag_cpu::avx2_kernel {
+namespace {
 
 constexpr int64_t kPrefetch = 16;  // indices ahead (8..16 measured best; 32 and more lose)
 
@@ -143,11 +146,18 @@ RK_AVX2_INLINE bool out_of_range(int64_t r, const PoolArgs& a) {
   return static_cast<uint64_t>(r) >= static_cast<uint64_t>(a.n_rows);
 }
 
-// The rows of a bag into the accumulators of one column block (see pool_block).
+// One column block [c0, c0 + 8 * NV) of a bag (see pool_block); MORE: prefetch the row's further
+// lines too.
 template <class L, int NV, bool MAX, bool W, bool FIRST, bool MORE, class I>
-RK_AVX2_INLINE int64_t accumulate(const PoolArgs& a, const Bag<I>& bag, int64_t c0, RowLines more, __m256* acc,
-                                  bool& ok) {
+RK_AVX2_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c0, RowLines more, bool& ok) {
   constexpr int64_t kKnown = (L::byte_of(8 * NV) + 63) / 64;
+  __m256 acc[NV];
+  const __m256 init = MAX ? _mm256_set1_ps(-INFINITY) : _mm256_setzero_ps();
+  // unrolled: as a loop GCC turned it into a memset of the array on the stack (a microcoded
+  // `rep stos` per bag) before the accumulators went into registers
+#pragma GCC unroll 16
+  for (int k = 0; k < NV; ++k) acc[k] = init;
+  bool finite = true;  // a local: through the reference GCC stored it on every row
   for (int64_t p = bag.s; p < bag.e; ++p) {
     const int64_t r = bag.idx[p];
     if constexpr (FIRST) {
@@ -155,7 +165,7 @@ RK_AVX2_INLINE int64_t accumulate(const PoolArgs& a, const Bag<I>& bag, int64_t 
       if (out_of_range(r, a)) return p;
     }
     const uint8_t* row = a.table + r * a.row_bytes;
-    const RowParams prm = L::params(row, a.dim, ok);
+    const RowParams prm = L::params(row, a.dim, finite);
     const uint8_t* block = row + L::byte_of(c0);  // constant offsets below (c0 is a multiple of 8)
     __m256 w;
     if constexpr (W) w = _mm256_set1_ps(a.weights[p]);
@@ -165,6 +175,12 @@ RK_AVX2_INLINE int64_t accumulate(const PoolArgs& a, const Bag<I>& bag, int64_t 
       acc[k] = MAX ? max_nan(acc[k], v) : _mm256_add_ps(acc[k], v);
     }
   }
+  ok &= finite;
+  if (a.is_mean) {
+    const __m256 count = _mm256_set1_ps(static_cast<float>(bag.e - bag.s));
+    for (int k = 0; k < NV; ++k) acc[k] = _mm256_div_ps(acc[k], count);
+  }
+  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(bag.out + c0 + 8 * k, acc[k]);
   return -1;
 }
 
@@ -173,24 +189,14 @@ RK_AVX2_INLINE int64_t accumulate(const PoolArgs& a, const Bag<I>& bag, int64_t 
 // the row. Returns the position of an index out of range, else -1.
 template <class L, int NV, bool MAX, bool W, bool FIRST, class I>
 RK_AVX2 int64_t pool_block(const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
-  __m256 acc[NV];
-  const __m256 init = MAX ? _mm256_set1_ps(-INFINITY) : _mm256_setzero_ps();
-  for (int k = 0; k < NV; ++k) acc[k] = init;
   // the lines the block's own columns span in a 64-byte aligned row, known at compile time
   constexpr int64_t kKnown = (L::byte_of(8 * NV) + 63) / 64;
   const RowLines more = row_lines(a, kKnown);
   // one loop with and one without the further lines, not a branch per row: that branch, though
   // predicted, cost 7% on the cache-resident shape B (the row loop is ~25 instructions)
-  const int64_t bad = !FIRST ? accumulate<L, NV, MAX, W, false, false>(a, bag, c0, more, acc, ok)
-                      : more.any() ? accumulate<L, NV, MAX, W, FIRST, true>(a, bag, c0, more, acc, ok)
-                                   : accumulate<L, NV, MAX, W, FIRST, false>(a, bag, c0, more, acc, ok);
-  if (bad >= 0) return bad;
-  if (a.is_mean) {
-    const __m256 count = _mm256_set1_ps(static_cast<float>(bag.e - bag.s));
-    for (int k = 0; k < NV; ++k) acc[k] = _mm256_div_ps(acc[k], count);
-  }
-  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(bag.out + c0 + 8 * k, acc[k]);
-  return -1;
+  if (!FIRST) return pool_rows<L, NV, MAX, W, false, false>(a, bag, c0, more, ok);
+  return more.any() ? pool_rows<L, NV, MAX, W, FIRST, true>(a, bag, c0, more, ok)
+                    : pool_rows<L, NV, MAX, W, FIRST, false>(a, bag, c0, more, ok);
 }
 
 // Columns [c0, dim), fewer than 8; FIRST as in pool_block (c0 == 0: the row has no full vector).
@@ -287,4 +293,5 @@ RK_AVX2 PoolResult pool_index(const PoolArgs& a) {
   return {};
 }
 
+}  // namespace
 }  // namespace recsys_kernels::embedding_bag_cpu::avx2_kernel
