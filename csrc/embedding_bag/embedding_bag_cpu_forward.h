@@ -338,8 +338,10 @@ void store_converted(const Lookup& lk, int64_t b, const Acc* src) {
   });
 }
 
-// The AVX2 kernel's description of lk, without the bags.
-inline PoolArgs pool_args(const Lookup& lk) {
+// The AVX2 kernel's description of a run of bags of lk: bag j pools the rows idx[off[j]], ...,
+// idx[off[j + 1] - 1] into out + j * lk.out_stride (see PoolArgs).
+inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, const void* off, int64_t n_bags,
+                          int64_t idx_end, const float* weights, float* out) {
   PoolArgs a{};
   a.kind = lk.reader.kind;
   a.is_max = lk.c.mode == Mode::kMax;
@@ -348,6 +350,14 @@ inline PoolArgs pool_args(const Lookup& lk) {
   a.row_bytes = lk.reader.row_bytes;
   a.dim = lk.reader.dim;
   a.n_rows = lk.c.n_rows;
+  a.idx = idx;
+  a.idx_is_int64 = idx_is_int64;
+  a.off = off;
+  a.n_bags = n_bags;
+  a.idx_end = idx_end;
+  a.weights = weights;
+  a.out = out;
+  a.out_stride = lk.out_stride;
   return a;
 }
 
@@ -371,19 +381,12 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   const int64_t out_elem = c10::elementSize(lk.out_dtype);
   const bool all_contribute = c.bounds == Bounds::kRaise && c.padding < 0;
   constexpr bool kVectorAcc = std::is_same_v<Acc, float>;  // the AVX2 kernel accumulates in fp32
+  constexpr bool kInt64 = std::is_same_v<I, int64_t>;
   const bool vector = kVectorAcc && use_avx2;
   if constexpr (kVectorAcc) {
     if (vector && all_contribute && direct) {
-      PoolArgs a = pool_args(lk);
-      a.idx = idx;
-      a.idx_is_int64 = std::is_same_v<I, int64_t>;
-      a.off = off + b0;
-      a.n_bags = b1 - b0;
-      a.idx_end = c.nnz;
-      a.weights = psw;
-      a.out = reinterpret_cast<float*>(lk.out) + b0 * lk.out_stride + lk.col0;
-      a.out_stride = lk.out_stride;
-      const PoolResult r = pool_bags_avx2(a);
+      float* out = reinterpret_cast<float*>(lk.out) + b0 * lk.out_stride + lk.col0;
+      const PoolResult r = pool_bags_avx2(pool_args(lk, idx, kInt64, off + b0, b1 - b0, c.nnz, psw, out));
       if (r.first_bad >= 0) record_bad_index(lk, r.first_bad);
       if (!r.finite) lk.bad_scale.store(true);
       return;
@@ -401,15 +404,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
     Acc* dst = direct ? reinterpret_cast<Acc*>(lk.out + (b * lk.out_stride + lk.col0) * out_elem) : scratch.data();
     if constexpr (kVectorAcc) {
       if (vector && all_contribute) {  // one bag through the scratch row: the raw indices, checked by the kernel
-        PoolArgs a = pool_args(lk);
-        a.idx = idx;
-        a.idx_is_int64 = std::is_same_v<I, int64_t>;
-        a.off = off + b;
-        a.n_bags = 1;
-        a.idx_end = c.nnz;
-        a.weights = psw;
-        a.out = dst;
-        const PoolResult r = pool_bags_avx2(a);
+        const PoolResult r = pool_bags_avx2(pool_args(lk, idx, kInt64, off + b, 1, c.nnz, psw, dst));
         ok &= r.finite;
         if (r.first_bad >= 0) {
           record_bad_index(lk, r.first_bad);
@@ -477,15 +472,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
     if (vector) {  // the compacted rows as a run of one bag (an empty one writes zeros)
       if constexpr (kVectorAcc) {
         const int64_t run_off[2] = {0, n};
-        PoolArgs a = pool_args(lk);
-        a.idx = rows;
-        a.idx_is_int64 = true;
-        a.off = run_off;
-        a.n_bags = 1;
-        a.idx_end = std::max<int64_t>(n, 1);
-        a.weights = weights;
-        a.out = dst;
-        ok &= pool_bags_avx2(a).finite;
+        ok &= pool_bags_avx2(pool_args(lk, rows, true, run_off, 1, std::max<int64_t>(n, 1), weights, dst)).finite;
       }
     } else if (n == 0) {
       std::fill(dst, dst + d, Acc(0));
