@@ -142,6 +142,36 @@ def test_fp32_zipf(run_bench, impl):
               ops=idx.numel() * SHAPE_B[1], shape=(*SHAPE_B, B, L), impl=impl, peer=impl.startswith("torch"))
 
 
+@pytest.mark.parametrize("case", ["A_fp32_int64", "A_fp32_int32", "A_int8", "A_int4", "B_fp32_int64"])
+def test_paired_vs_torch(paired_ratio, case):
+    """The issue's forward ratios measured the steadier way (conftest's paired_ratio): torch's op
+    and ours called in turn on the same inputs, the ratio taken per round."""
+    _skip_unless_ours("ours")
+    shape, dist = (SHAPE_A, "uniform") if case.startswith("A") else (SHAPE_B, "zipf")
+    idx, off = _bags(shape[0], dist)
+    if case.endswith("int32"):
+        idx, off = idx.int(), off.int()
+    if case.startswith("A_int"):
+        bits = int(case[5:])
+        table = _packed(*shape, bits)
+        op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
+              else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+
+        def peer():
+            return op(table, idx, off, mode=0, include_last_offset=True)
+    else:
+        bits, table = 8, _table(*shape)
+
+        def peer():
+            return F.embedding_bag(idx, table, off, mode="sum", include_last_offset=True)
+
+    def ours():
+        return rk.embedding_bag(table, idx, off, bits=bits, backend="cpu")
+
+    torch.testing.assert_close(ours(), peer(), rtol=1e-4, atol=1e-4)
+    paired_ratio(f"embedding_bag {case}", peer, {"ours": ours})
+
+
 @functools.cache
 def _grad_output(d):
     return torch.randn(B, d, generator=torch.Generator().manual_seed(2))

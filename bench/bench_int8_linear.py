@@ -108,3 +108,19 @@ def test_linear(run_bench, benchmark, impl, m, k, n):
 
     run_bench(call, x, bytes_moved=4 * m * k + n * k + 4 * m * n, ops=2 * m * k * n, shape=(m, k, n), impl=impl,
               peak={"fp32_linear": "fp32", "bf16_linear": None}.get(impl, "int8"), peer=not impl.startswith("ours"))
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+def test_paired_vs_peers(paired_ratio, m, k, n):
+    """The issue's ratios measured the steadier way (conftest's paired_ratio): our module path
+    against the onednn-engine dynamic quantized Linear (the fastest peer for the big shapes), the
+    fbgemm engine (M = 1's target) and fp32 F.linear, each pair called in turn on the same x."""
+    x, linear = _data(m, k, n)
+    ours = _make("ours_module_packed", x, linear)
+    engines = torch.backends.quantized.supported_engines
+    for peer in ("ao_dynamic_onednn", "ao_dynamic_fbgemm", "fp32_linear"):
+        if peer.startswith("ao_dynamic_") and peer.removeprefix("ao_dynamic_") not in engines:
+            continue
+        with torch.no_grad():
+            paired_ratio(f"linear {m}x{k}x{n} vs {peer}", functools.partial(_make(peer, x, linear), x),
+                         {"ours_module_packed": functools.partial(ours, x)}, rounds=20 if m * n > 4096 else 200)

@@ -188,3 +188,28 @@ def test_candidate_topk(run_bench, impl):
     run_bench(fn, q, items, off, cand, bytes_moved=CAND_U * CAND_L * (D * 4 + 8) + CAND_U * CAND_K * 12,
               ops=2 * CAND_U * CAND_L * D, shape=(CAND_U, CAND_L, D, CAND_K), impl=impl,
               peer=impl.startswith("torch"))
+
+
+@pytest.mark.parametrize("op", ["topk_scores", "pair_scores", "candidate_topk"])
+def test_paired_vs_torch(paired_ratio, op):
+    """The issue's ratios measured the steadier way (conftest's paired_ratio): torch's eager
+    formulation and ours called in turn on the same inputs, the ratio taken per round (results are
+    checked by the benchmarks above)."""
+    _skip_unless_ours(op)
+    if op == "topk_scores":
+        q, items = _queries(TOPK_U), _items()
+        paired_ratio(f"topk_scores U={TOPK_U} I={N_ITEMS} vs mm+topk", lambda: torch_topk(q, items, TOPK_K),
+                     {"ours_fp32": lambda: scoring.topk_scores(q, items, TOPK_K, backend="cpu"),
+                      "ours_int8": lambda: scoring.topk_scores(q, _packed(), TOPK_K, backend="cpu")}, rounds=3)
+    elif op == "pair_scores":
+        users, items = _items(), _items().flip(0)
+        ui, ii = _pairs()
+        paired_ratio(f"pair_scores P={PAIRS} vs gather+bmm",  # the faster eager formulation here
+                     lambda: torch.bmm(users.index_select(0, ui).unsqueeze(1), items.index_select(0, ii).unsqueeze(2)),
+                     {"ours": lambda: scoring.pair_scores(users, items, ui, ii, backend="cpu")}, rounds=20)
+    else:
+        q, items = _queries(CAND_U), _items()
+        off, cand = _candidates()
+        paired_ratio(f"candidate_topk U={CAND_U} L={CAND_L} vs gather+bmm+topk",
+                     lambda: torch_candidate_topk(q, items, cand, CAND_K),
+                     {"ours": lambda: scoring.candidate_topk(q, items, off, cand, CAND_K, backend="cpu")}, rounds=10)

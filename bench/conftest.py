@@ -20,16 +20,24 @@
 - At the end, a table prints each benchmark's median time, GB/s, % of the measured bandwidth,
   GOP/s, % of the measured peak and the ratio to the peer. The same numbers are in
   --benchmark-json's extra_info.
+- The `paired_ratio` fixture measures a ratio to the peer the steadier way: the peer and ours are
+  called in turn, round after round, and the ratio is taken per round. On these shared machines the
+  speed drifts by tens of percent between tests, so two medians from separate tests can disagree
+  by that much (torch's own int64 and int32 embedding_bag medians once differed by 1.6x); two calls
+  a few milliseconds apart see the same machine. Its table prints after the throughput table.
 """
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 
 import pytest
 import torch
 
 _BANDWIDTH_GBPS: dict[str, float] = {}  # device type -> measured read bandwidth, GB/s
+# paired_ratio's results: (case, impl, rounds, q1, median, q3)
+_PAIRED: list[tuple[str, str, int, float, float, float]] = []
 _PROBE_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
 
 
@@ -180,13 +188,61 @@ def run_bench(benchmark):
     return run
 
 
+@pytest.fixture
+def paired_ratio(request):
+    """paired_ratio(case, peer_fn, impls, device="cpu", rounds=40) -> {impl name: median ratio}.
+
+    Calls peer_fn and each of impls (a dict name -> function) in turn, `rounds` times (in reverse
+    order every other round), and keeps per round the peer's time / the impl's (> 1: faster than
+    the peer); records the median and quartiles for the summary table. Under --benchmark-disable
+    (the smoke run) it makes 2 rounds."""
+    smoke = request.config.getoption("benchmark_disable", False)
+
+    def run(case: str, peer_fn, impls: dict, device: str = "cpu", rounds: int = 40) -> dict:
+        device = torch.device(device)
+        n = 2 if smoke else rounds
+        fns = {"peer": peer_fn, **impls}
+        for fn in fns.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for i in range(n):
+            order = list(fns.items())
+            for name, fn in order if i % 2 == 0 else order[::-1]:  # who goes first alternates
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+        medians = {}
+        for name in impls:
+            ratios = [p / t for p, t in zip(times["peer"], times[name])]
+            q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            _PAIRED.append((case, name, n, q1, med, q3))
+            medians[name] = med
+        return medians
+
+    return run
+
+
+def _write_paired(tr) -> None:
+    tr.write_sep("-", "paired ratios (per round: the peer's time / ours, called in turn; > 1: ours faster)")
+    width = max(len(case) + len(name) + 3 for case, name, *_ in _PAIRED)
+    tr.write_line(f"{'case':<{width}}  {'rounds':>6} {'median':>7} {'q1':>6} {'q3':>6}")
+    for case, name, n, q1, med, q3 in _PAIRED:
+        tr.write_line(f"{case + ' / ' + name:<{width}}  {n:>6} {med:6.2f}x {q1:5.2f}x {q3:5.2f}x")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     results = [b for b in (session.benchmarks if session else []) if b and "bytes" in b.extra_info]
-    if not results:
-        return
-    tr = terminalreporter
+    if results:
+        _write_throughput(terminalreporter, results)
+    if _PAIRED:
+        _write_paired(terminalreporter)
+
+
+def _write_throughput(tr, results) -> None:
     tr.write_sep("-", "throughput (median time; bytes = inputs read once + outputs written once)")
     for dev, bw in sorted(_BANDWIDTH_GBPS.items()):
         tr.write_line(f"measured {dev} read bandwidth: {bw:.1f} GB/s "

@@ -361,13 +361,14 @@ inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, 
   return a;
 }
 
-// Pools bags [b0, b1) of lk. Under bounds="raise" the indices are checked here, bag by bag: the
-// range stops at its first bad index and lk.first_bad keeps the smallest such position over all
-// ranges (the caller then raises), so the indices are read once, in the one parallel region.
-// The common case, AVX2 with every index contributing (bounds="raise", no padding_idx) and an
-// fp32 output, is one call of the kernel for the whole range, straight from the raw indices; the
-// rest goes bag by bag: each bag's contributing rows are compacted into a list (no copy for int64
-// indices that all contribute) and pooled as a run of one bag, or by the scalar loop.
+// Pools bags [b0, b1) of lk. Under bounds="raise" each index is checked in this pass, before its
+// row is read (by the AVX2 kernel, or bag by bag below): the range stops at its first bad index
+// and lk.first_bad keeps the smallest such position over all ranges (the caller then raises), so
+// the indices are read once, in the one parallel region. The common case, AVX2 with every index
+// contributing (bounds="raise", no padding_idx) and an fp32 output, is one call of the kernel for
+// the whole range, straight from the raw indices; the rest goes bag by bag: each bag's
+// contributing rows are compacted into a list (no copy for int64 indices that all contribute) and
+// pooled as a run of one bag, or by the scalar loop.
 template <typename I, typename T, typename Acc>
 void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   const Common& c = lk.c;
@@ -403,7 +404,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
     const int64_t s = off[b], e = off[b + 1];
     Acc* dst = direct ? reinterpret_cast<Acc*>(lk.out + (b * lk.out_stride + lk.col0) * out_elem) : scratch.data();
     if constexpr (kVectorAcc) {
-      if (vector && all_contribute) {  // one bag through the scratch row: the raw indices, checked by the kernel
+      if (vector && all_contribute) {  // one bag into the scratch row, from the raw indices
         const PoolResult r = pool_bags_avx2(pool_args(lk, idx, kInt64, off + b, 1, c.nnz, psw, dst));
         ok &= r.finite;
         if (r.first_bad >= 0) {
