@@ -57,6 +57,13 @@ def _compiled_reference():
     return torch.compile(ref)
 
 
+def _torch_quantized(packed, idx, off, bits):
+    """torch's row-wise quantized embedding_bag (FBGEMM) on the same packed table, sum pooling."""
+    op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
+          else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+    return op(packed, idx, off, mode=0, include_last_offset=True)
+
+
 def _ours_available():
     return "cpu" in _backend.available_backends("embedding_bag", "cpu")
 
@@ -105,11 +112,8 @@ def test_quantized_uniform(run_bench, impl, bits):
         def fn(q, i, o):
             return _compiled_reference()(q, i, o, bits)
     elif impl == "torch_quantized":
-        op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
-              else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
-
         def fn(q, i, o):
-            return op(q, i, o, mode=0, include_last_offset=True)
+            return _torch_quantized(q, i, o, bits)
     else:
         def fn(q, i, o):
             return rk.embedding_bag(q, i, o, bits=bits, backend="cpu")
@@ -154,11 +158,9 @@ def test_paired_vs_torch(paired_ratio, case):
     if case.startswith("A_int"):
         bits = int(case[5:])
         table = _packed(*shape, bits)
-        op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
-              else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
 
         def peer():
-            return op(table, idx, off, mode=0, include_last_offset=True)
+            return _torch_quantized(table, idx, off, bits)
     else:
         bits, table = 8, _table(*shape)
 

@@ -190,7 +190,7 @@ def run_bench(benchmark):
 
 @pytest.fixture
 def paired_ratio(request):
-    """paired_ratio(case, peer_fn, impls, device="cpu", rounds=40) -> {impl name: median ratio}.
+    """paired_ratio(case, peer_fn, impls, rounds=40) -> {impl name: median ratio} (CPU calls).
 
     Calls peer_fn and each of impls (a dict name -> function) in turn, `rounds` times (in reverse
     order every other round), and keeps per round the peer's time / the impl's (> 1: faster than
@@ -198,8 +198,7 @@ def paired_ratio(request):
     (the smoke run) it makes 2 rounds."""
     smoke = request.config.getoption("benchmark_disable", False)
 
-    def run(case: str, peer_fn, impls: dict, device: str = "cpu", rounds: int = 40) -> dict:
-        device = torch.device(device)
+    def run(case: str, peer_fn, impls: dict, rounds: int = 40) -> dict:
         n = 2 if smoke else rounds
         fns = {"peer": peer_fn, **impls}
         for fn in fns.values():  # warm-up
@@ -208,10 +207,8 @@ def paired_ratio(request):
         for i in range(n):
             order = list(fns.items())
             for name, fn in order if i % 2 == 0 else order[::-1]:  # who goes first alternates
-                _sync(device)
                 start = time.perf_counter()
                 fn()
-                _sync(device)
                 times[name].append(time.perf_counter() - start)
         medians = {}
         for name in impls:

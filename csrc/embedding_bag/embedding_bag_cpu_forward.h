@@ -339,9 +339,9 @@ void store_converted(const Lookup& lk, int64_t b, const Acc* src) {
 }
 
 // The AVX2 kernel's description of a run of bags of lk: bag j pools the rows idx[off[j]], ...,
-// idx[off[j + 1] - 1] into out + j * lk.out_stride (see PoolArgs).
+// idx[off[j + 1] - 1] into out + j * out_stride (see PoolArgs).
 inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, const void* off, int64_t n_bags,
-                          int64_t idx_end, const float* weights, float* out) {
+                          int64_t idx_end, const float* weights, float* out, int64_t out_stride) {
   PoolArgs a{};
   a.kind = lk.reader.kind;
   a.is_max = lk.c.mode == Mode::kMax;
@@ -357,7 +357,7 @@ inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, 
   a.idx_end = idx_end;
   a.weights = weights;
   a.out = out;
-  a.out_stride = lk.out_stride;
+  a.out_stride = out_stride;
   return a;
 }
 
@@ -365,10 +365,11 @@ inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, 
 // row is read (by the AVX2 kernel, or bag by bag below): the range stops at its first bad index
 // and lk.first_bad keeps the smallest such position over all ranges (the caller then raises), so
 // the indices are read once, in the one parallel region. The common case, AVX2 with every index
-// contributing (bounds="raise", no padding_idx) and an fp32 output, is one call of the kernel for
-// the whole range, straight from the raw indices; the rest goes bag by bag: each bag's
-// contributing rows are compacted into a list (no copy for int64 indices that all contribute) and
-// pooled as a run of one bag, or by the scalar loop.
+// contributing (bounds="raise", no padding_idx), is one call of the kernel for the whole range,
+// straight from the raw indices (an output dtype other than fp32 is staged in an fp32 block and
+// converted); the rest goes bag by bag: each bag's contributing rows are compacted
+// into a list (no copy for int64 indices that all contribute) and pooled as a run of one bag, or
+// by the scalar loop.
 template <typename I, typename T, typename Acc>
 void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   const Common& c = lk.c;
@@ -385,17 +386,23 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   constexpr bool kInt64 = std::is_same_v<I, int64_t>;
   const bool vector = kVectorAcc && use_avx2;
   if constexpr (kVectorAcc) {
-    if (vector && all_contribute && direct) {
-      float* out = reinterpret_cast<float*>(lk.out) + b0 * lk.out_stride + lk.col0;
-      const PoolResult r = pool_bags_avx2(pool_args(lk, idx, kInt64, off + b0, b1 - b0, c.nnz, psw, out));
-      if (r.first_bad >= 0) record_bad_index(lk, r.first_bad);
+    if (vector && all_contribute) {
+      std::vector<float> staged(direct ? 0 : (b1 - b0) * d);
+      float* out = direct ? reinterpret_cast<float*>(lk.out) + b0 * lk.out_stride + lk.col0 : staged.data();
+      const PoolResult r = pool_bags_avx2(
+          pool_args(lk, idx, kInt64, off + b0, b1 - b0, c.nnz, psw, out, direct ? lk.out_stride : d));
       if (!r.finite) lk.bad_scale.store(true);
+      if (r.first_bad >= 0) {
+        record_bad_index(lk, r.first_bad);
+      } else if (!direct) {
+        for (int64_t b = b0; b < b1; ++b) store_converted(lk, b, staged.data() + (b - b0) * d);
+      }
       return;
     }
   }
-  // the scalar loop reads int32 indices that all contribute widened into the row list, in the
-  // same pass as their bounds check (the AVX2 kernel checks them itself)
-  const bool widen = all_contribute && std::is_same_v<I, int32_t> && !vector;
+  // int32 indices that all contribute (here: the scalar loop) are widened into the row list in the
+  // same pass as their bounds check
+  const bool widen = all_contribute && std::is_same_v<I, int32_t>;
   const uint64_t n_rows_u = static_cast<uint64_t>(c.n_rows);
   std::vector<int64_t> rows_buf;
   std::vector<Acc> weights_buf, scratch(direct ? 0 : d);
@@ -403,18 +410,6 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = off[b], e = off[b + 1];
     Acc* dst = direct ? reinterpret_cast<Acc*>(lk.out + (b * lk.out_stride + lk.col0) * out_elem) : scratch.data();
-    if constexpr (kVectorAcc) {
-      if (vector && all_contribute) {  // one bag into the scratch row, from the raw indices
-        const PoolResult r = pool_bags_avx2(pool_args(lk, idx, kInt64, off + b, 1, c.nnz, psw, dst));
-        ok &= r.finite;
-        if (r.first_bad >= 0) {
-          record_bad_index(lk, r.first_bad);
-          break;  // later bags of this chunk cannot hold the first bad index
-        }
-        store_converted(lk, b, dst);
-        continue;
-      }
-    }
     if (b + 1 < b1) {  // the next bag's indices (and weights), a bag ahead
       prefetch_span(idx + e, off[b + 2] - e);
       if (psw) prefetch_span(psw + e, off[b + 2] - e);
@@ -473,7 +468,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
     if (vector) {  // the compacted rows as a run of one bag (an empty one writes zeros)
       if constexpr (kVectorAcc) {
         const int64_t run_off[2] = {0, n};
-        ok &= pool_bags_avx2(pool_args(lk, rows, true, run_off, 1, std::max<int64_t>(n, 1), weights, dst)).finite;
+        ok &= pool_bags_avx2(pool_args(lk, rows, true, run_off, 1, std::max<int64_t>(n, 1), weights, dst, d)).finite;
       }
     } else if (n == 0) {
       std::fill(dst, dst + d, Acc(0));
