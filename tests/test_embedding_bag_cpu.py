@@ -116,7 +116,10 @@ def test_many_bags_int32(isa):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits,d", [(8, 5), (8, 8), (8, 64), (8, 129), (8, 256), (4, 2), (4, 16), (4, 130), (4, 256)])
+# 4-bit D = 48 and 104: blocks whose last group of 4 vectors is partial
+@pytest.mark.parametrize(
+    "bits,d", [(8, 5), (8, 8), (8, 64), (8, 129), (8, 256), (4, 2), (4, 16), (4, 48), (4, 104), (4, 128), (4, 130), (4, 256)]
+)
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
 def test_quantized_paths(bits, d, mode, weighted):
     g = torch.Generator().manual_seed(bits * 1000 + d)
