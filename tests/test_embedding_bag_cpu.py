@@ -139,15 +139,24 @@ def test_quantized_paths(bits, d, mode, weighted):
     torch.testing.assert_close(scalar, reference(packed, indices, offsets, bits=bits, **kw), rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_non_finite_scale_raises():
-    packed = quantize_rowwise(torch.randn(4, 8))
-    packed[2, 8:12] = torch.tensor([float("inf")]).view(torch.uint8)
+@pytest.mark.parametrize("bits,d", [(8, 8), (8, 128), (4, 8), (4, 128)])
+@pytest.mark.parametrize("field", ["scale", "bias"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_quantized_non_finite_scale_raises(bits, d, field, value):
+    packed = quantize_rowwise(torch.randn(4, d), bits)
+    code_bytes = d if bits == 8 else d // 2
+    width = 4 if bits == 8 else 2  # fp32 or fp16 scale and bias
+    start = code_bytes + (0 if field == "scale" else width)
+    packed[2, start:start + width] = torch.tensor([value], dtype=torch.float32 if bits == 8 else torch.float16).view(
+        torch.uint8)
     idx, off = torch.tensor([0, 2]), torch.tensor([0, 2])
     for isa in ("scalar", "avx2"):
         with pytest.raises(ValueError, match="non-finite"):
-            on_isa(isa, lambda: embedding_bag(packed, idx, off, backend="cpu"))
+            on_isa(isa, lambda: embedding_bag(packed, idx, off, bits=bits, backend="cpu"))
     with pytest.raises(ValueError, match="non-finite"):
-        reference(packed, idx, off)
+        reference(packed, idx, off, bits=bits)
+    # a table whose bad row is not gathered is fine
+    embedding_bag(packed, torch.tensor([0, 1]), off, bits=bits, backend="cpu")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -42,9 +42,10 @@ struct Q4 {
   RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
     uint16_t h[2];
     std::memcpy(h, row + dim / 2, 4);
-    RowParams p{half_to_float(h[0]), half_to_float(h[1])};
-    ok &= std::isfinite(p.scale) && std::isfinite(p.bias);
-    return p;
+    uint32_t bits;
+    std::memcpy(&bits, row + dim / 2, 4);
+    ok &= avx2::both_finite<uint32_t, 0x7C007C00u>(bits);
+    return {half_to_float(h[0]), half_to_float(h[1])};
   }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams& p) {
     int32_t packed;
@@ -209,8 +210,12 @@ RK_AVX2_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
   ok &= finite;
   if (a.is_mean) {
     const __m256 count = _mm256_set1_ps(static_cast<float>(bag.e - bag.s));
+#pragma GCC unroll 16
     for (int k = 0; k < NV; ++k) acc[k] = _mm256_div_ps(acc[k], count);
   }
+  // unrolled too: as loops (indexing acc by a variable) GCC kept a copy of acc on the stack and
+  // stored every accumulator to it on every row
+#pragma GCC unroll 16
   for (int k = 0; k < NV; ++k) _mm256_storeu_ps(bag.out + c0 + 8 * k, acc[k]);
   return -1;
 }
