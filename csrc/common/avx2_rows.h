@@ -20,8 +20,9 @@ namespace recsys_kernels::avx2 {
 RK_AVX2_INLINE float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // Whether both halves of `bits` (two floats or two halves; kExp: their exponent fields) are finite,
-// without a branch: an all-ones exponent plus its lowest bit carries into the sign bit. Per row in
-// the gathers, where the two compare-and-branch tests cost about as much as a vector of the row.
+// without a branch: an all-ones exponent plus its lowest bit carries into the sign bit. The gathers
+// test every row's scale and bias; this is one integer test where isfinite() made GCC emit two
+// compare-and-branch pairs per row.
 template <class U, U kExp>
 RK_AVX2_INLINE bool both_finite(U bits) {
   constexpr U kLow = kExp & ~(kExp << 1);             // the lowest exponent bit of each half

@@ -39,8 +39,7 @@ constexpr int64_t kPrefetch = 8;
 // Every line of the row of `bytes` bytes at p: one prefetch per 64 bytes from its first byte
 // (lines = ceil(bytes / 64) of them) and one at its last byte (a row that does not start a line
 // may reach one line further). Straight-line code up to 8 lines: with a loop over the lines per
-// row (as before) the 1M-pair fp32 D = 64 benchmark ran 1.2x slower (2 threads, 77-79 ms
-// against 61-67 ms).
+// row the 1M-pair fp32 D = 64 benchmark ran 1.2x slower (2 threads, 77-79 ms against 54-67 ms).
 RK_AVX2_INLINE void prefetch_row(const uint8_t* p, int64_t lines, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
   switch (lines) {
