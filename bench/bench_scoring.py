@@ -197,8 +197,8 @@ def test_candidate_topk(run_bench, impl):
 @pytest.mark.parametrize("op", ["topk_scores", "pair_scores", "candidate_topk"])
 def test_paired_vs_torch(paired_ratio, op):
     """The issue's ratios measured the steadier way (conftest's paired_ratio): torch's eager
-    formulation and ours called in turn on the same inputs, the ratio taken per round (results are
-    checked by the benchmarks above)."""
+    formulation (and for pair_scores torch.compile of the reference too) and ours called in turn on
+    the same inputs, the ratio taken per round (results are checked by the benchmarks above)."""
     _skip_unless_ours(op)
     if op == "topk_scores":
         q, items = _queries(TOPK_U), _items()
@@ -208,8 +208,12 @@ def test_paired_vs_torch(paired_ratio, op):
     elif op == "pair_scores":
         users, items = _items(), _items().flip(0)
         ui, ii = _pairs()
-        paired_ratio(f"pair_scores P={PAIRS} vs gather+bmm", lambda: torch_pair_bmm(users, items, ui, ii),
-                     {"ours": lambda: scoring.pair_scores(users, items, ui, ii, backend="cpu")}, rounds=20)
+        ours = {"ours": lambda: scoring.pair_scores(users, items, ui, ii, backend="cpu")}
+        paired_ratio(f"pair_scores P={PAIRS} vs gather+bmm", lambda: torch_pair_bmm(users, items, ui, ii), ours,
+                     rounds=20)
+        compiled = _compiled_pair_reference()
+        paired_ratio(f"pair_scores P={PAIRS} vs torch.compile", lambda: compiled(users, items, ui, ii), ours,
+                     rounds=20)
     else:
         q, items = _queries(CAND_U), _items()
         off, cand = _candidates()
