@@ -147,20 +147,7 @@ RK_AVX2_INLINE void prefetch_ahead(const PoolArgs& a, const I* idx, int64_t p, R
 #pragma GCC unroll 16
   for (int64_t l = 0; l < KNOWN; ++l) _mm_prefetch(row + 64 * l, _MM_HINT_T0);
   if constexpr (MORE) {
-    const char* b = row + 64 * KNOWN;
-    switch (more.extra) {  // straight-line again for up to 8 lines
-      case 8: _mm_prefetch(b + 448, _MM_HINT_T0); [[fallthrough]];
-      case 7: _mm_prefetch(b + 384, _MM_HINT_T0); [[fallthrough]];
-      case 6: _mm_prefetch(b + 320, _MM_HINT_T0); [[fallthrough]];
-      case 5: _mm_prefetch(b + 256, _MM_HINT_T0); [[fallthrough]];
-      case 4: _mm_prefetch(b + 192, _MM_HINT_T0); [[fallthrough]];
-      case 3: _mm_prefetch(b + 128, _MM_HINT_T0); [[fallthrough]];
-      case 2: _mm_prefetch(b + 64, _MM_HINT_T0); [[fallthrough]];
-      case 1: _mm_prefetch(b, _MM_HINT_T0); [[fallthrough]];
-      case 0: break;
-      default:
-        for (int64_t l = 0; l < more.extra; ++l) _mm_prefetch(b + 64 * l, _MM_HINT_T0);
-    }
+    avx2::prefetch_lines(row + 64 * KNOWN, more.extra);
     if (more.last_byte) _mm_prefetch(row + a.row_bytes - 1, _MM_HINT_T0);
   }
 }
