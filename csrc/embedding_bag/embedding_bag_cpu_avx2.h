@@ -40,12 +40,10 @@ using avx2::RowParams;
 struct Q4 {
   static constexpr bool kQuant = true;
   RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
-    uint16_t h[2];
-    std::memcpy(h, row + dim / 2, 4);
-    uint32_t bits;
+    uint32_t bits;  // fp16 scale in the low half, fp16 bias in the high half (x86: little endian)
     std::memcpy(&bits, row + dim / 2, 4);
     ok &= avx2::both_finite<uint32_t, 0x7C007C00u>(bits);
-    return {half_to_float(h[0]), half_to_float(h[1])};
+    return {half_to_float(static_cast<uint16_t>(bits)), half_to_float(static_cast<uint16_t>(bits >> 16))};
   }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams& p) {
     int32_t packed;
