@@ -2,10 +2,11 @@
 # The one prepared GPU check (DESIGN.md §8). On a fresh GPU machine, from any directory:
 #   bash bench/gpu_check.sh
 # builds the package with the CUDA extension (sm_90 only, to save time), runs the tests that use
-# the GPU, runs the GPU benchmarks, and writes everything under $OUT (default
+# the GPU, runs the GPU benchmarks, then the tests and a path comparison of the CPU's AVX512-VNNI /
+# AMX int8 kernels (that machine's Xeon has them), and writes everything under $OUT (default
 # /tmp/recsys_kernels_gpu_check): summary.txt (read this first), nvidia-smi.txt, build.log,
-# tests.log, junit.xml, bench.log, bench.json (and build_pip_failed.log if pip could not
-# install). Everything fits in 8 minutes: each step runs under `timeout`.
+# tests.log, junit.xml, bench.log, bench.json, cpu_wide_tests.log, cpu_paths.log (and
+# build_pip_failed.log if pip could not install). Everything fits in 8 minutes: each step runs under `timeout`.
 #
 # The machine has no network: it uses the python3 that holds PyTorch there (override with
 # PYTHON=...), and that torch, whatever its version; nothing is downloaded. Exit status: 0 when
@@ -121,6 +122,15 @@ step bench 130 "$OUT/bench.log" "$PY" -m pytest ${GPU_CHECK_BENCH:-bench/bench_e
   bench/bench_int8_linear_cuda.py bench/bench_scoring_cuda.py} -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,ops
 sed -n '/throughput (median/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+
+# --- the CPU's AVX512-VNNI / AMX int8 GEMM kernels (the development machines have AVX2 only):
+# their tests on the real instructions, then Int8Linear on each CPU path against the peers
+OMP_NUM_THREADS=4 step cpu-wide-tests 60 "$OUT/cpu_wide_tests.log" "$PY" -m pytest tests/test_int8_matmul_cpu.py \
+  -q -rfE --tb=short -p no:cacheprovider -k "avx512_vnni or amx or wide"
+grep -E "^(FAILED|ERROR)" "$OUT/cpu_wide_tests.log" | head -20 | tee -a "$OUT/summary.txt"
+tail -1 "$OUT/cpu_wide_tests.log" | tee -a "$OUT/summary.txt"
+step cpu-paths 60 "$OUT/cpu_paths.log" "$PY" bench/cpu_paths.py --threads 2 --rounds 7
+grep -E "^(M=|  )" "$OUT/cpu_paths.log" | tee -a "$OUT/summary.txt"
 
 log "done, status $STATUS"
 exit $STATUS

@@ -57,7 +57,22 @@ def has_avx2() -> bool:
     return C.cpu_features()["avx2"] == "yes"
 
 
+def has_cpu_feature(name: str) -> bool:
+    """name: a key of recsys_kernels._C.cpu_features() (avx2, avx512_vnni, amx_int8, ...)."""
+    if "_C" not in _loader.EXTENSIONS:
+        return False
+    import recsys_kernels._C as C
+    return C.cpu_features()[name] == "yes"
+
+
 ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not has_avx2(), reason="CPU has no AVX2"))]
+# The int8 GEMM also has AVX512-VNNI and AMX kernels: run them where the CPU has them (elsewhere
+# test_int8_matmul_wide_emulated.py runs them on emulated instructions).
+INT8_GEMM_ISAS = ISAS + [
+    pytest.param("avx512_vnni", marks=pytest.mark.skipif(not has_cpu_feature("avx512_vnni"),
+                                                         reason="CPU has no AVX512-VNNI")),
+    pytest.param("amx", marks=pytest.mark.skipif(not has_cpu_feature("amx_int8"), reason="CPU has no AMX-INT8")),
+]
 
 
 def on_isa(isa, fn):

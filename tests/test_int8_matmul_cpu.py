@@ -1,5 +1,6 @@
 """The C++ CPU kernels of the int8 matmul family beyond the shared matrix of test_int8_matmul.py:
-both CPU paths (AVX2 and the forced scalar fallback), exact int32 results over the whole int8 range
+every CPU path the machine has (AMX and AVX512-VNNI for tasks of 16 rows or more, AVX2, and the
+forced scalar fallback), exact int32 results over the whole int8 range
 for shapes that hit every tail (M, N, K not multiples of the 6 x 16 tile or of the K pairs, K
 blocked past 1024, the K-chunked path past 131070), the fused epilogue against the reference, the
 prepacked-weight op int8_linear_packed, opcheck and torch.compile."""
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ISA_VAR, ISAS, has_avx2 as _has_avx2, on_isa
+from helpers import INT8_GEMM_ISAS, ISA_VAR, has_avx2 as _has_avx2, has_cpu_feature, on_isa
 from recsys_kernels import _loader
 from recsys_kernels.ops.int8_matmul import (int8_linear, int8_linear_packed, int8_matmul, pack_weight_int8,
                                             quantize_rows_int8, quantize_weight_int8, unpack_weight_int8)
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     reason="the C++ CPU kernels of int8_matmul are not built")
 
 OPS = torch.ops.recsys_kernels
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=INT8_GEMM_ISAS)
 def isa(request, monkeypatch):
     """Caps the CPU path (cpu_isa() reads the variable on every call)."""
     monkeypatch.setenv(ISA_VAR, request.param)
@@ -36,9 +37,10 @@ def _rel(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
-# M, N, K: tails of the 6-row / 16-column tile and of K pairs; K blocked (> 1024); one row / column
+# M, N, K: tails of the 6-row / 16-column tile and of K pairs; K blocked (> 1024); one row / column;
+# for the wide kernels (tasks of >= 16 rows), more than 16 panels a task and K blocks of 1024
 SHAPES = [(1, 1, 1), (1, 1024, 1024), (7, 17, 3), (6, 16, 2), (13, 33, 257), (1, 5, 2049),
-          (50, 1, 31), (97, 40, 1500), (3, 70, 0), (200, 48, 64)]
+          (50, 1, 31), (97, 40, 1500), (3, 70, 0), (200, 48, 64), (40, 600, 1100), (33, 31, 0)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -193,6 +195,21 @@ def test_paths_agree_on_int32():
     a, b = _rand_i8(23, 301), _rand_i8(45, 301)
     results = [on_isa(isa, lambda: int8_matmul(a, b, backend="cpu")) for isa in ("scalar", "avx2")]
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.skipif(not has_cpu_feature("avx512_vnni"), reason="CPU has no AVX512-VNNI")
+def test_wide_paths_give_the_avx2_bits():
+    # the wide kernels share the AVX2 row quantization and epilogue: the same bits, not just close
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(70, 333, generator=g)
+    wq, ws = quantize_weight_int8(torch.randn(90, 333, generator=g))
+    bias = torch.randn(90, generator=g)
+    isas = ["avx2", "avx512_vnni"] + (["amx"] if has_cpu_feature("amx_int8") else [])
+    for act in ("none", "gelu", "silu"):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            runs = [on_isa(i, lambda: int8_linear(x, wq, ws, bias, activation=act, out_dtype=out_dtype,
+                                                  backend="cpu")) for i in isas]
+            assert all(torch.equal(runs[0], r) for r in runs[1:]), (act, out_dtype)
 
 
 # ----------------------------------------------------------------------------- packed weights

@@ -389,6 +389,21 @@ RK_AVX2 void float_tile_avx2(const FloatTile& t, const Epilogue& e) {
   }
 }
 
+RK_AVX2 void finish_panel_avx2(const int32_t* acc, int64_t ldacc, int64_t rows, const float* a_scale, int64_t row0,
+                               int64_t col0, int ncols, const Epilogue& e) {
+  const bool i32 = e.out_kind == OutKind::kI32;
+  const ColumnVectors cv = i32 ? ColumnVectors{} : column_vectors(e, col0, ncols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * ldacc));
+    const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * ldacc + 8));
+    if (i32)
+      store_row_i32(e, row0 + r, col0, ncols, c0, c1);
+    else
+      finish_row(e, cv, a_scale ? a_scale + r : nullptr, 0, row0 + r, col0, ncols, _mm256_cvtepi32_ps(c0),
+                 _mm256_cvtepi32_ps(c1));
+  }
+}
+
 RK_AVX2 bool quantize_row_avx2(InKind kind, const void* x, int64_t k, float* scale, int8_t* q8, int16_t* q16) {
   switch (kind) {
     case InKind::kF32: return quantize_row<InKind::kF32>(x, k, scale, q8, q16);

@@ -65,6 +65,23 @@ struct FloatTile {
   int64_t row0, col0;
 };
 
+// Where the int8 GEMM's A rows come from, and one GEMM call (rows of A x packed panels of B).
+struct ASource {
+  bool quantize;           // float rows quantized per row (act_quant="dynamic"), else int8 rows
+  InKind in_kind;          // of float rows
+  const uint8_t* data;     // row m at data + m * row_bytes
+  int64_t row_bytes;
+  const float* a_scale;    // int8 rows: [M] scales, or nullptr (int32 output)
+};
+
+struct Problem {
+  int64_t m, n, k;         // this call's K values: A columns [0, k), B pairs [b_p0, b_p0 + ceil(k / 2))
+  ASource a;
+  const int8_t* b;         // packed panels
+  int64_t b_panel_bytes, b_p0;
+  Epilogue epi;
+};
+
 // ---- AVX2 + FMA + F16C kernels (int8_gemm_avx2.cpp); call only when cpu_isa() >= kAvx2.
 void tile_avx2(const Tile& t, const Epilogue& e);
 void float_tile_avx2(const FloatTile& t, const Epilogue& e);
@@ -78,5 +95,24 @@ void widen_row_avx2(const int8_t* a, int64_t k, int16_t* dst);
 void pack_panel_avx2(const int8_t* w, int64_t k, int8_t* dst);
 // Packed panel (kp pairs) -> fp32 [2 kp][16]: w = float(q) * scale[c] (the reference's rounding).
 void dequant_panel_avx2(const int8_t* panel, int64_t kp, const float* scale16, float* dst);
+// The epilogue of one panel from exact int32 sums: acc rows [0, rows) x 16 columns (row stride
+// ldacc) -> output rows row0.., columns col0.. (ncols of them); a_scale: [rows] or nullptr.
+void finish_panel_avx2(const int32_t* acc, int64_t ldacc, int64_t rows, const float* a_scale, int64_t row0,
+                       int64_t col0, int ncols, const Epilogue& e);
+
+// ---- AVX512-VNNI and AMX-INT8 kernels (int8_gemm_wide.cpp; the layouts are described there).
+enum class WideIsa : int { kVnni = 0, kAmx = 1 };
+// The AVX2 helpers a wide task calls (row quantization and the epilogue are shared with the AVX2
+// path, so both give the same bits).
+struct WideHelpers {
+  bool (*quantize_row)(InKind, const void*, int64_t, float*, int8_t*, int16_t*);
+  void (*finish_panel)(const int32_t*, int64_t, int64_t, const float*, int64_t, int64_t, int, const Epilogue&);
+};
+// true when this thread may use AMX tiles (asks the OS for the tile state once per process).
+bool amx_usable();
+// Rows [r0, r1) x panels [j0, j1) of P, like the driver's AVX2 task; call only when cpu_isa() is
+// at least avx512_vnni (kVnni) or amx with amx_usable() (kAmx). false: a row to quantize had a
+// non-finite value.
+bool wide_task(WideIsa isa, const Problem& P, const WideHelpers& h, int64_t r0, int64_t r1, int64_t j0, int64_t j1);
 
 }  // namespace recsys_kernels::int8_gemm

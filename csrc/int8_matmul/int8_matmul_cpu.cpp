@@ -14,8 +14,9 @@
 // per-task buffer), so a panel's slice always fits L1. No full-size intermediate goes through
 // memory, except for K > 131070, where the int32 sums could overflow: there K is split into chunks
 // whose exact int32 results are summed in int64 (then the overflow rule / epilogue applies).
-// Paths: AVX2 (int8_gemm_avx2.cpp) when cpu_isa() >= avx2, else the portable kernels
-// (int8_gemm_scalar.cpp); RECSYS_KERNELS_CPU_ISA=scalar forces the latter.
+// Paths: AMX or AVX512-VNNI (int8_gemm_wide.cpp, their own quad layout and blocking) for tasks of
+// 16 rows or more when cpu_isa() has them, else AVX2 (int8_gemm_avx2.cpp) when cpu_isa() >= avx2,
+// else the portable kernels (int8_gemm_scalar.cpp); RECSYS_KERNELS_CPU_ISA caps the path.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -130,22 +131,6 @@ void for_tasks(const Split& s, int64_t m, int64_t np, const F& fn) {
 }
 
 // ----------------------------------------------------------------------------- int8 GEMM driver
-struct ASource {
-  bool quantize;           // float rows quantized per row (act_quant="dynamic"), else int8 rows
-  InKind in_kind;          // of float rows
-  const uint8_t* data;     // row m at data + m * row_bytes
-  int64_t row_bytes;
-  const float* a_scale;    // int8 rows: [M] scales, or nullptr (int32 output)
-};
-
-struct Problem {
-  int64_t m, n, k;         // this call's K values: A columns [0, k), B pairs [b_p0, b_p0 + ceil(k / 2))
-  ASource a;
-  const int8_t* b;         // packed panels
-  int64_t b_panel_bytes, b_p0;
-  Epilogue epi;
-};
-
 // One task: rows [r0, r1) x panels [j0, j1). false: a row to quantize had a non-finite value.
 bool int8_task(const Problem& P, const Kernels& K, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
   const int64_t kp = n_pairs(P.k), lda = kp;
@@ -194,14 +179,30 @@ bool int8_task(const Problem& P, const Kernels& K, int64_t r0, int64_t r1, int64
   return true;
 }
 
+// The AVX512-VNNI / AMX kernels (int8_gemm_wide.cpp), when the CPU has them, for tasks of at least
+// kWideMinRows rows: they re-lay their B panels in K-quads once per block of rows, which a task of
+// a few rows would not pay back. Smaller tasks (M = 1 ...) take the AVX2 kernel.
+constexpr int64_t kWideMinRows = 16;
+
+std::optional<WideIsa> select_wide_isa() {
+  const int isa = static_cast<int>(cpu_isa());
+  if (isa >= static_cast<int>(CpuIsa::kAmx) && amx_usable()) return WideIsa::kAmx;
+  if (isa >= static_cast<int>(CpuIsa::kAvx512Vnni)) return WideIsa::kVnni;
+  return std::nullopt;
+}
+
 // false: non-finite input rows (only when quantizing).
 bool run_int8_gemm(const Problem& P) {
   if (P.m == 0 || P.n == 0) return true;
   const Kernels K = select_kernels();
+  const std::optional<WideIsa> wide = select_wide_isa();
+  const WideHelpers helpers{quantize_row_avx2, finish_panel_avx2};
   const int64_t np = n_panels(P.n);
   std::atomic<bool> ok{true};
   for_tasks(split_work(P.m, np, P.k), P.m, np, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
-    if (!int8_task(P, K, r0, r1, j0, j1)) ok.store(false, std::memory_order_relaxed);
+    const bool task_ok = wide && r1 - r0 >= kWideMinRows ? wide_task(*wide, P, helpers, r0, r1, j0, j1)
+                                                         : int8_task(P, K, r0, r1, j0, j1);
+    if (!task_ok) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }
