@@ -2,8 +2,8 @@
 # The one prepared GPU check (DESIGN.md §8). On a fresh GPU machine, from any directory:
 #   bash bench/gpu_check.sh
 # builds the package with the CUDA extension (sm_90 only, to save time), runs the tests that use
-# the GPU, runs the GPU benchmarks, then the tests and a path comparison of the CPU's AVX512-VNNI /
-# AMX int8 kernels (that machine's Xeon has them), and writes everything under $OUT (default
+# the GPU, runs the GPU benchmarks, then the tests of the CPU's AVX-512 / AVX512-VNNI / AMX kernels
+# and a path comparison of Int8Linear (that machine's Xeon has them), and writes everything under $OUT (default
 # /tmp/recsys_kernels_gpu_check): summary.txt (read this first), nvidia-smi.txt, build.log,
 # tests.log, junit.xml, bench.log, bench.json, cpu_wide_tests.log, cpu_paths.log (and
 # build_pip_failed.log if pip could not install). Everything fits in 8 minutes: each step runs under `timeout`.
@@ -123,14 +123,15 @@ step bench 130 "$OUT/bench.log" "$PY" -m pytest ${GPU_CHECK_BENCH:-bench/bench_e
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,ops
 sed -n '/throughput (median/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 
-# --- the CPU's AVX512-VNNI / AMX int8 GEMM kernels (the development machines have AVX2 only):
-# their tests on the real instructions, then Int8Linear on each CPU path against the peers
-OMP_NUM_THREADS=4 step cpu-wide-tests 60 "$OUT/cpu_wide_tests.log" "$PY" -m pytest tests/test_int8_matmul_cpu.py \
-  -q -rfE --tb=short -p no:cacheprovider -k "avx512_vnni or amx or wide"
+# --- the CPU's AVX-512 kernels (the development machines have AVX2 only): embedding_bag's pooling
+# and topk_scores' tile and int8 prefilter (the tests there compare them with AVX2), the int8
+# GEMM's AVX512-VNNI / AMX kernels, on the real instructions; then each CPU path against the peers
+OMP_NUM_THREADS=4 step cpu-wide-tests 100 "$OUT/cpu_wide_tests.log" "$PY" -m pytest tests/test_embedding_bag_cpu.py \
+  tests/test_int8_matmul_cpu.py tests/test_scoring_cpu.py -q -rfE --tb=short -p no:cacheprovider
 grep -E "^(FAILED|ERROR)" "$OUT/cpu_wide_tests.log" | head -20 | tee -a "$OUT/summary.txt"
 tail -1 "$OUT/cpu_wide_tests.log" | tee -a "$OUT/summary.txt"
-step cpu-paths 60 "$OUT/cpu_paths.log" "$PY" bench/cpu_paths.py --threads 2 --rounds 7
-grep -E "^(M=|  )" "$OUT/cpu_paths.log" | tee -a "$OUT/summary.txt"
+step cpu-paths 150 "$OUT/cpu_paths.log" "$PY" bench/cpu_paths.py --threads 2 --rounds 7
+grep -E "^(threads|Int8Linear|embedding_bag|  )" "$OUT/cpu_paths.log" | tee -a "$OUT/summary.txt"
 
 log "done, status $STATUS"
 exit $STATUS

@@ -3,7 +3,12 @@ issues add backends without touching the tests. Pairs that cannot run show up as
 reason (no GPU, backend not built, no kernel yet), never as passes."""
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +71,10 @@ def has_cpu_feature(name: str) -> bool:
 
 
 ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not has_avx2(), reason="CPU has no AVX2"))]
+# embedding_bag also has an AVX-512 kernel (for D a multiple of 16); elsewhere
+# test_embedding_bag_avx512_emulated.py runs it on emulated instructions.
+AVX512_ISA = pytest.param("avx512", marks=pytest.mark.skipif(not has_cpu_feature("avx512"), reason="CPU has no AVX-512"))
+EMBEDDING_ISAS = ISAS + [AVX512_ISA]
 # The int8 GEMM also has AVX512-VNNI and AMX kernels: run them where the CPU has them (elsewhere
 # test_int8_matmul_wide_emulated.py runs them on emulated instructions).
 INT8_GEMM_ISAS = ISAS + [
@@ -86,3 +95,36 @@ def on_isa(isa, fn):
             del os.environ[ISA_VAR]
         else:
             os.environ[ISA_VAR] = old
+
+
+# ----------------------------------------------------------------------------- emulated AVX-512 / AMX
+ROOT = Path(__file__).resolve().parents[1]
+SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
+
+
+def build_emulated_library(out_dir: Path, sources: list[str], opt: str = "-O2") -> ctypes.CDLL:
+    """Compiles sources (paths under the repository) with -DRK_EMULATE_WIDE, where
+    tests/emulation/wide_emulation.h (SIMDe's AVX-512, a model of the AMX tile ops) stands in for
+    the instructions, one g++ per unit in parallel, into a shared library. Skips the calling test
+    without g++, the SIMDe headers, or AVX2 (the kernels' scalar parts and helpers use it)."""
+    compiler = shutil.which("g++")
+    if compiler is None or not SIMDE_HEADER.exists():
+        pytest.skip("needs g++ and the SIMDe headers (Debian: apt-get install libsimde-dev; `make test` does)")
+    if not has_avx2():
+        pytest.skip("the emulated kernels run their AVX2 parts natively")
+    flags = [opt, "-std=c++20", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fwrapv", "-DRK_EMULATE_WIDE",
+             f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests/emulation'}"]
+
+    def compile_one(src):
+        obj = out_dir / (Path(src).stem + ".o")
+        done = subprocess.run([compiler, *flags, "-c", str(ROOT / src), "-o", str(obj)], capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return str(obj)
+
+    with ThreadPoolExecutor(len(sources)) as pool:
+        objects = list(pool.map(compile_one, sources))
+    so_path = out_dir / "emulated.so"
+    linked = subprocess.run([compiler, "-shared", *objects, "-o", str(so_path)], capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr[-4000:]
+    return ctypes.CDLL(str(so_path))

@@ -1,11 +1,11 @@
 """The C++ CPU kernels of embedding_bag / embedding_bag_backward beyond the shared matrix of
-test_embedding_bag.py: both CPU paths (AVX2 and the forced scalar fallback, which must agree bit for
-bit), wide and odd D, skewed bags, many bags with int32 offsets, quantized tables, the backward op
+test_embedding_bag.py: every CPU path (AVX-512 where the CPU has it, AVX2 and the forced scalar
+fallback, which must agree bit for bit), wide and odd D, skewed bags, many bags with int32 offsets, quantized tables, the backward op
 against the reference backward op, errors of the native op called directly, opcheck, compile."""
 import pytest
 import torch
 
-from helpers import ISAS, has_avx2 as _has_avx2, on_isa
+from helpers import EMBEDDING_ISAS as ISAS, has_avx2 as _has_avx2, has_cpu_feature, on_isa
 from recsys_kernels import _loader
 from recsys_kernels.ops.embedding import embedding_bag
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
@@ -23,10 +23,13 @@ def bags(lengths, n_rows, lo=0, hi=None, dtype=torch.long, generator=None):
 
 
 def both_paths(*args, **kwargs):
-    """(scalar result, avx2 result or None), each via backend="cpu"."""
+    """(scalar result, avx2 result or None), each via backend="cpu". Where the CPU has AVX-512, its
+    kernel's result must be the AVX2 result, bit for bit."""
     kwargs.setdefault("backend", "cpu")
     scalar = on_isa("scalar", lambda: embedding_bag(*args, **kwargs))
     avx2 = on_isa("avx2", lambda: embedding_bag(*args, **kwargs)) if _has_avx2() else None
+    if has_cpu_feature("avx512"):
+        assert torch.equal(on_isa("avx512", lambda: embedding_bag(*args, **kwargs)), avx2)
     return scalar, avx2
 
 
@@ -150,7 +153,7 @@ def test_quantized_non_finite_scale_raises(bits, d, field, value):
     packed[2, start:start + width] = torch.tensor([value], dtype=torch.float32 if bits == 8 else torch.float16).view(
         torch.uint8)
     idx, off = torch.tensor([0, 2]), torch.tensor([0, 2])
-    for isa in ("scalar", "avx2"):
+    for isa in ("scalar", "avx2", "avx512"):  # the cap never enables a path the CPU lacks
         with pytest.raises(ValueError, match="non-finite"):
             on_isa(isa, lambda: embedding_bag(packed, idx, off, bits=bits, backend="cpu"))
     with pytest.raises(ValueError, match="non-finite"):
@@ -160,8 +163,9 @@ def test_quantized_non_finite_scale_raises(bits, d, field, value):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_max_propagates_nan_and_keeps_neg_inf(isa):
-    weight = torch.randn(4, 11)
+@pytest.mark.parametrize("d", [11, 32])
+def test_max_propagates_nan_and_keeps_neg_inf(isa, d):
+    weight = torch.randn(4, d)
     weight[1, 2] = float("nan")
     weight[2, :] = float("-inf")
     idx, off = torch.tensor([0, 1, 3, 2, 2]), torch.tensor([0, 3, 5])

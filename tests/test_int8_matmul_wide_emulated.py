@@ -7,21 +7,16 @@ blocking and the task ranges. The int32 sums must be exact, and every float outp
 AVX2 path of the real ops (the wide tasks share its row quantization and epilogue). Where the CPU has
 the instructions, test_int8_matmul_cpu.py runs the real kernels through the ops."""
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import has_avx2, on_isa
+from helpers import build_emulated_library, on_isa
 from recsys_kernels.ops.int8_matmul import (int8_linear, int8_matmul, pack_weight_int8, quantize_rows_int8,
                                             quantize_weight_int8)
 
-ROOT = Path(__file__).resolve().parents[1]
-SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
-SOURCES = [ROOT / "tests/emulation/wide_gemm_harness.cpp", ROOT / "csrc/int8_matmul/int8_gemm_wide.cpp",
-           ROOT / "csrc/int8_matmul/int8_gemm_avx2.cpp"]
+SOURCES = ["tests/emulation/wide_gemm_harness.cpp", "csrc/int8_matmul/int8_gemm_wide.cpp",
+           "csrc/int8_matmul/int8_gemm_avx2.cpp"]
 ISAS = {"avx512_vnni": 0, "amx": 1}                 # WideIsa
 IN_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 OUT_KINDS = {torch.int32: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -30,18 +25,7 @@ ACTS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    compiler = shutil.which("g++")
-    if compiler is None or not SIMDE_HEADER.exists():
-        pytest.skip("needs g++ and the SIMDe headers (Debian: apt-get install libsimde-dev; `make test` does)")
-    if not has_avx2():
-        pytest.skip("the harness runs the AVX2 row quantization and epilogue")
-    out = tmp_path_factory.mktemp("wide_emulated") / "librk_wide_emulated.so"
-    cmd = [compiler, "-O2", "-std=c++20", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fwrapv",
-           "-DRK_EMULATE_WIDE", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests/emulation'}", *map(str, SOURCES),
-           "-o", str(out)]
-    built = subprocess.run(cmd, capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-4000:]
-    so = ctypes.CDLL(str(out))
+    so = build_emulated_library(tmp_path_factory.mktemp("wide_emulated"), SOURCES)
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     so.rk_wide_task.argtypes = [i32, i64, i64, i64, i32, i32, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i32, i32, ptr,
                                 i64, i64, i64, i64]

@@ -1,11 +1,12 @@
-"""The C++ CPU kernels of the scoring ops beyond test_scoring.py's shared matrix: both CPU paths (AVX2
-and the forced scalar fallback, which must agree bit for bit), shapes that cross the kernel's
+"""The C++ CPU kernels of the scoring ops beyond test_scoring.py's shared matrix: every CPU path
+(AVX-512 / AVX512-VNNI where the CPU has them, AVX2 and the forced scalar fallback, which must agree
+bit for bit), shapes that cross the kernel's
 register tiles, chunks, query slabs and item ranges, large k and k = I, ties, NaN, exclusion lists
 longer than I - k, no queries, int8 recall on random data, the native ops called directly."""
 import pytest
 import torch
 
-from helpers import has_avx2 as _has_avx2, on_isa
+from helpers import has_avx2 as _has_avx2, has_cpu_feature, on_isa
 from recsys_kernels import _loader
 from recsys_kernels.ops import scoring
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
@@ -16,9 +17,15 @@ pytestmark = pytest.mark.skipif(
 
 OPS = torch.ops.recsys_kernels
 def both_paths(fn):
-    """(scalar result, avx2 result); avx2 = scalar when the CPU has no AVX2."""
+    """(scalar result, avx2 result); avx2 = scalar when the CPU has no AVX2. Where the CPU has
+    AVX-512 (the score tile) and AVX512-VNNI (the int8 prefilter), those paths' results must be the
+    AVX2 result, bit for bit."""
     scalar = on_isa("scalar", fn)
-    return scalar, (on_isa("avx2", fn) if _has_avx2() else scalar)
+    avx2 = on_isa("avx2", fn) if _has_avx2() else scalar
+    for isa, feature in (("avx512", "avx512"), ("avx512_vnni", "avx512_vnni")):
+        if has_cpu_feature(feature):
+            assert_same(on_isa(isa, fn), avx2)
+    return scalar, avx2
 
 
 def assert_same(a, b):
@@ -92,7 +99,7 @@ def test_topk_large_k_and_k_equals_items(k):
 def test_topk_all_ties_lower_ids_first_across_ranges():
     # 100k equal scores: the answer is the k lowest ids, whatever the split into ranges and chunks
     q, items = torch.ones(3, 8), torch.ones(100_000, 8)
-    for isa in ("scalar", "avx2"):
+    for isa in ("scalar", "avx2", "avx512"):  # the cap never enables a path the CPU lacks
         values, ids = on_isa(isa, lambda: cpu_topk(q, items, 300))
         assert torch.equal(ids, torch.arange(300).expand(3, 300)) and (values == 8).all()
 

@@ -7,8 +7,9 @@
 // output, a fresh tensor, is dropped). The bags are split into chunks of about equal work
 // (indices + bags, not bag count: bag lengths are skewed) for at::parallel_for. Rows are pooled in
 // fp32 (fp64 for fp64 tables) in index order, like the reference's index_add_: by the
-// AVX2+FMA+F16C kernel (embedding_bag_cpu_avx2.h) when recsys_kernels::cpu_isa() allows it, else
-// by the scalar loop (RECSYS_KERNELS_CPU_ISA=scalar forces it). When every index contributes the
+// vector kernel (embedding_bag_cpu_pool.h: AVX-512 for D a multiple of 16, else AVX2+FMA+F16C)
+// when recsys_kernels::cpu_isa() allows it, else by the scalar loop (RECSYS_KERNELS_CPU_ISA=avx2 /
+// scalar force the lower paths). When every index contributes the
 // kernel pools a chunk's bags straight from the raw indices in one call; otherwise each bag's
 // indices are first resolved (bounds policy, padding_idx) into a compacted list of the
 // contributing rows (embedding_bag_cpu_forward.h). Both paths give the same bits.

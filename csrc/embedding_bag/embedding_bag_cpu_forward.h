@@ -1,7 +1,7 @@
 // The forward of the embedding_bag CPU kernel, shared by embedding_bag (one lookup) and
 // embedding_bag_grouped (several lookups in one parallel region): argument checks, the bounds and
 // padding rules, the work split over threads, and the pooling of a range of bags of one lookup
-// (AVX2 kernel or scalar loop; see embedding_bag_cpu.cpp's header comment for the semantics).
+// (vector kernel or scalar loop; see embedding_bag_cpu.cpp's header comment for the semantics).
 #pragma once
 
 #include <algorithm>
@@ -338,7 +338,7 @@ void store_converted(const Lookup& lk, int64_t b, const Acc* src) {
   });
 }
 
-// The AVX2 kernel's description of a run of bags of lk: bag j pools the rows idx[off[j]], ...,
+// The vector kernels' description of a run of bags of lk: bag j pools the rows idx[off[j]], ...,
 // idx[off[j + 1] - 1] into out + j * out_stride (see PoolArgs).
 inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, const void* off, int64_t n_bags,
                           int64_t idx_end, const float* weights, float* out, int64_t out_stride) {
@@ -362,16 +362,16 @@ inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, 
 }
 
 // Pools bags [b0, b1) of lk. Under bounds="raise" each index is checked in this pass, before its
-// row is read (by the AVX2 kernel, or bag by bag below): the range stops at its first bad index
+// row is read (by the vector kernel, or bag by bag below): the range stops at its first bad index
 // and lk.first_bad keeps the smallest such position over all ranges (the caller then raises), so
-// the indices are read once, in the one parallel region. The common case, AVX2 with every index
-// contributing (bounds="raise", no padding_idx), is one call of the kernel for the whole range,
-// straight from the raw indices (an output dtype other than fp32 is staged in an fp32 block and
-// converted); the rest goes bag by bag: each bag's contributing rows are compacted
-// into a list (no copy for int64 indices that all contribute) and pooled as a run of one bag, or
-// by the scalar loop.
+// the indices are read once, in the one parallel region. The common case, a vector kernel with
+// every index contributing (bounds="raise", no padding_idx), is one call of the kernel for the
+// whole range, straight from the raw indices (an output dtype other than fp32 is staged in an fp32
+// block and converted); the rest goes bag by bag: each bag's contributing rows are compacted into
+// a list (no copy for int64 indices that all contribute) and pooled as a run of one bag, or by the
+// scalar loop.
 template <typename I, typename T, typename Acc>
-void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
+void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, PoolPath path) {
   const Common& c = lk.c;
   const RowReader& reader = lk.reader;
   const I* idx = c.indices.const_data_ptr<I>();
@@ -382,14 +382,14 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
   const bool direct = lk.out_dtype == c10::CppTypeToScalarType<Acc>::value;  // write the output in place
   const int64_t out_elem = c10::elementSize(lk.out_dtype);
   const bool all_contribute = c.bounds == Bounds::kRaise && c.padding < 0;
-  constexpr bool kVectorAcc = std::is_same_v<Acc, float>;  // the AVX2 kernel accumulates in fp32
+  constexpr bool kVectorAcc = std::is_same_v<Acc, float>;  // the vector kernels accumulate in fp32
   constexpr bool kInt64 = std::is_same_v<I, int64_t>;
-  const bool vector = kVectorAcc && use_avx2;
+  const bool vector = kVectorAcc && path != PoolPath::kScalar;
   if constexpr (kVectorAcc) {
     if (vector && all_contribute) {
       std::vector<float> staged(direct ? 0 : (b1 - b0) * d);
       float* out = direct ? reinterpret_cast<float*>(lk.out) + b0 * lk.out_stride + lk.col0 : staged.data();
-      const PoolResult r = pool_bags_avx2(
+      const PoolResult r = pool_bags_vector(path,
           pool_args(lk, idx, kInt64, off + b0, b1 - b0, c.nnz, psw, out, direct ? lk.out_stride : d));
       if (!r.finite) lk.bad_scale.store(true);
       if (r.first_bad >= 0) {
@@ -468,7 +468,8 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
     if (vector) {  // the compacted rows as a run of one bag (an empty one writes zeros)
       if constexpr (kVectorAcc) {
         const int64_t run_off[2] = {0, n};
-        ok &= pool_bags_avx2(pool_args(lk, rows, true, run_off, 1, std::max<int64_t>(n, 1), weights, dst, d)).finite;
+        ok &= pool_bags_vector(path, pool_args(lk, rows, true, run_off, 1, std::max<int64_t>(n, 1), weights, dst, d))
+                  .finite;
       }
     } else if (n == 0) {
       std::fill(dst, dst + d, Acc(0));
@@ -485,14 +486,14 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
 }
 
 // pool_bags_impl for lk's index and table dtypes.
-inline void pool_bags(Lookup& lk, int64_t b0, int64_t b1, bool use_avx2) {
+inline void pool_bags(Lookup& lk, int64_t b0, int64_t b1, PoolPath path) {
   AT_DISPATCH_INDEX_TYPES(lk.c.indices.scalar_type(), "embedding_bag_cpu", [&] {
     switch (lk.reader.dtype) {
-      case at::kFloat: pool_bags_impl<index_t, float, float>(lk, b0, b1, use_avx2); break;
-      case at::kHalf: pool_bags_impl<index_t, c10::Half, float>(lk, b0, b1, use_avx2); break;
-      case at::kBFloat16: pool_bags_impl<index_t, c10::BFloat16, float>(lk, b0, b1, use_avx2); break;
-      case at::kDouble: pool_bags_impl<index_t, double, double>(lk, b0, b1, false); break;
-      default: pool_bags_impl<index_t, uint8_t, float>(lk, b0, b1, use_avx2);
+      case at::kFloat: pool_bags_impl<index_t, float, float>(lk, b0, b1, path); break;
+      case at::kHalf: pool_bags_impl<index_t, c10::Half, float>(lk, b0, b1, path); break;
+      case at::kBFloat16: pool_bags_impl<index_t, c10::BFloat16, float>(lk, b0, b1, path); break;
+      case at::kDouble: pool_bags_impl<index_t, double, double>(lk, b0, b1, PoolPath::kScalar); break;
+      default: pool_bags_impl<index_t, uint8_t, float>(lk, b0, b1, path);
     }
   });
 }
@@ -516,7 +517,10 @@ inline void pool_lookups(std::vector<Lookup*> lookups) {
   int64_t total = 0;
   for (const Lookup* lk : lookups) total += lk->work();
   const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 4096));
-  const bool use_avx2 = cpu_isa() >= CpuIsa::kAvx2;
+  const CpuIsa isa = cpu_isa();
+  const PoolPath path = isa >= CpuIsa::kAvx512 ? PoolPath::kAvx512
+                        : isa >= CpuIsa::kAvx2 ? PoolPath::kAvx2
+                                               : PoolPath::kScalar;
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       // global work range [w0, w1) of this task, walked lookup by lookup
@@ -529,7 +533,7 @@ inline void pool_lookups(std::vector<Lookup*> lookups) {
         if (lo >= hi) continue;
         // the bags whose work(b) = offsets[b] + b falls in [lo, hi)
         const int64_t b0 = bag_at_work(*lk, lo), b1 = bag_at_work(*lk, hi);
-        if (b0 < b1) pool_bags(*lk, b0, b1, use_avx2);
+        if (b0 < b1) pool_bags(*lk, b0, b1, path);
       }
     }
   });

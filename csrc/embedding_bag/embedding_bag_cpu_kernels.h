@@ -1,6 +1,6 @@
 // What the two translation units of the embedding_bag CPU kernel share: the description of a run
-// of bags to pool. When every index contributes (bounds="raise", no padding_idx) the AVX2 kernel
-// (embedding_bag_cpu_avx2.h, the only code built for AVX2+FMA+F16C, chosen at run time) pools a
+// of bags to pool. When every index contributes (bounds="raise", no padding_idx) the vector kernel
+// (embedding_bag_cpu_pool.h, built for AVX2+FMA+F16C and for AVX-512, chosen at run time) pools a
 // thread's whole range of bags straight from the raw indices in one call, checking each index as
 // it reads it, as FBGEMM does; otherwise embedding_bag_cpu_forward.h resolves each bag's indices
 // into a compacted list of the rows that contribute and pools it as a run of one bag. The scalar
@@ -9,7 +9,7 @@
 // acc + value or max(acc, value), index order, then / count for mean), so the two paths give
 // bit-identical results. No FMA: the reference rounds the product and the sum separately.
 //
-// Kept free of torch headers on purpose: the AVX2 translation units must not instantiate any
+// Kept free of torch headers on purpose: the vector translation units must not instantiate any
 // inline function that the rest of the library could link against.
 #pragma once
 
@@ -52,8 +52,18 @@ struct PoolResult {
 // AVX2+FMA+F16C kernel, one build per index dtype; call only when cpu_isa() >= kAvx2.
 PoolResult pool_bags_avx2_i32(const PoolArgs& a);
 PoolResult pool_bags_avx2_i64(const PoolArgs& a);
+// AVX-512 kernel (the same code on 16-float vectors); call only when cpu_isa() >= kAvx512.
+PoolResult pool_bags_avx512_i32(const PoolArgs& a);
+PoolResult pool_bags_avx512_i64(const PoolArgs& a);
 
-inline PoolResult pool_bags_avx2(const PoolArgs& a) {
+// The vector kernels a forward may call, from cpu_isa().
+enum class PoolPath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The vector kernel for a run (path: kAvx2 or kAvx512): AVX-512 for D a multiple of 16 (other D
+// keep AVX2, whose 8-column vectors leave fewer columns to the scalar tail).
+inline PoolResult pool_bags_vector(PoolPath path, const PoolArgs& a) {
+  if (path == PoolPath::kAvx512 && a.dim % 16 == 0)
+    return a.idx_is_int64 ? pool_bags_avx512_i64(a) : pool_bags_avx512_i32(a);
   return a.idx_is_int64 ? pool_bags_avx2_i64(a) : pool_bags_avx2_i32(a);
 }
 

@@ -1,6 +1,7 @@
 // What the translation units of the scoring CPU kernels share: the two inner kernels, each in an
 // AVX2+FMA+F16C version (scoring_cpu_avx2.cpp, chosen at run time) and a scalar version
-// (scoring_cpu_scalar.cpp, RECSYS_KERNELS_CPU_ISA=scalar forces it). Both versions perform the
+// (scoring_cpu_scalar.cpp, RECSYS_KERNELS_CPU_ISA=scalar forces it); the score tile and the int8
+// prefilter also in AVX-512 / AVX512-VNNI versions (scoring_cpu_avx512.cpp). Both versions perform the
 // same float operations in the same order, so the two paths give bit-identical scores:
 //
 //  * gather-dot (pair_scores, candidate_*): per pair, 8 lane sums acc[j] = fma chain over the
@@ -69,8 +70,9 @@ struct Candidate {
 // Writes at most 16 * n_items candidates, per lane in increasing item order; returns the count.
 int64_t score_tile_avx2(const TileArgs& a, Candidate* out);
 int64_t score_tile_scalar(const TileArgs& a, Candidate* out);
+int64_t score_tile_avx512(const TileArgs& a, Candidate* out);  // scoring_cpu_avx512.cpp; cpu_isa() >= avx512
 
-// int8 catalogs, AVX2 only: an integer prefilter, then exact rescoring of what passes. Queries
+// int8 catalogs, AVX2 and VNNI only: an integer prefilter, then exact rescoring of what passes. Queries
 // are quantized per query, q_d = qscale * q8_d + e_d with q8_d in [-32, 32], so that two of
 // vpmaddubsw's u8 x s8 pair sums add in int16 without saturating (2 * 2 * 255 * 32 < 2^15). With
 // value_d = code_d * scale + row_bias, a row's exact score is
@@ -120,5 +122,7 @@ struct Q8TileArgs {
 };
 
 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);
+// The same prefilter on AVX512-VNNI (vpdpbusd; the same int32 sums and bound, the same result).
+int64_t score_tile_q8_vnni(const Q8TileArgs& a, Candidate* out);
 
 }  // namespace recsys_kernels::scoring_cpu

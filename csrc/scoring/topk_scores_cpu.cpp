@@ -39,7 +39,7 @@ float threshold_of(int64_t floor_key) {
   return ord <= kOrdNan ? std::numeric_limits<float>::quiet_NaN() : ordinal_value(ord);
 }
 
-// int8 catalogs on the AVX2 path: the queries quantized for the integer prefilter
+// int8 catalogs on the AVX2 / VNNI paths: the queries quantized for the integer prefilter
 // (scoring_cpu_kernels.h, Q8TileArgs), per group of 16 queries.
 struct Q8Queries {
   std::vector<int8_t> panels;  // [groups][q8_quads(D)][16][4]
@@ -111,13 +111,14 @@ Q8Row q8_row(const uint8_t* row, int64_t d, float item_bias) {
 
 struct Problem {
   Table items;
-  const Q8Queries* q8 = nullptr;  // int8 prefilter on (AVX2, int8 catalog)
+  const Q8Queries* q8 = nullptr;  // int8 prefilter on (AVX2 or VNNI, int8 catalog)
   int64_t n_users, k;
   const float* panels;   // [groups][D][16]
   const float* bias;     // [I] fp32 or nullptr
   const int64_t* ex_off;  // [U + 1] or nullptr
   const int64_t* ex_sorted;  // each user's exclusions, sorted
-  bool avx2;
+  int64_t (*tile)(const TileArgs&, Candidate*);       // the fp32 tile of the CPU's path
+  int64_t (*tile_q8)(const Q8TileArgs&, Candidate*);  // the int8 prefilter (with q8)
 };
 
 // One unit: queries [u0, u1) (whole groups from g0) against items [i0, i1). Writes each query's
@@ -200,13 +201,13 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
         qa.panel = P.panels + g * d * kLanes;
         qa.threshold = threshold;
         qa.lane_mask = lane_mask;
-        found = score_tile_q8_avx2(qa, cands.data());
+        found = P.tile_q8(qa, cands.data());
       } else {
         a.items = fp32_rows();
         a.panel = P.panels + g * d * kLanes;
         a.threshold = threshold;
         a.lane_mask = lane_mask;
-        found = P.avx2 ? score_tile_avx2(a, cands.data()) : score_tile_scalar(a, cands.data());
+        found = P.tile(a, cands.data());
       }
       for (int64_t j = 0; j < found; ++j) {
         const Candidate& cd = cands[j];
@@ -298,12 +299,14 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
   P.k = k;
   P.panels = panels.const_data_ptr<float>();
   P.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  P.avx2 = use_avx2();
+  const CpuIsa isa = cpu_isa();
+  P.tile = isa >= CpuIsa::kAvx512 ? score_tile_avx512 : isa >= CpuIsa::kAvx2 ? score_tile_avx2 : score_tile_scalar;
+  P.tile_q8 = isa >= CpuIsa::kAvx512Vnni ? score_tile_q8_vnni : score_tile_q8_avx2;
   Q8Queries q8;
   // The prefilter pays on catalogs that stream from memory; on a small one every item of the
   // first chunks passes it (the thresholds start empty) and is rescored one by one, measured 3x
   // slower than dequantizing each chunk once for the fp32 tiles (1500 items, 256 queries, k=10).
-  if (P.avx2 && P.items.kind == Kind::kQ8 && d > 0 && n_items >= kPrefilterMinItems) {
+  if (isa >= CpuIsa::kAvx2 && P.items.kind == Kind::kQ8 && d > 0 && n_items >= kPrefilterMinItems) {
     q8 = quantize_queries(qf.const_data_ptr<float>(), n_users, d, groups);
     P.q8 = &q8;
   }

@@ -1,7 +1,8 @@
-// Stand-ins for the AVX-512 and AMX instructions of csrc/int8_matmul/int8_gemm_wide.cpp, so that
-// its layouts, padding and blocking run on CPUs without them (built with -DRK_EMULATE_WIDE by
-// tests/test_int8_matmul_wide_emulated.py). AVX-512: SIMDe (Debian's libsimde-dev), whose native
-// aliases give the _mm512_* names. AMX: a scalar model of the tile registers and of the ops the
+// Stand-ins for the AVX-512 and AMX instructions of csrc/int8_matmul/int8_gemm_wide.cpp and
+// csrc/embedding_bag/embedding_bag_cpu_avx512.h, so that their code runs on CPUs without them
+// (built with -DRK_EMULATE_WIDE by tests/test_int8_matmul_wide_emulated.py and
+// tests/test_embedding_bag_avx512_emulated.py). AVX-512: SIMDe (Debian's libsimde-dev), whose
+// native aliases give the _mm512_* names, plus the few conversions it lacks. AMX: a scalar model of the tile registers and of the ops the
 // kernel uses, following the ISA reference (TILELOADD, TILESTORED, TILEZERO, TDPBSSD: int8 x int8
 // quads summed into int32, wrapping), which also checks that every op fits the loaded config.
 #pragma once
@@ -12,6 +13,48 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+// AVX-512 conversions this SIMDe (0.7.4) lacks, element by element (the same roundings: int32 ->
+// float to nearest even, half -> float exact).
+namespace rk_avx512_emulation {
+
+inline simde__m512 cvtepi32_ps(simde__m512i a) {
+  int32_t in[16];
+  float out[16];
+  std::memcpy(in, &a, 64);
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(in[i]);
+  simde__m512 r;
+  std::memcpy(&r, out, 64);
+  return r;
+}
+
+template <class Elem, class From>
+inline simde__m512i widen16(From a) {  // 16 unsigned elements -> 16 int32
+  Elem in[16];
+  int32_t out[16];
+  std::memcpy(in, &a, sizeof(in));
+  for (int i = 0; i < 16; ++i) out[i] = in[i];
+  simde__m512i r;
+  std::memcpy(&r, out, 64);
+  return r;
+}
+
+inline simde__m512 cvtph_ps(simde__m256i a) {
+  uint16_t in[16];
+  float out[16];
+  std::memcpy(in, &a, 32);
+  for (int i = 0; i < 16; ++i) out[i] = _cvtsh_ss(in[i]);
+  simde__m512 r;
+  std::memcpy(&r, out, 64);
+  return r;
+}
+
+}  // namespace rk_avx512_emulation
+
+#define _mm512_cvtepi32_ps(a) rk_avx512_emulation::cvtepi32_ps(a)
+#define _mm512_cvtepu8_epi32(a) rk_avx512_emulation::widen16<uint8_t>(a)
+#define _mm512_cvtepu16_epi32(a) rk_avx512_emulation::widen16<uint16_t>(a)
+#define _mm512_cvtph_ps(a) rk_avx512_emulation::cvtph_ps(a)
 
 namespace rk_amx_emulation {
 

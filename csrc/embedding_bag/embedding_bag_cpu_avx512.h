@@ -1,0 +1,126 @@
+// The AVX-512 (F/BW/DQ/VL) pooling kernel of embedding_bag: the 16-float vector layer for the
+// shared kernel code in embedding_bag_cpu_pool.h, included by its two translation units (one per
+// index dtype). Taken for tables whose D is a multiple of 16 when cpu_isa() >= avx512 (other
+// widths keep the AVX2 kernel, whose 8-column vectors leave fewer columns to the scalar tail).
+// The readers keep the AVX2 readers' scalar parts (avx2_rows.h) and load 16 columns; per column
+// the float operations are those of the AVX2 and scalar paths, so all three give the same bits.
+// No torch headers; fp-contract=off as on AVX2.
+//
+// Built with -DRK_EMULATE_WIDE by tests/test_embedding_bag_avx512_emulated.py, where SIMDe's
+// AVX-512 stands in for the instructions on CPUs without them.
+#pragma once
+
+#if defined(RK_EMULATE_WIDE)
+#include "wide_emulation.h"
+#define RK_AVX512 __attribute__((optimize("fp-contract=off")))
+#define RK_AVX512_INLINE __attribute__((optimize("fp-contract=off"))) inline
+#else
+#include <immintrin.h>
+#define RK_AVX512 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl"), optimize("fp-contract=off")))
+#define RK_AVX512_INLINE                                                                                    \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl"), optimize("fp-contract=off"), \
+                 always_inline)) inline
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common/avx2_rows.h"
+#include "embedding_bag/embedding_bag_cpu_kernels.h"
+
+#define RK_POOL RK_AVX512
+#define RK_POOL_INLINE RK_AVX512_INLINE
+
+// GCC 12's _mm512_undefined_* (the pass-through of unmasked conversions) trips -Wmaybe-uninitialized
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace recsys_kernels::embedding_bag_cpu::avx512_kernel {
+namespace {
+
+using Vec = __m512;
+constexpr int kLanes = 16;
+
+RK_AVX512_INLINE Vec vzero() { return _mm512_setzero_ps(); }
+RK_AVX512_INLINE Vec vset1(float x) { return _mm512_set1_ps(x); }
+RK_AVX512_INLINE Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+RK_AVX512_INLINE Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+RK_AVX512_INLINE Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+RK_AVX512_INLINE void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+
+// max that propagates NaN, as the AVX2 max_nan: maxps gives acc where either is NaN, then a NaN
+// value wins.
+RK_AVX512_INLINE Vec max_nan(Vec acc, Vec v) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_max_ps(v, acc), v);
+}
+
+using avx2::prefetch_lines;
+using avx2::RowParams;
+
+RK_AVX512_INLINE Vec dequantize(__m512i codes, const RowParams& p) {
+  return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), _mm512_set1_ps(p.scale)), _mm512_set1_ps(p.bias));
+}
+
+// Readers: 16 columns from column c (a multiple of 16); the rest is the AVX2 reader's.
+struct F32 : avx2::F32 {
+  RK_AVX512_INLINE static Vec load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + c);
+  }
+};
+
+struct F16 : avx2::F16 {
+  RK_AVX512_INLINE static Vec load(const uint8_t* row, int64_t c, const RowParams&) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * c)));
+  }
+};
+
+struct BF16 : avx2::BF16 {
+  RK_AVX512_INLINE static Vec load(const uint8_t* row, int64_t c, const RowParams&) {
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * c)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  }
+};
+
+struct Q8 : avx2::Q8 {
+  RK_AVX512_INLINE static Vec load(const uint8_t* row, int64_t c, const RowParams& p) {
+    return dequantize(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c))), p);
+  }
+};
+
+struct Q4 : avx2::Q4 {
+  // 16 codes from 8 bytes: low nibble first
+  RK_AVX512_INLINE static Vec load(const uint8_t* row, int64_t c, const RowParams& p) {
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(x, mask), _mm_and_si128(_mm_srli_epi16(x, 4), mask));
+    return dequantize(_mm512_cvtepu8_epi32(nib), p);
+  }
+  // Vector k of a group of 4: 64 codes from one 32-byte load, as the AVX2 reader decodes 32 from 16.
+  RK_AVX512_INLINE static Vec load_of_4(const uint8_t* row, int k, const RowParams& p) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * (k / 4)));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(x, mask), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+    // bytes 8j .. 8j + 7 of the group hold vector j = k % 4: 128-bit half j / 2, low or high 8 bytes
+    const __m128i lo_h = (k & 2) ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo);
+    const __m128i hi_h = (k & 2) ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi);
+    const __m128i nib = (k & 1) ? _mm_unpackhi_epi8(lo_h, hi_h) : _mm_unpacklo_epi8(lo_h, hi_h);
+    return dequantize(_mm512_cvtepu8_epi32(nib), p);
+  }
+};
+
+// 32 zmm registers: the AVX2 kernel's vector counts (16 for a float sum, 8 with max or
+// dequantization, which need temporaries) cover twice the columns per pass over a bag's rows.
+template <class L, bool MAX>
+constexpr int kMaxVecs = (MAX || L::kQuant) ? 8 : 16;
+
+#include "embedding_bag/embedding_bag_cpu_pool.h"
+
+}  // namespace
+}  // namespace recsys_kernels::embedding_bag_cpu::avx512_kernel
+
+#pragma GCC diagnostic pop
+#undef RK_POOL
+#undef RK_POOL_INLINE

@@ -1,0 +1,242 @@
+// The pooling kernel of embedding_bag (see embedding_bag_cpu_kernels.h), written once for every
+// vector instruction set. Not a stand-alone header: embedding_bag_cpu_avx2.h and
+// embedding_bag_cpu_avx512.h include it inside their kernel namespace, after defining
+//   RK_POOL, RK_POOL_INLINE   the function attributes (target ISA, fp-contract=off);
+//   Vec, kLanes               the float vector type and its lane count;
+//   vzero, vset1, vadd, vmul, vdiv, vstore, max_nan (NaN-propagating max), prefetch_lines;
+//   F32, F16, BF16, Q8, Q4    the row readers: params, load (kLanes columns from column c, a
+//                             multiple of kLanes), scalar, byte_of, kQuant, and Q4::load_of_4;
+//   kMaxVecs<L, MAX>          the accumulator vectors of a column block.
+// Per column every instruction set performs the same float operations in the same order
+// (value = code * scale + bias, * weight, then acc + value or max, index order, / count), so the
+// AVX-512, AVX2 and scalar paths give the same bits.
+//
+// Per bag, the columns go in blocks of up to kMaxVecs vectors: the block's fp32 accumulators stay
+// in registers while the kernel walks the bag's rows in index order; the first block prefetches
+// the whole row kPrefetch indices ahead (running on into the next bags). Columns past the last
+// full vector go through a scalar loop with the same operations.
+
+constexpr int64_t kPrefetch = 16;  // indices ahead (8..16 measured best on AVX2; 32 and more lose)
+
+// Vector k (0 <= k < NV) of a column block: 4-bit rows decode 4 vectors per load where the block
+// holds the whole group (never reading past it, so never past the row).
+template <class L, int NV>
+RK_POOL_INLINE Vec load_vector(const uint8_t* block, int k, const RowParams& p) {
+  if constexpr (std::is_same_v<L, Q4>) {
+    if ((k / 4 + 1) * 4 <= NV) return L::load_of_4(block, k, p);
+  }
+  return L::load(block, kLanes * k, p);
+}
+
+RK_POOL_INLINE float max_nan(float acc, float v) { return (std::isnan(v) || v > acc) ? v : acc; }
+
+// Which lines of a row to prefetch, past the `known` first ones: `extra` more lines, and the line
+// of its last byte when the row may span one line more than ceil(row_bytes / 64). The same number
+// of prefetches for every row, and none outside the row (a quantized D = 128 row is 136 bytes:
+// rounding up to whole lines would fetch a fourth).
+struct RowLines {
+  int64_t extra;
+  bool last_byte;
+  bool any() const { return extra > 0 || last_byte; }
+};
+
+RK_POOL_INLINE RowLines row_lines(const PoolArgs& a, int64_t known) {
+  const int64_t lines = (a.row_bytes + 63) / 64;
+  // In a 64-byte aligned table every row starts at a multiple of g = gcd(row_bytes, 64) within its
+  // line, at most 64 - g in, so its last byte is in its line `lines - 1` when row_bytes - 64 *
+  // (lines - 1) <= g (true for the quantized rows at D = 128: 68 and 136 bytes).
+  const int64_t g = a.row_bytes & -a.row_bytes;  // the lowest set bit: gcd with 64 when < 64
+  const bool fits = reinterpret_cast<uintptr_t>(a.table) % 64 == 0 &&
+                    a.row_bytes - 64 * (lines - 1) <= (g < 64 ? g : 64);
+  return {lines - known, !fits};
+}
+
+// At index position p: prefetch every line of the row kPrefetch positions ahead (running on into
+// the next bags, as FBGEMM does). Measured on the DRAM-bound gather (1M x 128 fp32), this code
+// must not branch per row: a loop over the lines, a switch (an indirect jump) or a chain of ifs on
+// the line count each cost 10-50%. So the KNOWN lines the first column block covers (a
+// compile-time count) go in straight-line code, and rows with MORE lines (later blocks, a
+// quantized row's scale and bias, a row that may end in a further line) get the rest from a
+// switch that falls through; the look-ahead position is clamped to idx_end, and an index out of
+// range prefetches row 0 (the pooling pass deals with such indices; a prefetch only has to stay in
+// the table).
+template <int64_t KNOWN, bool MORE, class I>
+RK_POOL_INLINE void prefetch_ahead(const PoolArgs& a, const I* idx, int64_t p, RowLines more) {
+  const int64_t q = p + kPrefetch < a.idx_end ? p + kPrefetch : a.idx_end - 1;
+  int64_t r = idx[q];
+  // r, or 0 when out of range, without a branch (as a branch GCC kept one address register per
+  // prefetched line, for the shared row-0 path, and the 16-accumulator loop spilled)
+  r &= -static_cast<int64_t>(static_cast<uint64_t>(r) < static_cast<uint64_t>(a.n_rows));
+  const char* row = reinterpret_cast<const char*>(a.table + r * a.row_bytes);
+#pragma GCC unroll 16
+  for (int64_t l = 0; l < KNOWN; ++l) _mm_prefetch(row + 64 * l, _MM_HINT_T0);
+  if constexpr (MORE) {
+    prefetch_lines(row + 64 * KNOWN, more.extra);
+    if (more.last_byte) _mm_prefetch(row + a.row_bytes - 1, _MM_HINT_T0);
+  }
+}
+
+// The bag [s, e) of idx (s < e) and where its D results go.
+template <class I>
+struct Bag {
+  const I* idx;
+  int64_t s, e;
+  float* out;
+};
+
+RK_POOL_INLINE bool out_of_range(int64_t r, const PoolArgs& a) {
+  return static_cast<uint64_t>(r) >= static_cast<uint64_t>(a.n_rows);
+}
+
+// One column block [c0, c0 + kLanes * NV) of a bag (see pool_block); MORE: prefetch the row's further
+// lines too.
+template <class L, int NV, bool MAX, bool W, bool FIRST, bool MORE, class I>
+RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c0, RowLines more, bool& ok) {
+  constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
+  Vec acc[NV];
+  const Vec init = MAX ? vset1(-INFINITY) : vzero();
+  // unrolled: as a loop GCC turned it into a memset of the array on the stack (a microcoded
+  // `rep stos` per bag) before the accumulators went into registers
+#pragma GCC unroll 16
+  for (int k = 0; k < NV; ++k) acc[k] = init;
+  bool finite = true;  // a local: through the reference GCC stored it on every row
+  for (int64_t p = bag.s; p < bag.e; ++p) {
+    const int64_t r = bag.idx[p];
+    if constexpr (FIRST) {
+      prefetch_ahead<kKnown, MORE>(a, bag.idx, p, more);
+      if (out_of_range(r, a)) return p;
+    }
+    const uint8_t* row = a.table + r * a.row_bytes;
+    const RowParams prm = L::params(row, a.dim, finite);
+    const uint8_t* block = row + L::byte_of(c0);  // constant offsets below (c0 is a multiple of kLanes)
+    Vec w;
+    if constexpr (W) w = vset1(a.weights[p]);
+#pragma GCC unroll 16  // k must be a constant in load_vector
+    for (int k = 0; k < NV; ++k) {
+      Vec v = load_vector<L, NV>(block, k, prm);
+      if constexpr (W) v = vmul(v, w);
+      acc[k] = MAX ? max_nan(acc[k], v) : vadd(acc[k], v);
+    }
+  }
+  ok &= finite;
+  if (a.is_mean) {
+    const Vec count = vset1(static_cast<float>(bag.e - bag.s));
+#pragma GCC unroll 16
+    for (int k = 0; k < NV; ++k) acc[k] = vdiv(acc[k], count);
+  }
+  // unrolled too: as loops (indexing acc by a variable) GCC kept a copy of acc on the stack and
+  // stored every accumulator to it on every row
+#pragma GCC unroll 16
+  for (int k = 0; k < NV; ++k) vstore(bag.out + c0 + kLanes * k, acc[k]);
+  return -1;
+}
+
+// One column block [c0, c0 + kLanes * NV) of a bag. FIRST: the bag's first block, which prefetches
+// the whole row ahead (the later blocks find it in L1/L2) and checks each index before it reads
+// the row. Returns the position of an index out of range, else -1.
+template <class L, int NV, bool MAX, bool W, bool FIRST, class I>
+RK_POOL int64_t pool_block(const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
+  // the lines the block's own columns span in a 64-byte aligned row, known at compile time
+  constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
+  const RowLines more = row_lines(a, kKnown);
+  // one loop with and one without the further lines, not a branch per row: that branch, though
+  // predicted, cost 7% on the cache-resident shape B (the row loop is ~25 instructions)
+  if (!FIRST) return pool_rows<L, NV, MAX, W, false, false>(a, bag, c0, more, ok);
+  return more.any() ? pool_rows<L, NV, MAX, W, FIRST, true>(a, bag, c0, more, ok)
+                    : pool_rows<L, NV, MAX, W, FIRST, false>(a, bag, c0, more, ok);
+}
+
+// Columns [c0, dim), fewer than kLanes; FIRST as in pool_block (c0 == 0: the row has no full vector).
+template <class L, bool MAX, bool W, bool FIRST, class I>
+RK_POOL int64_t pool_tail(const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
+  float acc[kLanes];
+  const int64_t nc = a.dim - c0;
+  for (int64_t c = 0; c < nc; ++c) acc[c] = MAX ? -INFINITY : 0.0f;
+  const RowLines all = row_lines(a, 0);
+  for (int64_t p = bag.s; p < bag.e; ++p) {
+    const int64_t r = bag.idx[p];
+    if constexpr (FIRST) {
+      prefetch_ahead<0, true>(a, bag.idx, p, all);
+      if (out_of_range(r, a)) return p;
+    }
+    const uint8_t* row = a.table + r * a.row_bytes;
+    const RowParams prm = L::params(row, a.dim, ok);
+    for (int64_t c = 0; c < nc; ++c) {
+      float v = L::scalar(row, c0 + c, prm);
+      if constexpr (W) v = v * a.weights[p];
+      acc[c] = MAX ? max_nan(acc[c], v) : acc[c] + v;
+    }
+  }
+  const float count = static_cast<float>(bag.e - bag.s);
+  for (int64_t c = 0; c < nc; ++c) bag.out[c0 + c] = a.is_mean ? acc[c] / count : acc[c];
+  return -1;
+}
+
+// pool_block for a block of nv (1..kMaxVecs) vectors: the template instance with NV == nv.
+template <class L, bool MAX, bool W, bool FIRST, class I, int NV = 1>
+RK_POOL_INLINE int64_t pool_block_n(int nv, const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
+  if constexpr (NV < kMaxVecs<L, MAX>) {
+    if (nv != NV) return pool_block_n<L, MAX, W, FIRST, I, NV + 1>(nv, a, bag, c0, ok);
+  }
+  return pool_block<L, NV, MAX, W, FIRST>(a, bag, c0, ok);
+}
+
+// Every bag of the run, bag by bag (one pass over a bag's rows per column block).
+template <class L, class I, bool MAX, bool W>
+RK_POOL PoolResult pool_run(const PoolArgs& a) {
+  constexpr int kBlock = kMaxVecs<L, MAX>;
+  const I* idx = static_cast<const I*>(a.idx);
+  const I* off = static_cast<const I*>(a.off);
+  const int64_t nvec = a.dim / kLanes;
+  const int64_t n_full = nvec / kBlock;  // full blocks
+  const int rest = static_cast<int>(nvec % kBlock);
+  bool ok = true;
+  // each offset is read once, as a scalar: reading off[b] and off[b + 1] per bag, GCC loaded the
+  // pair as one 8-byte word, spilled it and reloaded it as a vector (a failed store forwarding,
+  // which waits for all older stores to commit: the previous bag's misses), and the kernel ran at
+  // half FBGEMM's speed on the cache-resident shape B
+  int64_t next = off[0];
+  for (int64_t b = 0; b < a.n_bags; ++b) {
+    const int64_t s = next;
+    next = off[b + 1];
+    const Bag<I> bag{idx, s, next, a.out + b * a.out_stride};
+    if (bag.s == bag.e) {
+      for (int64_t c = 0; c < a.dim; ++c) bag.out[c] = 0.0f;
+      continue;
+    }
+    int64_t bad = -1;
+    for (int64_t v = 0; v < n_full && bad < 0; ++v) {
+      bad = v == 0 ? pool_block<L, kBlock, MAX, W, true>(a, bag, 0, ok)
+                   : pool_block<L, kBlock, MAX, W, false>(a, bag, kLanes * kBlock * v, ok);
+    }
+    if (rest > 0 && bad < 0) {
+      bad = n_full == 0 ? pool_block_n<L, MAX, W, true, I>(rest, a, bag, 0, ok)
+                        : pool_block_n<L, MAX, W, false, I>(rest, a, bag, kLanes * kBlock * n_full, ok);
+    }
+    if (kLanes * nvec < a.dim && bad < 0) {
+      bad = nvec == 0 ? pool_tail<L, MAX, W, true>(a, bag, 0, ok) : pool_tail<L, MAX, W, false>(a, bag, kLanes * nvec, ok);
+    }
+    if (bad >= 0) return {bad, ok};
+  }
+  return {-1, ok};
+}
+
+template <class L, class I>
+RK_POOL PoolResult pool_kind(const PoolArgs& a) {
+  const bool w = a.weights != nullptr;
+  if (a.is_max) return w ? pool_run<L, I, true, true>(a) : pool_run<L, I, true, false>(a);
+  return w ? pool_run<L, I, false, true>(a) : pool_run<L, I, false, false>(a);
+}
+
+template <class I>
+RK_POOL PoolResult pool_index(const PoolArgs& a) {
+  switch (a.kind) {
+    case TableKind::kF32: return pool_kind<F32, I>(a);
+    case TableKind::kF16: return pool_kind<F16, I>(a);
+    case TableKind::kBF16: return pool_kind<BF16, I>(a);
+    case TableKind::kQ8: return pool_kind<Q8, I>(a);
+    case TableKind::kQ4: return pool_kind<Q4, I>(a);
+  }
+  return {};
+}
+

@@ -1,0 +1,201 @@
+// AVX-512 kernels of topk_scores (see scoring_cpu_kernels.h): the score tile with the 16 queries of
+// a group in one zmm register, and, with AVX512-VNNI, the int8 catalog's prefilter on vpdpbusd.
+// Every (query, item) score is the same fma chain as on the AVX2 and scalar paths, and the
+// prefilter computes the same exact int32 dot products and the same bound, so the candidates and
+// their scores are bit for bit those of the AVX2 path (tested, on emulated instructions where the
+// CPU lacks them: tests/test_scoring_avx512_emulated.py). fp-contract=off as on AVX2. The gather-dot
+// ops (pair_scores, candidate_*) keep the AVX2 kernel: their fixed 8-lane reduction is part of the
+// result's bits, and they are bound by the row gathers, not the arithmetic.
+#if defined(RK_EMULATE_WIDE)
+#include "wide_emulation.h"
+#define RK_AVX512 __attribute__((optimize("fp-contract=off")))
+#define RK_AVX512_INLINE __attribute__((optimize("fp-contract=off"))) inline
+#define RK_AVX512_BLOCK __attribute__((optimize("fp-contract=off"), noinline))
+#else
+#include <immintrin.h>
+#define RK_AVX512_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
+#define RK_AVX512 __attribute__((target(RK_AVX512_TARGET), optimize("fp-contract=off")))
+#define RK_AVX512_INLINE __attribute__((target(RK_AVX512_TARGET), optimize("fp-contract=off"), always_inline)) inline
+// Blocks kept out of their callers' loops (see q8_sums).
+#define RK_AVX512_BLOCK __attribute__((target(RK_AVX512_TARGET), optimize("fp-contract=off"), noinline))
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#include "scoring/scoring_cpu_kernels.h"
+
+// GCC 12's _mm512_undefined_* (the pass-through of unmasked conversions) trips -Wmaybe-uninitialized
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+namespace recsys_kernels::scoring_cpu {
+namespace {
+
+constexpr int kTileItems = 12;  // items per fp32 block: 12 accumulators, 1 panel load + 12 broadcasts per d
+constexpr int kQ8Items = 8;     // items per prefilter block
+
+// Appends (item, lane, score) for the lanes of `mask`, per lane in increasing item order: the
+// masks and scores leave the registers first, in straight-line code (indexing acc[] with a
+// run-time item would keep the accumulators in memory during the loop that fills them).
+template <int NI>
+RK_AVX512_INLINE int64_t emit(const __m512 (&acc)[NI], const uint32_t (&mask)[NI], int64_t i0, Candidate* out) {
+  uint32_t any = 0;
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) any |= mask[i];
+  if (any == 0) return 0;
+  alignas(64) float s[NI][kLanes];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) _mm512_store_ps(s[i], acc[i]);
+  int64_t n = 0;
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i)
+    for (uint32_t m = mask[i]; m != 0; m &= m - 1) {
+      const int lane = __builtin_ctz(m);
+      out[n++] = {static_cast<int32_t>(i0 + i), lane, s[i][lane]};
+    }
+  return n;
+}
+
+// NI items x 16 queries: NI accumulators, each lane an fma chain over d, then + bias.
+template <int NI>
+RK_AVX512_BLOCK int64_t tile_block(const TileArgs& a, int64_t i0, __m512 thr, Candidate* out) {
+  __m512 acc[NI];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) acc[i] = _mm512_setzero_ps();
+  const float* x = a.items + i0 * a.dim;
+  for (int64_t d = 0; d < a.dim; ++d) {
+    const __m512 p = _mm512_loadu_ps(a.panel + d * kLanes);
+    #pragma GCC unroll 16
+    for (int i = 0; i < NI; ++i) acc[i] = _mm512_fmadd_ps(p, _mm512_set1_ps(x[i * a.dim + d]), acc[i]);
+  }
+  if (a.bias != nullptr)
+    #pragma GCC unroll 16
+    for (int i = 0; i < NI; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_set1_ps(a.bias[i0 + i]));
+  uint32_t mask[NI];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) mask[i] = _mm512_cmp_ps_mask(acc[i], thr, _CMP_NLT_UQ) & a.lane_mask;
+  return emit<NI>(acc, mask, i0, out);
+}
+
+template <int NI = 1>
+RK_AVX512_INLINE int64_t tile_rest(int ni, const TileArgs& a, int64_t i0, __m512 thr, Candidate* out) {
+  if constexpr (NI < kTileItems) {
+    if (ni != NI) return tile_rest<NI + 1>(ni, a, i0, thr, out);
+  }
+  return tile_block<NI>(a, i0, thr, out);
+}
+
+}  // namespace
+
+RK_AVX512 int64_t score_tile_avx512(const TileArgs& a, Candidate* out) {
+  const __m512 thr = _mm512_loadu_ps(a.threshold);
+  int64_t n = 0, i0 = 0;
+  for (; i0 + kTileItems <= a.n_items; i0 += kTileItems) n += tile_block<kTileItems>(a, i0, thr, out + n);
+  if (i0 < a.n_items) n += tile_rest(static_cast<int>(a.n_items - i0), a, i0, thr, out + n);
+  return n;
+}
+
+namespace {
+
+// The exact int32 dot products of NI items x 16 queries, into sums[NI][16]: per quad of columns,
+// one broadcast of the item's 4 codes (u8) and one vpdpbusd against the queries' 4 s8 values (the
+// panel's 64 bytes), the integers of the AVX2 route's int16 pair sums. A function of its own that
+// ends in stores: with the bound computed from the registers after the loop, GCC copied every
+// accumulator in and out of the loop (16 extra register moves per 8 vpdpbusd in the objdump).
+template <int NI>
+RK_AVX512_BLOCK void q8_sums(const Q8TileArgs& a, int64_t i0, int32_t* sums) {
+  __m512i acc[NI];
+#pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) acc[i] = _mm512_setzero_si512();
+  const int64_t quads = q8_quads(a.dim);
+  const uint8_t* base = a.rows + i0 * a.row_bytes;
+  for (int64_t c = 0; c < quads; ++c) {
+    const __m512i p = _mm512_loadu_si512(a.qpanel + c * 64);
+#pragma GCC unroll 16
+    for (int i = 0; i < NI; ++i) {
+      int32_t codes;
+      std::memcpy(&codes, base + i * a.row_bytes + 4 * c, 4);
+      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(codes), p);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) _mm512_store_si512(sums + kLanes * i, acc[i]);
+}
+
+// The prefilter of NI items x 16 queries: the sums, then the bound in the AVX2 kernel's fused
+// steps. Appends the items with a lane that could reach its threshold to `passed`.
+template <int NI>
+RK_AVX512_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, int32_t* passed) {
+  alignas(64) int32_t sums[NI * kLanes];
+  q8_sums<NI>(a, i0, sums);
+  const __m512 qscale = _mm512_loadu_ps(a.qscale), qcorr = _mm512_loadu_ps(a.qcorr), qsum = _mm512_loadu_ps(a.qsum);
+  const __m512 qerr = _mm512_loadu_ps(a.qerr), qnorm = _mm512_loadu_ps(a.qnorm), qslack = _mm512_loadu_ps(a.qslack);
+  const __m512 thr = _mm512_loadu_ps(a.threshold);
+  uint32_t mask[NI];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) {
+    const Q8Row& r = a.row_info[i0 + i];
+    __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + kLanes * i)), qscale, qcorr);
+    t = _mm512_fmadd_ps(t, _mm512_set1_ps(r.scale), _mm512_set1_ps(r.bias_up));
+    t = _mm512_fmadd_ps(_mm512_set1_ps(r.row_bias), qsum, t);
+    const __m512 qe = _mm512_min_ps(qerr, _mm512_mul_ps(qnorm, _mm512_set1_ps(r.norm)));
+    t = _mm512_fmadd_ps(_mm512_set1_ps(r.abs_scale), qe, t);
+    t = _mm512_fmadd_ps(_mm512_set1_ps(r.value_max), qslack, t);
+    mask[i] = _mm512_cmp_ps_mask(t, thr, _CMP_NLT_UQ);
+  }
+  int64_t n = 0;
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) {
+    passed[n] = static_cast<int32_t>(i0 + i);
+    n += (mask[i] & a.lane_mask) != 0;
+  }
+  return n;
+}
+
+// Exact scores of the NI listed items (rows dequantized, code * scale + bias, two roundings; then
+// the fp32 tile). Candidates name the chunk's items.
+template <int NI>
+RK_AVX512_INLINE int64_t q8_rescore(const Q8TileArgs& a, const int32_t* items, Candidate* out) {
+  float bias[NI];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NI; ++i) {
+    const uint8_t* row = a.rows + items[i] * a.row_bytes;
+    const float scale = a.row_info[items[i]].scale, rbias = a.row_info[items[i]].row_bias;
+    float* x = a.scratch + i * a.dim;
+    for (int64_t d = 0; d < a.dim; ++d) x[d] = static_cast<float>(row[d]) * scale + rbias;
+    bias[i] = a.bias != nullptr ? a.bias[items[i]] : 0.0f;
+  }
+  TileArgs t{};
+  t.panel = a.panel;
+  t.items = a.scratch;
+  t.bias = a.bias != nullptr ? bias : nullptr;
+  t.dim = a.dim;
+  t.n_items = NI;
+  t.lane_mask = a.lane_mask;
+  const int64_t n = tile_block<NI>(t, 0, _mm512_loadu_ps(a.threshold), out);
+  for (int64_t j = 0; j < n; ++j) out[j].item = items[out[j].item];
+  return n;
+}
+
+template <int NI = 1>
+RK_AVX512_INLINE int64_t q8_rescore_rest(int ni, const Q8TileArgs& a, const int32_t* items, Candidate* out) {
+  if constexpr (NI < kQ8RescoreRows) {
+    if (ni != NI) return q8_rescore_rest<NI + 1>(ni, a, items, out);
+  }
+  return q8_rescore<NI>(a, items, out);
+}
+
+}  // namespace
+
+RK_AVX512 int64_t score_tile_q8_vnni(const Q8TileArgs& a, Candidate* out) {
+  int64_t m = 0, i0 = 0;
+  for (; i0 + kQ8Items <= a.n_items; i0 += kQ8Items) m += q8_block<kQ8Items>(a, i0, a.passed + m);
+  for (; i0 < a.n_items; ++i0) m += q8_block<1>(a, i0, a.passed + m);
+  int64_t n = 0, j = 0;
+  for (; j + kQ8RescoreRows <= m; j += kQ8RescoreRows) n += q8_rescore<kQ8RescoreRows>(a, a.passed + j, out + n);
+  if (j < m) n += q8_rescore_rest(static_cast<int>(m - j), a, a.passed + j, out + n);
+  return n;
+}
+
+}  // namespace recsys_kernels::scoring_cpu

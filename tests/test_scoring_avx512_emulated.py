@@ -1,0 +1,146 @@
+"""The AVX-512 score tile and the AVX512-VNNI int8 prefilter of topk_scores
+(csrc/scoring/scoring_cpu_avx512.cpp) on a CPU without them: compiled with -DRK_EMULATE_WIDE (SIMDe's
+AVX-512, tests/emulation/wide_emulation.h) next to the native AVX2 kernels, and both driven through
+C entry points (tests/emulation/scoring_harness.cpp) on the same arguments. The candidates (item,
+lane, score) must be the AVX2 kernels', bit for bit and in the same order: every (query, item) is
+the same fma chain, and the prefilter the same integer sums and bound. Where the CPU has the
+instructions, test_scoring_cpu.py runs them through the op."""
+import ctypes
+
+import pytest
+import torch
+
+from helpers import build_emulated_library
+
+SOURCES = ["tests/emulation/scoring_harness.cpp", "csrc/scoring/scoring_cpu_avx512.cpp",
+           "csrc/scoring/scoring_cpu_avx2.cpp"]
+LANES = 16
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    so = build_emulated_library(tmp_path_factory.mktemp("scoring_emulated"), SOURCES)
+    i64, ptr, i32, u32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
+    so.rk_score_tile.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, u32, ptr]
+    so.rk_score_tile.restype = i64
+    so.rk_score_tile_q8.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, u32, ptr, ptr, ptr]
+    so.rk_score_tile_q8.restype = i64
+    return so
+
+
+def _p(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _candidates(out, n):
+    """(items, lanes, score bits) of the first n Candidate structs (int32, int32, float)."""
+    c = out[:n]
+    return c[:, 0].tolist(), c[:, 1].tolist(), c[:, 2].tolist()
+
+
+def score_tile(lib, avx512, panel, items, bias, threshold, lane_mask):
+    n_items, dim = items.shape
+    out = torch.zeros(LANES * max(n_items, 1), 3, dtype=torch.int32)
+    n = lib.rk_score_tile(int(avx512), _p(panel), _p(items), _p(bias), dim, n_items, _p(threshold), lane_mask,
+                          _p(out))
+    return _candidates(out, n)
+
+
+def _thresholds(scores, g, quantile):
+    """Per lane, a threshold at `quantile` of that lane's scores (some candidates, not all)."""
+    thr = scores.quantile(quantile, dim=0)
+    thr[3] = float("nan")        # a NaN threshold: every score of that lane is a candidate
+    thr[5] = float("-inf")
+    return thr.contiguous()
+
+
+@pytest.mark.parametrize("dim", [1, 7, 64, 100])
+@pytest.mark.parametrize("n_items", [1, 5, 12, 13, 30, 100])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_score_tile_is_the_avx2_tile(lib, dim, n_items, with_bias):
+    g = torch.Generator().manual_seed(dim * 1000 + n_items)
+    panel = torch.randn(dim, LANES, generator=g)
+    items = torch.randn(n_items, dim, generator=g)
+    items[0, 0] = float("nan") if n_items > 3 else items[0, 0]  # NaN scores are candidates
+    bias = torch.randn(n_items, generator=g) if with_bias else None
+    scores = items @ panel + (bias[:, None] if with_bias else 0)
+    thr = _thresholds(scores.nan_to_num(0.0), g, 0.8)
+    for lane_mask in (0xFFFF, 0x7FF5):
+        exp = score_tile(lib, False, panel, items, bias, thr, lane_mask)
+        got = score_tile(lib, True, panel, items, bias, thr, lane_mask)
+        assert got == exp
+        assert 0 < len(exp[0]) < n_items * LANES or n_items * LANES <= 16
+
+
+def _q8_quads(dim):
+    return ((dim + 7) // 8) * 2
+
+
+def score_tile_q8(lib, vnni, args):
+    """(candidates, the kernel's `passed` scratch): the items the prefilter let through, in order,
+    then what the last items wrote past them (both kernels write the same sequence)."""
+    (qpanel, q, panel, rows, row_info, dim, bias, thr, lane_mask) = args
+    n_items, row_bytes = rows.shape
+    passed = torch.full((max(n_items, 1),), -1, dtype=torch.int32)
+    scratch = torch.zeros(6, max(dim, 1))
+    out = torch.zeros(LANES * max(n_items, 1), 3, dtype=torch.int32)
+    n = lib.rk_score_tile_q8(int(vnni), _p(qpanel), _p(q), _p(panel), _p(rows), _p(row_info), row_bytes, dim,
+                             n_items, _p(bias), _p(thr), lane_mask, _p(passed), _p(scratch), _p(out))
+    return _candidates(out, n), passed.tolist()
+
+
+def _q8_args(dim, n_items, g, with_bias):
+    """A chunk of int8 rows and a group's quantized queries with the bound's terms: the kernels
+    are compared on the same inputs, so the terms only need the right shapes and plausible sizes."""
+    quads = _q8_quads(dim)
+    row_bytes = dim + 8
+    rows = torch.randint(0, 256, (n_items, row_bytes), dtype=torch.uint8, generator=g)
+    q8 = torch.randint(-32, 33, (quads * 4, LANES), dtype=torch.int8, generator=g)
+    q8[dim:] = 0                                               # zero queries past D
+    qpanel = q8.view(quads, 4, LANES).permute(0, 2, 1).contiguous()  # [quads][16][4]
+    qscale = torch.rand(LANES, generator=g) * 0.01 + 0.001
+    panel = (q8[:dim].float() * qscale).contiguous()          # the fp32 queries (exact rescoring)
+    q = torch.cat([qscale, q8[:dim].float().sum(0) * qscale,  # qscale, qsum
+                   torch.randn(LANES, generator=g) * 0.01,     # qcorr
+                   torch.rand(LANES, generator=g) * 5,         # qerr
+                   torch.rand(LANES, generator=g) * 0.5,       # qnorm
+                   torch.rand(LANES, generator=g) * 1e-3]).contiguous()  # qslack (large: every term counts)
+    scale = torch.rand(n_items, generator=g) * 0.02 + 0.001
+    row_bias = torch.randn(n_items, generator=g) * 0.5
+    item_bias = torch.randn(n_items, generator=g) if with_bias else None
+    bias_up = (item_bias + item_bias.abs() * 2 ** -20) if with_bias else torch.zeros(n_items)
+    row_info = torch.stack([scale, row_bias, scale.abs(), 255 * scale.abs() + row_bias.abs(),
+                            torch.rand(n_items, generator=g) * 10, bias_up], dim=1).contiguous()
+    values = rows[:, :dim].float() * scale[:, None] + row_bias[:, None]
+    scores = values @ panel + (item_bias[:, None] if with_bias else 0)
+    return qpanel, q, panel, rows, row_info, scores, item_bias
+
+
+@pytest.mark.parametrize("dim", [1, 8, 13, 64, 100])
+@pytest.mark.parametrize("n_items", [1, 7, 8, 9, 40, 101])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_q8_prefilter_is_the_avx2_prefilter(lib, dim, n_items, with_bias):
+    g = torch.Generator().manual_seed(dim * 1000 + n_items + with_bias)
+    qpanel, q, panel, rows, row_info, scores, bias = _q8_args(dim, n_items, g, with_bias)
+    filtered = []
+    for quantile in (0.5, 0.95):
+        thr = _thresholds(scores, g, quantile)
+        thr[3] = thr[5] = thr[0]      # no NaN / -inf lane here: let the prefilter reject items
+        for lane_mask in (0xFFFF, 0x0FF0):
+            args = (qpanel, q, panel, rows, row_info, dim, bias, thr, lane_mask)
+            (exp, exp_passed), (got, got_passed) = score_tile_q8(lib, False, args), score_tile_q8(lib, True, args)
+            assert got == exp and got_passed == exp_passed
+            filtered.append(len(set(exp_passed) - {-1}) < n_items)
+    assert n_items < 40 or any(filtered)  # the bound did reject items somewhere
+
+
+def test_q8_prefilter_agrees_near_the_thresholds(lib):
+    # many items and thresholds at many quantiles: items whose bound sits near a threshold, where
+    # any difference in a term of the bound would flip the prefilter's decision
+    g = torch.Generator().manual_seed(7)
+    qpanel, q, panel, rows, row_info, scores, bias = _q8_args(64, 2000, g, True)
+    for quantile in (0.3, 0.6, 0.8, 0.9, 0.97, 0.995):
+        thr = scores.quantile(quantile, dim=0).contiguous()
+        args = (qpanel, q, panel, rows, row_info, 64, bias, thr, 0xFFFF)
+        (exp, exp_passed), (got, got_passed) = score_tile_q8(lib, False, args), score_tile_q8(lib, True, args)
+        assert got == exp and got_passed == exp_passed, quantile
