@@ -56,10 +56,7 @@ ISA_VAR = "RECSYS_KERNELS_CPU_ISA"  # caps the C++ CPU kernels' path; cpu_isa() 
 
 
 def has_avx2() -> bool:
-    if "_C" not in _loader.EXTENSIONS:
-        return False
-    import recsys_kernels._C as C
-    return C.cpu_features()["avx2"] == "yes"
+    return has_cpu_feature("avx2")
 
 
 def has_cpu_feature(name: str) -> bool:

@@ -49,16 +49,6 @@ using avx2::Q4;
 using avx2::Q8;
 using avx2::RowParams;
 
-// Accumulator vectors of 8 floats per column block, i.e. the columns one pass over a bag's rows
-// covers. One pass per row matters on DRAM-bound gathers: while a second block walks the bag's rows
-// again (from cache) no new misses are issued (two blocks of 8 measured 1.2x slower than one of 16
-// at D = 128). A float sum keeps all 16 ymm registers as accumulators (with weights GCC spills
-// one or two, which still measured 0-12% faster); max and dequantization need more temporaries,
-// and 16 there measured up to 30% slower than blocks of 8.
-template <class L, bool MAX>
-constexpr int kMaxVecs = (MAX || L::kQuant) ? 8 : 16;
-
-
 #include "embedding_bag/embedding_bag_cpu_pool.h"
 
 }  // namespace

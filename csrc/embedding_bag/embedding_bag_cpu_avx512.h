@@ -111,11 +111,6 @@ struct Q4 : avx2::Q4 {
   }
 };
 
-// 32 zmm registers: the AVX2 kernel's vector counts (16 for a float sum, 8 with max or
-// dequantization, which need temporaries) cover twice the columns per pass over a bag's rows.
-template <class L, bool MAX>
-constexpr int kMaxVecs = (MAX || L::kQuant) ? 8 : 16;
-
 #include "embedding_bag/embedding_bag_cpu_pool.h"
 
 }  // namespace

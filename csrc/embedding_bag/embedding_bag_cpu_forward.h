@@ -371,7 +371,7 @@ inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, 
 // a list (no copy for int64 indices that all contribute) and pooled as a run of one bag, or by the
 // scalar loop.
 template <typename I, typename T, typename Acc>
-void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, PoolPath path) {
+void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, CpuIsa isa) {
   const Common& c = lk.c;
   const RowReader& reader = lk.reader;
   const I* idx = c.indices.const_data_ptr<I>();
@@ -384,12 +384,12 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, PoolPath path) {
   const bool all_contribute = c.bounds == Bounds::kRaise && c.padding < 0;
   constexpr bool kVectorAcc = std::is_same_v<Acc, float>;  // the vector kernels accumulate in fp32
   constexpr bool kInt64 = std::is_same_v<I, int64_t>;
-  const bool vector = kVectorAcc && path != PoolPath::kScalar;
+  const bool vector = kVectorAcc && isa >= CpuIsa::kAvx2;
   if constexpr (kVectorAcc) {
     if (vector && all_contribute) {
       std::vector<float> staged(direct ? 0 : (b1 - b0) * d);
       float* out = direct ? reinterpret_cast<float*>(lk.out) + b0 * lk.out_stride + lk.col0 : staged.data();
-      const PoolResult r = pool_bags_vector(path,
+      const PoolResult r = pool_bags_vector(isa,
           pool_args(lk, idx, kInt64, off + b0, b1 - b0, c.nnz, psw, out, direct ? lk.out_stride : d));
       if (!r.finite) lk.bad_scale.store(true);
       if (r.first_bad >= 0) {
@@ -468,7 +468,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, PoolPath path) {
     if (vector) {  // the compacted rows as a run of one bag (an empty one writes zeros)
       if constexpr (kVectorAcc) {
         const int64_t run_off[2] = {0, n};
-        ok &= pool_bags_vector(path, pool_args(lk, rows, true, run_off, 1, std::max<int64_t>(n, 1), weights, dst, d))
+        ok &= pool_bags_vector(isa, pool_args(lk, rows, true, run_off, 1, std::max<int64_t>(n, 1), weights, dst, d))
                   .finite;
       }
     } else if (n == 0) {
@@ -486,14 +486,14 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, PoolPath path) {
 }
 
 // pool_bags_impl for lk's index and table dtypes.
-inline void pool_bags(Lookup& lk, int64_t b0, int64_t b1, PoolPath path) {
+inline void pool_bags(Lookup& lk, int64_t b0, int64_t b1, CpuIsa isa) {
   AT_DISPATCH_INDEX_TYPES(lk.c.indices.scalar_type(), "embedding_bag_cpu", [&] {
     switch (lk.reader.dtype) {
-      case at::kFloat: pool_bags_impl<index_t, float, float>(lk, b0, b1, path); break;
-      case at::kHalf: pool_bags_impl<index_t, c10::Half, float>(lk, b0, b1, path); break;
-      case at::kBFloat16: pool_bags_impl<index_t, c10::BFloat16, float>(lk, b0, b1, path); break;
-      case at::kDouble: pool_bags_impl<index_t, double, double>(lk, b0, b1, PoolPath::kScalar); break;
-      default: pool_bags_impl<index_t, uint8_t, float>(lk, b0, b1, path);
+      case at::kFloat: pool_bags_impl<index_t, float, float>(lk, b0, b1, isa); break;
+      case at::kHalf: pool_bags_impl<index_t, c10::Half, float>(lk, b0, b1, isa); break;
+      case at::kBFloat16: pool_bags_impl<index_t, c10::BFloat16, float>(lk, b0, b1, isa); break;
+      case at::kDouble: pool_bags_impl<index_t, double, double>(lk, b0, b1, CpuIsa::kScalar); break;
+      default: pool_bags_impl<index_t, uint8_t, float>(lk, b0, b1, isa);
     }
   });
 }
@@ -518,9 +518,6 @@ inline void pool_lookups(std::vector<Lookup*> lookups) {
   for (const Lookup* lk : lookups) total += lk->work();
   const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 4096));
   const CpuIsa isa = cpu_isa();
-  const PoolPath path = isa >= CpuIsa::kAvx512 ? PoolPath::kAvx512
-                        : isa >= CpuIsa::kAvx2 ? PoolPath::kAvx2
-                                               : PoolPath::kScalar;
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       // global work range [w0, w1) of this task, walked lookup by lookup
@@ -533,7 +530,7 @@ inline void pool_lookups(std::vector<Lookup*> lookups) {
         if (lo >= hi) continue;
         // the bags whose work(b) = offsets[b] + b falls in [lo, hi)
         const int64_t b0 = bag_at_work(*lk, lo), b1 = bag_at_work(*lk, hi);
-        if (b0 < b1) pool_bags(*lk, b0, b1, path);
+        if (b0 < b1) pool_bags(*lk, b0, b1, isa);
       }
     }
   });

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "common/cpu_features.h"
+
 namespace recsys_kernels::embedding_bag_cpu {
 
 enum class TableKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 3, kQ4 = 4 };
@@ -56,13 +58,10 @@ PoolResult pool_bags_avx2_i64(const PoolArgs& a);
 PoolResult pool_bags_avx512_i32(const PoolArgs& a);
 PoolResult pool_bags_avx512_i64(const PoolArgs& a);
 
-// The vector kernels a forward may call, from cpu_isa().
-enum class PoolPath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The vector kernel for a run (path: kAvx2 or kAvx512): AVX-512 for D a multiple of 16 (other D
-// keep AVX2, whose 8-column vectors leave fewer columns to the scalar tail).
-inline PoolResult pool_bags_vector(PoolPath path, const PoolArgs& a) {
-  if (path == PoolPath::kAvx512 && a.dim % 16 == 0)
+// The vector kernel for a run on the CPU path `isa` (at least kAvx2): AVX-512 for D a multiple of
+// 16 (other D keep AVX2, whose 8-column vectors leave fewer columns to the scalar tail).
+inline PoolResult pool_bags_vector(CpuIsa isa, const PoolArgs& a) {
+  if (isa >= CpuIsa::kAvx512 && a.dim % 16 == 0)
     return a.idx_is_int64 ? pool_bags_avx512_i64(a) : pool_bags_avx512_i32(a);
   return a.idx_is_int64 ? pool_bags_avx2_i64(a) : pool_bags_avx2_i32(a);
 }

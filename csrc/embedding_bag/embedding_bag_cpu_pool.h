@@ -5,8 +5,7 @@
 //   Vec, kLanes               the float vector type and its lane count;
 //   vzero, vset1, vadd, vmul, vdiv, vstore, max_nan (NaN-propagating max), prefetch_lines;
 //   F32, F16, BF16, Q8, Q4    the row readers: params, load (kLanes columns from column c, a
-//                             multiple of kLanes), scalar, byte_of, kQuant, and Q4::load_of_4;
-//   kMaxVecs<L, MAX>          the accumulator vectors of a column block.
+//                             multiple of kLanes), scalar, byte_of, kQuant, and Q4::load_of_4.
 // Per column every instruction set performs the same float operations in the same order
 // (value = code * scale + bias, * weight, then acc + value or max, index order, / count), so the
 // AVX-512, AVX2 and scalar paths give the same bits.
@@ -17,6 +16,16 @@
 // full vector go through a scalar loop with the same operations.
 
 constexpr int64_t kPrefetch = 16;  // indices ahead (8..16 measured best on AVX2; 32 and more lose)
+
+// Accumulator vectors per column block, i.e. the columns one pass over a bag's rows covers. One
+// pass per row matters on DRAM-bound gathers: while a second block walks the bag's rows again
+// (from cache) no new misses are issued (on AVX2 two blocks of 8 measured 1.2x slower than one of
+// 16 at D = 128). A float sum keeps all 16 ymm registers as accumulators (with weights GCC spills
+// one or two, which still measured 0-12% faster); max and dequantization need more temporaries,
+// and 16 there measured up to 30% slower than blocks of 8. AVX-512 keeps the same counts: twice
+// the columns per pass, the other 16 of its 32 zmm registers left for temporaries.
+template <class L, bool MAX>
+constexpr int kMaxVecs = (MAX || L::kQuant) ? 8 : 16;
 
 // Vector k (0 <= k < NV) of a column block: 4-bit rows decode 4 vectors per load where the block
 // holds the whole group (never reading past it, so never past the row).

@@ -102,17 +102,12 @@ void finish_panel_avx2(const int32_t* acc, int64_t ldacc, int64_t rows, const fl
 
 // ---- AVX512-VNNI and AMX-INT8 kernels (int8_gemm_wide.cpp; the layouts are described there).
 enum class WideIsa : int { kVnni = 0, kAmx = 1 };
-// The AVX2 helpers a wide task calls (row quantization and the epilogue are shared with the AVX2
-// path, so both give the same bits).
-struct WideHelpers {
-  bool (*quantize_row)(InKind, const void*, int64_t, float*, int8_t*, int16_t*);
-  void (*finish_panel)(const int32_t*, int64_t, int64_t, const float*, int64_t, int64_t, int, const Epilogue&);
-};
 // true when this thread may use AMX tiles (asks the OS for the tile state once per process).
 bool amx_usable();
 // Rows [r0, r1) x panels [j0, j1) of P, like the driver's AVX2 task; call only when cpu_isa() is
-// at least avx512_vnni (kVnni) or amx with amx_usable() (kAmx). false: a row to quantize had a
-// non-finite value.
-bool wide_task(WideIsa isa, const Problem& P, const WideHelpers& h, int64_t r0, int64_t r1, int64_t j0, int64_t j1);
+// at least avx512_vnni (kVnni) or amx with amx_usable() (kAmx). Rows are quantized and finished by
+// the AVX2 kernels (quantize_row_avx2, finish_panel_avx2), so both paths give the same bits.
+// false: a row to quantize had a non-finite value.
+bool wide_task(WideIsa isa, const Problem& P, int64_t r0, int64_t r1, int64_t j0, int64_t j1);
 
 }  // namespace recsys_kernels::int8_gemm

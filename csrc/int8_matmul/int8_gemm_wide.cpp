@@ -185,7 +185,7 @@ bool amx_usable() {
 #endif
 }
 
-bool wide_task(WideIsa isa, const Problem& P, const WideHelpers& h, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
+bool wide_task(WideIsa isa, const Problem& P, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
   const bool amx = isa == WideIsa::kAmx;
   const int mr = amx ? kAmxRows : kVnniRows;
   const int64_t kpad = round_up(std::max<int64_t>(P.k, 1), kKStep);
@@ -207,7 +207,7 @@ bool wide_task(WideIsa isa, const Problem& P, const WideHelpers& h, int64_t r0, 
       const uint8_t* src = P.a.data + (mb + r) * P.a.row_bytes;
       int8_t* dst = a.get() + r * kpad;
       if (P.a.quantize)
-        ok = h.quantize_row(P.a.in_kind, src, P.k, &scales[r], dst, nullptr);
+        ok = quantize_row_avx2(P.a.in_kind, src, P.k, &scales[r], dst, nullptr);
       else
         std::memcpy(dst, src, P.k);
       std::memset(dst + P.k, 0, kpad - P.k);
@@ -243,8 +243,8 @@ bool wide_task(WideIsa isa, const Problem& P, const WideHelpers& h, int64_t r0, 
       }
       for (int64_t j = 0; j < nc; ++j) {
         const int64_t col0 = kNR * (jc + j);
-        h.finish_panel(acc.get() + kNR * j, ldacc, mc, row_scales, mb, col0,
-                       static_cast<int>(std::min<int64_t>(kNR, P.n - col0)), P.epi);
+        finish_panel_avx2(acc.get() + kNR * j, ldacc, mc, row_scales, mb, col0,
+                          static_cast<int>(std::min<int64_t>(kNR, P.n - col0)), P.epi);
       }
     }
   }

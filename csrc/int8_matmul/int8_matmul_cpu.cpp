@@ -196,11 +196,10 @@ bool run_int8_gemm(const Problem& P) {
   if (P.m == 0 || P.n == 0) return true;
   const Kernels K = select_kernels();
   const std::optional<WideIsa> wide = select_wide_isa();
-  const WideHelpers helpers{quantize_row_avx2, finish_panel_avx2};
   const int64_t np = n_panels(P.n);
   std::atomic<bool> ok{true};
   for_tasks(split_work(P.m, np, P.k), P.m, np, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
-    const bool task_ok = wide && r1 - r0 >= kWideMinRows ? wide_task(*wide, P, helpers, r0, r1, j0, j1)
+    const bool task_ok = wide && r1 - r0 >= kWideMinRows ? wide_task(*wide, P, r0, r1, j0, j1)
                                                          : int8_task(P, K, r0, r1, j0, j1);
     if (!task_ok) ok.store(false, std::memory_order_relaxed);
   });

@@ -10,14 +10,14 @@
 #include "wide_emulation.h"
 #define RK_AVX512 __attribute__((optimize("fp-contract=off")))
 #define RK_AVX512_INLINE __attribute__((optimize("fp-contract=off"))) inline
-#define RK_AVX512_BLOCK __attribute__((optimize("fp-contract=off"), noinline))
+#define RK_AVX512_NOINLINE __attribute__((optimize("fp-contract=off"), noinline))
 #else
 #include <immintrin.h>
 #define RK_AVX512_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
 #define RK_AVX512 __attribute__((target(RK_AVX512_TARGET), optimize("fp-contract=off")))
 #define RK_AVX512_INLINE __attribute__((target(RK_AVX512_TARGET), optimize("fp-contract=off"), always_inline)) inline
-// Blocks kept out of their callers' loops (see q8_sums).
-#define RK_AVX512_BLOCK __attribute__((target(RK_AVX512_TARGET), optimize("fp-contract=off"), noinline))
+// q8_sums is kept out of line (see there).
+#define RK_AVX512_NOINLINE __attribute__((target(RK_AVX512_TARGET), optimize("fp-contract=off"), noinline))
 #endif
 
 #include <cstdint>
@@ -59,7 +59,7 @@ RK_AVX512_INLINE int64_t emit(const __m512 (&acc)[NI], const uint32_t (&mask)[NI
 
 // NI items x 16 queries: NI accumulators, each lane an fma chain over d, then + bias.
 template <int NI>
-RK_AVX512_BLOCK int64_t tile_block(const TileArgs& a, int64_t i0, __m512 thr, Candidate* out) {
+RK_AVX512_INLINE int64_t tile_block(const TileArgs& a, int64_t i0, __m512 thr, Candidate* out) {
   __m512 acc[NI];
   #pragma GCC unroll 16
   for (int i = 0; i < NI; ++i) acc[i] = _mm512_setzero_ps();
@@ -104,7 +104,7 @@ namespace {
 // ends in stores: with the bound computed from the registers after the loop, GCC copied every
 // accumulator in and out of the loop (16 extra register moves per 8 vpdpbusd in the objdump).
 template <int NI>
-RK_AVX512_BLOCK void q8_sums(const Q8TileArgs& a, int64_t i0, int32_t* sums) {
+RK_AVX512_NOINLINE void q8_sums(const Q8TileArgs& a, int64_t i0, int32_t* sums) {
   __m512i acc[NI];
 #pragma GCC unroll 16
   for (int i = 0; i < NI; ++i) acc[i] = _mm512_setzero_si512();

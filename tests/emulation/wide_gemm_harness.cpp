@@ -16,6 +16,5 @@ extern "C" int rk_wide_task(int isa, int64_t m, int64_t n, int64_t k, int quanti
                   panel_bytes,
                   b_p0,
                   {static_cast<OutKind>(out_kind), out, n, b_scale, bias, static_cast<Act>(act)}};
-  const WideHelpers h{quantize_row_avx2, finish_panel_avx2};
-  return wide_task(static_cast<WideIsa>(isa), P, h, r0, r1, j0, j1) ? 1 : 0;
+  return wide_task(static_cast<WideIsa>(isa), P, r0, r1, j0, j1) ? 1 : 0;
 }
