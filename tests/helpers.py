@@ -104,13 +104,26 @@ def build_emulated_library(out_dir: Path, sources: list[str], opt: str = "-O2") 
     tests/emulation/wide_emulation.h (SIMDe's AVX-512, a model of the AMX tile ops) stands in for
     the instructions, one g++ per unit in parallel, into a shared library. Skips the calling test
     without g++, the SIMDe headers, or AVX2 (the kernels' scalar parts and helpers use it)."""
-    compiler = shutil.which("g++")
-    if compiler is None or not SIMDE_HEADER.exists():
+    if shutil.which("g++") is None or not SIMDE_HEADER.exists():
         pytest.skip("needs g++ and the SIMDe headers (Debian: apt-get install libsimde-dev; `make test` does)")
     if not has_avx2():
         pytest.skip("the emulated kernels run their AVX2 parts natively")
-    flags = [opt, "-std=c++20", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fwrapv", "-DRK_EMULATE_WIDE",
-             f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests/emulation'}"]
+    return _build_library(out_dir, sources, [opt, "-mavx2", "-mfma", "-mf16c", "-fwrapv", "-DRK_EMULATE_WIDE"])
+
+
+def build_cuda_emulated_library(out_dir: Path, sources: list[str]) -> ctypes.CDLL:
+    """Compiles sources that include tests/emulation/cuda_emulation.h (CUDA threads as OS threads)
+    into a shared library. Skips the calling test without g++."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    return _build_library(out_dir, sources, ["-O1", "-pthread", "-ffp-contract=off"])
+
+
+def _build_library(out_dir: Path, sources: list[str], flags: list[str]) -> ctypes.CDLL:
+    """One g++ per unit in parallel (C++20, csrc/ and tests/emulation/ on the include path), linked
+    into out_dir/emulated.so."""
+    compiler = shutil.which("g++")
+    flags = [*flags, "-std=c++20", "-fPIC", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests/emulation'}"]
 
     def compile_one(src):
         obj = out_dir / (Path(src).stem + ".o")
@@ -122,6 +135,7 @@ def build_emulated_library(out_dir: Path, sources: list[str], opt: str = "-O2") 
     with ThreadPoolExecutor(len(sources)) as pool:
         objects = list(pool.map(compile_one, sources))
     so_path = out_dir / "emulated.so"
-    linked = subprocess.run([compiler, "-shared", *objects, "-o", str(so_path)], capture_output=True, text=True)
+    linked = subprocess.run([compiler, "-shared", "-pthread", *objects, "-o", str(so_path)], capture_output=True,
+                            text=True)
     assert linked.returncode == 0, linked.stderr[-4000:]
     return ctypes.CDLL(str(so_path))

@@ -6,9 +6,9 @@
 // [users, k + C]: columns [0, k) hold the user's running top k (the reference's int64 ranking key:
 // score, then lower id, NaN after -inf; sorted descending, padding keys until k items are seen),
 // columns [k, k + C) collect the chunk's candidates. Per chunk:
-//  1. topk_tile_keys_kernel scores a [users, C] tile (64 x 64 tiles per CUDA block, queries and
-//     items staged in shared memory as fp32, int8 rows dequantized on the way in, one fma chain
-//     over d per score, + item bias) and keeps only the keys above the user's floor (its running
+//  1. topk_tile_keys_kernel (topk_scores_cuda_tile.cuh) scores a [users, C] tile (128 x 128 per
+//     CUDA block, 8 x 8 per thread, queries and items staged in shared memory as fp32, int8 rows
+//     dequantized on the way in, one fma chain over d per score, + item bias) and keeps only the keys above the user's floor (its running
 //     k-th key) that are not excluded (binary search in the user's sorted exclusion list); those
 //     it appends to the user's candidates (an atomic counter per user);
 //  2. the host reads the largest count W (one small copy, which waits for the stream), pads each
@@ -17,7 +17,9 @@
 // A key at or below the floor can never enter the top k: the k keys at or above the floor were
 // all seen before (keys are unique per (score, item), and each item is offered once per user). So
 // the result is exactly the reference's, and after the first chunks few keys pass (on random data
-// about k * C / items seen), so the scores are never written to memory.
+// about k * C / items seen), so the scores are never written to memory. The first chunks of a
+// user block are smaller (C / 8, then growing to the items seen), so that the one chunk where
+// every key passes is small.
 //
 // Value checks (exclusion offsets and ids, the scale / bias of every int8 row) run first on the
 // device (scoring_cuda_common.cuh) and are raised in the CPU kernel's order.
@@ -35,126 +37,21 @@
 #include <torch/library.h>
 
 #include "scoring/scoring_cuda_common.cuh"
+#include "scoring/topk_scores_cuda_tile.cuh"
 
 namespace recsys_kernels {
 namespace topk_scores_cuda_impl {
 
 using namespace scoring_cuda;
 
-constexpr int kTileU = 64;  // users per CUDA block tile
-constexpr int kTileI = 64;  // items per CUDA block tile
-constexpr int kTileK = 16;  // columns of d staged at once
-constexpr int kTileThreads = 256;  // 16 x 16 threads, each 4 users x 4 items
 constexpr int64_t kDefaultChunk = 32768;
-constexpr int64_t kBufferKeys = int64_t{32} << 20;  // 256 MiB of keys per user block at most
-
-// Each user's exclusions sorted ascending, int64, and the offsets as int64 (nullptr: none).
-struct Exclusions {
-  const int64_t* offsets = nullptr;
-  const int64_t* sorted = nullptr;
-};
-
-__device__ __forceinline__ bool excluded(const Exclusions& ex, int64_t user, int64_t item) {
-  if (ex.offsets == nullptr) return false;
-  int64_t lo = ex.offsets[user], hi = ex.offsets[user + 1];  // search [lo, hi)
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    const int64_t v = ex.sorted[mid];
-    if (v == item) return true;
-    if (v < item) lo = mid + 1;
-    else hi = mid;
-  }
-  return false;
-}
-
-// Scores of users [u0, u0 + n_u) x items [c0, c0 + n_c); a key above the user's floor
-// (buf[lu * ld + k - 1]) of an item not excluded is appended at buf[lu * ld + k + count[lu]++].
-// Thread (tx, ty) computes users ty + 16 a and items tx + 16 b of the tile (a, b < 4).
-template <typename IRows>
-__global__ void __launch_bounds__(kTileThreads)
-topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const float* __restrict__ bias,
-                      const Exclusions ex, int64_t u0, int64_t n_u, int64_t c0, int64_t n_c, int64_t d, int64_t k,
-                      int64_t* __restrict__ buf, int64_t ld, int* __restrict__ count) {
-  __shared__ float qs[kTileK][kTileU];
-  __shared__ float is[kTileK][kTileI];
-  __shared__ float row_scale[kTileI], row_bias[kTileI];  // int8 rows: read once per tile
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t tile_i = static_cast<int64_t>(blockIdx.x) * kTileI;  // within the chunk
-  const int64_t tile_u = static_cast<int64_t>(blockIdx.y) * kTileU;  // within the user block
-  if constexpr (IRows::kQuant) {
-    if (threadIdx.x < kTileI) {
-      const int64_t li = tile_i + threadIdx.x;
-      float scale = 0.0f, rbias = 0.0f;
-      if (li < n_c) items.params(items.w + (c0 + li) * items.cols, scale, rbias);
-      row_scale[threadIdx.x] = scale;
-      row_bias[threadIdx.x] = rbias;
-    }
-    __syncthreads();
-  }
-  float acc[4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
-
-  for (int64_t k0 = 0; k0 < d; k0 += kTileK) {
-    // stage [64 rows][16 columns] of queries and of items; zeros outside the tables
-#pragma unroll
-    for (int r = 0; r < (kTileU * kTileK) / kTileThreads; ++r) {
-      const int e = threadIdx.x + r * kTileThreads;
-      const int row = e / kTileK, kk = e % kTileK;
-      const int64_t col = k0 + kk;
-      const int64_t lu = tile_u + row;
-      qs[kk][row] = (lu < n_u && col < d) ? q[(u0 + lu) * d + col] : 0.0f;
-      const int64_t li = tile_i + row;
-      float v = 0.0f;
-      if (li < n_c && col < d) {
-        if constexpr (IRows::kQuant) {  // QuantRows::load's arithmetic, the row's scale / bias from shared memory
-          v = rowwise::dequant(static_cast<float>(items.w[(c0 + li) * items.cols + col]), row_scale[row], row_bias[row]);
-        } else {
-          float x[1];
-          items.load(c0 + li, col, x);
-          v = x[0];
-        }
-      }
-      is[kk][row] = v;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float qv[4], iv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) qv[a] = qs[kk][ty + 16 * a];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) iv[b] = is[kk][tx + 16 * b];
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(qv[a], iv[b], acc[a][b]);
-    }
-    __syncthreads();
-  }
-  // Columns past d were zero in both tiles: 0 * 0 adds nothing, so each score is the fma chain
-  // over d = 0 .. D-1 (plus exact zeros), whatever the item table's dtype.
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int64_t lu = tile_u + ty + 16 * a;
-    if (lu >= n_u) continue;
-    int64_t* row = buf + lu * ld;
-    const int64_t floor = row[k - 1];
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int64_t li = tile_i + tx + 16 * b;
-      if (li >= n_c) continue;
-      const int64_t item = c0 + li;
-      const float s = bias != nullptr ? acc[a][b] + bias[item] : acc[a][b];
-      const int64_t key = rank_key(s, item);
-      if (key <= floor || excluded(ex, u0 + lu, item)) continue;
-      const int slot = atomicAdd(count + lu, 1);  // < n_c: each item of the chunk once per user
-      row[k + slot] = key;
-    }
-  }
-}
+// 512 MiB of keys per user block at most: each (user block, chunk) step costs a host sync and a
+// few small launches, so their number, U * I / kBufferKeys, is kept small
+constexpr int64_t kBufferKeys = int64_t{64} << 20;
+// The first chunk of a user block is chunk / kFirstChunkDivisor items and the next ones grow to the
+// items seen so far: every key of the first chunk passes (no floor yet) and the next pass about
+// k * C / (seen + C), so at::topk never sorts a full chunk's keys.
+constexpr int64_t kFirstChunkDivisor = 8;
 
 // The padding key over buf[lu * ld + k + j] for count[lu] <= j < width.
 __global__ void __launch_bounds__(kThreads)
@@ -240,8 +137,11 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries_in
   const int64_t chunk = std::min({n_items, int64_t{1} << 30, env_size("RECSYS_KERNELS_CUDA_TOPK_CHUNK", kDefaultChunk)});
   const int64_t ld = k + chunk;  // running top k, then the chunk's candidates
   // grid.y (user tiles of a block) is at most 65535
-  const int64_t block_users = std::min(
-      {n_users, int64_t{65535} * kTileU, env_size("RECSYS_KERNELS_CUDA_TOPK_USERS", std::max<int64_t>(1, kBufferKeys / ld))});
+  int64_t fit_users = std::max<int64_t>(1, kBufferKeys / ld);
+  if (fit_users >= kTileU) fit_users -= fit_users % kTileU;  // whole user tiles
+  const int64_t block_users =
+      std::min({n_users, int64_t{65535} * kTileU, env_size("RECSYS_KERNELS_CUDA_TOPK_USERS", fit_users)});
+  const int64_t first_chunk = std::max<int64_t>(1, chunk / kFirstChunkDivisor);
   at::Tensor buffer = at::empty({block_users, ld}, long_opts);
   at::Tensor counts = at::zeros({block_users}, queries_in.options().dtype(at::kInt));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -251,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries_in
     at::Tensor buf = buffer.narrow(0, 0, n_u);
     at::Tensor count = counts.narrow(0, 0, n_u);
     buf.narrow(1, 0, k).fill_(kKeyInvalid);
-    for (int64_t c0 = 0; c0 < n_items; c0 += chunk) {
-      const int64_t n_c = std::min(chunk, n_items - c0);
+    for (int64_t c0 = 0, n_c = 0; c0 < n_items; c0 += n_c) {
+      n_c = std::min({chunk, n_items - c0, std::max(first_chunk, c0)});
       const dim3 grid(static_cast<unsigned>(ceil_div(n_c, kTileI)), static_cast<unsigned>(ceil_div(n_u, kTileU)));
       with_item_rows<1>(items, [&](const auto& rows) {
         topk_tile_keys_kernel<std::decay_t<decltype(rows)>><<<grid, kTileThreads, 0, stream>>>(
