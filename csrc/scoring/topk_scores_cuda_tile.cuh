@@ -82,8 +82,8 @@ topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const floa
 #pragma unroll
     for (int b = 0; b < 8; ++b) acc[a][b] = 0.0f;
 
-  // The staging loop: this thread's column kk and rows srow + 16 r; the tile's rows inside the tables.
-  const int kk = threadIdx.x % kTileK, srow = threadIdx.x / kTileK;
+  // The staging loop: this thread's column scol and rows srow + 16 r; the tile's rows inside the tables.
+  const int scol = threadIdx.x % kTileK, srow = threadIdx.x / kTileK;
   constexpr int kRowStep = kTileThreads / kTileK;
   const int64_t q_rows = n_u - tile_u, i_rows = n_c - tile_i;
   const float* q_tile = q + (u0 + tile_u) * d;
@@ -91,11 +91,11 @@ topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const floa
   for (int64_t k0 = 0; k0 < d; k0 += kTileK) {
     // stage [128 rows][16 columns] of queries and of items, transposed; zeros outside the tables.
     // 16 consecutive threads read 16 consecutive columns of one row (coalesced).
-    const int64_t col = k0 + kk;
+    const int64_t col = k0 + scol;
 #pragma unroll
     for (int r = 0; r < kTileU / kRowStep; ++r) {
       const int row = srow + kRowStep * r;
-      qs[kk][row] = (row < q_rows && col < d) ? q_tile[row * d + col] : 0.0f;
+      qs[scol][row] = (row < q_rows && col < d) ? q_tile[row * d + col] : 0.0f;
       float v = 0.0f;
       if (row < i_rows && col < d) {
         if constexpr (IRows::kQuant) {  // QuantRows::load's arithmetic, the row's scale / bias from shared memory
@@ -107,7 +107,7 @@ topk_tile_keys_kernel(const float* __restrict__ q, const IRows items, const floa
           v = x[0];
         }
       }
-      is[kk][row] = v;
+      is[scol][row] = v;
     }
     __syncthreads();
 #pragma unroll
