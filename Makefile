@@ -17,8 +17,8 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja pybind11 numpy setuptools wheel pytest pytest-benchmark hypothesis
-	@# SIMDe headers (Debian's libsimde-dev): the tests run the AVX-512 / AMX int8 kernels on them
-	@# where the CPU lacks those instructions (tests/test_int8_matmul_wide_emulated.py)
+	@# SIMDe headers (Debian's libsimde-dev): the tests run the AVX-512 / VNNI / AMX kernels on them
+	@# where the CPU lacks those instructions (tests/test_*_emulated.py)
 	@[ -e /usr/include/simde/x86/avx512.h ] || ! command -v apt-get > /dev/null || \
 	  apt-get install -y -q libsimde-dev > /dev/null 2>&1 || \
 	  (apt-get update -q > /dev/null 2>&1 && apt-get install -y -q libsimde-dev > /dev/null 2>&1) || \

@@ -196,12 +196,21 @@ RK_AVX2_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, int32_t* passed
   return n;
 }
 
-// Exact scores of the NI listed items of the chunk: rows dequantized (code * scale + bias, two
-// roundings), then the fp32 tile. Candidates name the chunk's items.
+// Exact scores of the NI listed items of the chunk (q8_rescore_args, then the fp32 tile).
+// Candidates name the chunk's items.
 template <int NI>
 RK_AVX2_INLINE int64_t q8_rescore(const Q8TileArgs& a, const int32_t* items, Candidate* out) {
   float bias[NI];
-  for (int i = 0; i < NI; ++i) {
+  const TileArgs t = q8_rescore_args(a, items, NI, bias);
+  const int64_t n = tile_block<NI>(t, 0, _mm256_loadu_ps(a.threshold), _mm256_loadu_ps(a.threshold + 8), out);
+  for (int64_t j = 0; j < n; ++j) out[j].item = items[out[j].item];
+  return n;
+}
+
+}  // namespace
+
+RK_AVX2 TileArgs q8_rescore_args(const Q8TileArgs& a, const int32_t* items, int n, float* bias) {
+  for (int i = 0; i < n; ++i) {
     const uint8_t* row = a.rows + items[i] * a.row_bytes;
     const float scale = a.row_info[items[i]].scale, rbias = a.row_info[items[i]].row_bias;
     float* x = a.scratch + i * a.dim;
@@ -213,14 +222,10 @@ RK_AVX2_INLINE int64_t q8_rescore(const Q8TileArgs& a, const int32_t* items, Can
   t.items = a.scratch;
   t.bias = a.bias != nullptr ? bias : nullptr;
   t.dim = a.dim;
-  t.n_items = NI;
+  t.n_items = n;
   t.lane_mask = a.lane_mask;
-  const int64_t n = tile_block<NI>(t, 0, _mm256_loadu_ps(a.threshold), _mm256_loadu_ps(a.threshold + 8), out);
-  for (int64_t j = 0; j < n; ++j) out[j].item = items[out[j].item];
-  return n;
+  return t;
 }
-
-}  // namespace
 
 RK_AVX2 bool dot_pairs_avx2(const DotArgs& a) {
   switch (a.q_kind) {

@@ -153,26 +153,12 @@ RK_AVX512_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, int32_t* pass
   return n;
 }
 
-// Exact scores of the NI listed items (rows dequantized, code * scale + bias, two roundings; then
-// the fp32 tile). Candidates name the chunk's items.
+// Exact scores of the NI listed items (q8_rescore_args, shared with the AVX2 prefilter, then the
+// fp32 tile). Candidates name the chunk's items.
 template <int NI>
 RK_AVX512_INLINE int64_t q8_rescore(const Q8TileArgs& a, const int32_t* items, Candidate* out) {
   float bias[NI];
-  #pragma GCC unroll 16
-  for (int i = 0; i < NI; ++i) {
-    const uint8_t* row = a.rows + items[i] * a.row_bytes;
-    const float scale = a.row_info[items[i]].scale, rbias = a.row_info[items[i]].row_bias;
-    float* x = a.scratch + i * a.dim;
-    for (int64_t d = 0; d < a.dim; ++d) x[d] = static_cast<float>(row[d]) * scale + rbias;
-    bias[i] = a.bias != nullptr ? a.bias[items[i]] : 0.0f;
-  }
-  TileArgs t{};
-  t.panel = a.panel;
-  t.items = a.scratch;
-  t.bias = a.bias != nullptr ? bias : nullptr;
-  t.dim = a.dim;
-  t.n_items = NI;
-  t.lane_mask = a.lane_mask;
+  const TileArgs t = q8_rescore_args(a, items, NI, bias);
   const int64_t n = tile_block<NI>(t, 0, _mm512_loadu_ps(a.threshold), out);
   for (int64_t j = 0; j < n; ++j) out[j].item = items[out[j].item];
   return n;

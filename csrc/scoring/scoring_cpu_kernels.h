@@ -122,6 +122,10 @@ struct Q8TileArgs {
 };
 
 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);
+// The rescoring step both prefilters share (scoring_cpu_avx2.cpp): the n listed items' rows
+// dequantized into a.scratch (code * scale + bias, two roundings) and their biases into bias[n];
+// returns the fp32 tile's arguments over them (Candidate::item then indexes `items`).
+TileArgs q8_rescore_args(const Q8TileArgs& a, const int32_t* items, int n, float* bias);
 // The same prefilter on AVX512-VNNI (vpdpbusd; the same int32 sums and bound, the same result).
 int64_t score_tile_q8_vnni(const Q8TileArgs& a, Candidate* out);
 
