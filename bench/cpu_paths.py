@@ -65,12 +65,19 @@ def timed(fn, x):
     return time.perf_counter() - t0
 
 
+def _same(a, b):
+    """Bit equality of two results: tensors, or tuples of them (topk_scores' ids and scores)."""
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
+
+
 def compare(title, impls, x, rounds, base_name, rate):
     """Times impls (name -> fn(x)) in alternating rounds; prints median times and the ratios of
     base_name's time to each, per round. rate(seconds) -> the throughput column's text."""
     with torch.no_grad():
         ours = [fn(x) for name, fn in impls.items() if name.startswith("ours")]
-        assert all(torch.equal(ours[0], o) for o in ours[1:]), f"{title}: our CPU paths disagree"
+        assert all(_same(ours[0], o) for o in ours[1:]), f"{title}: our CPU paths disagree"
         times = {name: [] for name in impls}
         for fn in impls.values():  # warm-up
             fn(x)

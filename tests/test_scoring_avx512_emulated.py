@@ -144,3 +144,49 @@ def test_q8_prefilter_agrees_near_the_thresholds(lib):
         args = (qpanel, q, panel, rows, row_info, 64, bias, thr, 0xFFFF)
         (exp, exp_passed), (got, got_passed) = score_tile_q8(lib, False, args), score_tile_q8(lib, True, args)
         assert got == exp and got_passed == exp_passed, quantile
+
+
+def _q8_real_args(queries, n_items, qmax, g):
+    """A chunk of int8 rows and 16 fp32 queries quantized to |q8| <= qmax with the bound's terms
+    computed as topk_scores_cpu.cpp does, so the bound must hold: the prefilter may only drop
+    (item, lane) pairs whose exact score is below the threshold."""
+    dim = queries.shape[1]
+    quads = _q8_quads(dim)
+    qs = queries.abs().amax(1) / qmax
+    q8 = torch.round(queries / qs[:, None]).clamp(-qmax, qmax)  # round half to even, as nearbyint
+    e = queries.double() - qs.double()[:, None] * q8.double()
+    qpanel = torch.zeros(quads * 4, LANES, dtype=torch.int8)
+    qpanel[:dim] = q8.t().to(torch.int8)
+    qpanel = qpanel.view(quads, 4, LANES).permute(0, 2, 1).contiguous()
+    q = torch.cat([qs, queries.double().sum(1).float(), (127.5 * e.sum(1)).float(),
+                   (127.5 * e.abs().sum(1) * (1 + 2 ** -10)).float(),
+                   (e.pow(2).sum(1).sqrt() * (1 + 2 ** -10)).float(),
+                   ((2 * dim + 48) * 2 ** -24 * queries.double().abs().sum(1) * 1.25).float()]).contiguous()
+    codes = torch.randint(0, 256, (n_items, dim), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n_items, generator=g) * 0.02 + 0.001
+    row_bias = torch.randn(n_items, generator=g) * 0.5 - 2.0
+    rows = torch.cat([codes, torch.stack([scale, row_bias], 1).view(torch.uint8)], 1).contiguous()
+    c2 = (2 * codes.double() - 255).pow(2).sum(1)
+    row_info = torch.stack([scale, row_bias, scale.abs(), 255 * scale.abs() + row_bias.abs(),
+                            (0.5 * c2.sqrt() * (1 + 2 ** -20)).float(), torch.zeros(n_items)], 1).contiguous()
+    values = codes.float() * scale[:, None] + row_bias[:, None]  # the two roundings of the reference
+    return qpanel, q, queries.t().contiguous(), rows, row_info, values
+
+
+@pytest.mark.parametrize("vnni,qmax", [(False, 32), (True, 32), (True, 127)])
+def test_q8_prefilter_keeps_every_candidate(lib, vnni, qmax):
+    # Real query terms (127 is the VNNI path's query range, whose int16 sums would saturate on
+    # AVX2): the candidates equal the fp32 tile's on the dequantized rows, while the bound rejects
+    # most items.
+    g = torch.Generator().manual_seed(qmax + vnni)
+    dim, n_items = 64, 3000
+    qpanel, q, panel, rows, row_info, values = _q8_real_args(torch.randn(LANES, dim, generator=g), n_items, qmax, g)
+    scores = values @ panel
+    for quantile in (0.9, 0.99, 0.999):
+        thr = scores.quantile(quantile, dim=0).contiguous()
+        (got, passed) = score_tile_q8(lib, vnni, (qpanel, q, panel, rows, row_info, dim, None, thr, 0xFFFF))
+        exp = score_tile(lib, False, panel, values, None, thr, 0xFFFF)
+        assert sorted(zip(*got)) == sorted(zip(*exp))
+        n_passed = len(set(passed[:n_items]) - {-1})
+        assert len(set(exp[0])) <= n_passed
+    assert n_passed < n_items / 10  # measured: 42 items true, 89 passed at |q8| <= 32, 63 at 127

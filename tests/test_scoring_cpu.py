@@ -183,20 +183,25 @@ def test_topk_int8_equals_dequantized_and_recall(dim):
         assert hits / exact_ids.numel() >= 0.95
 
 
+@pytest.mark.parametrize("query_max", [32, 127])
 @pytest.mark.parametrize("k", [1, 4])
-def test_topk_int8_prefilter_bound_is_tight_enough(k):
+def test_topk_int8_prefilter_bound_is_tight_enough(k, query_max):
     # Data on which the prefilter's error bound is attained: every query value sits 0.49 of a
     # quantization step off its code in the direction of sign_d, and every row is +-m * sign_d
     # (codes 0 and 255), so the integer dot underestimates each score by the whole bound. The
     # best rows beat the rest by about 1% of the bound: a bound a few percent short of the true
     # error drops them (3% short fails k = 1), and the answer differs from the scalar path's.
+    # query_max: the prefilter's query range, 32 on AVX2 and 127 on VNNI (both_paths runs VNNI
+    # where the CPU has it): the data is built for the path of that range (at 127, VNNI's bound 5%
+    # short fails k = 1, 3% short passes).
     g = torch.Generator().manual_seed(k)
     dim, n_items = 8, 70000  # >= 65536 items: the AVX2 path prefilters
     sign = torch.where(torch.rand(dim, generator=g) < 0.5, -1.0, 1.0)
-    q = sign * (torch.randint(0, 32, (dim,), generator=g).float() + 0.49)
-    q[0] = 32.0 * sign[0]  # the largest |q|: step 1, no error in this column
+    q = sign * (torch.randint(0, query_max, (dim,), generator=g).float() + 0.49)
+    q[0] = query_max * sign[0]  # the largest |q|: step 1, no error in this column
     m = 1.0 + torch.rand(n_items, generator=g)  # scores m * sum|q|, the bound ~ 0.49 * 7 * m
-    m[50000:50000 + k] = 2.0 + 0.0005 * torch.arange(1, k + 1)  # the best, in a later chunk
+    gap = 0.0005 * 32 / query_max  # sum|q| grows with query_max, the bound does not
+    m[50000:50000 + k] = 2.0 + gap * torch.arange(1, k + 1)  # the best, in a later chunk
     packed = quantize_rowwise(m[:, None] * sign, 8)
     scalar, avx2 = both_paths(lambda: cpu_topk(q[None], packed, k))
     assert_same(scalar, avx2)

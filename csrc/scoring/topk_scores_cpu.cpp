@@ -47,10 +47,10 @@ struct Q8Queries {
   std::vector<uint8_t> exact_only;  // [groups]: a non-finite query, use the fp32 path
 };
 
-Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t groups) {
+Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t groups, int query_max) {
   Q8Queries r;
   const int64_t quads = q8_quads(d);
-  const float qmax = static_cast<float>(kQ8QueryMax);
+  const float qmax = static_cast<float>(query_max);
   r.panels.assign(groups * quads * kLanes * 4, 0);
   r.scale.assign(groups * kLanes, 1.0f);
   for (auto* v : {&r.sum, &r.corr, &r.err, &r.norm, &r.slack}) v->assign(groups * kLanes, 0.0f);
@@ -306,8 +306,12 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
   // The prefilter pays on catalogs that stream from memory; on a small one every item of the
   // first chunks passes it (the thresholds start empty) and is rescored one by one, measured 3x
   // slower than dequantizing each chunk once for the fp32 tiles (1500 items, 256 queries, k=10).
-  if (isa >= CpuIsa::kAvx2 && P.items.kind == Kind::kQ8 && d > 0 && n_items >= kPrefilterMinItems) {
-    q8 = quantize_queries(qf.const_data_ptr<float>(), n_users, d, groups);
+  // The int32 sums stay exact while D * 255 * query_max < 2^31.
+  const auto exact_sums = [d](int query_max) { return d * 255 * query_max < (int64_t{1} << 31); };
+  if (isa >= CpuIsa::kAvx2 && P.items.kind == Kind::kQ8 && d > 0 && n_items >= kPrefilterMinItems &&
+      exact_sums(kQ8QueryMax)) {
+    const bool vnni_range = isa >= CpuIsa::kAvx512Vnni && exact_sums(kQ8QueryMaxVnni);
+    q8 = quantize_queries(qf.const_data_ptr<float>(), n_users, d, groups, vnni_range ? kQ8QueryMaxVnni : kQ8QueryMax);
     P.q8 = &q8;
   }
   if (ex_off.defined()) {
