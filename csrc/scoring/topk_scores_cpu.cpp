@@ -301,7 +301,8 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
   P.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const CpuIsa isa = cpu_isa();
   P.tile = isa >= CpuIsa::kAvx512 ? score_tile_avx512 : isa >= CpuIsa::kAvx2 ? score_tile_avx2 : score_tile_scalar;
-  P.tile_q8 = isa >= CpuIsa::kAvx512Vnni ? score_tile_q8_vnni : score_tile_q8_avx2;
+  const bool vnni = isa >= CpuIsa::kAvx512Vnni;  // the prefilter's kernel and its query range
+  P.tile_q8 = vnni ? score_tile_q8_vnni : score_tile_q8_avx2;
   Q8Queries q8;
   // The prefilter pays on catalogs that stream from memory; on a small one every item of the
   // first chunks passes it (the thresholds start empty) and is rescored one by one, measured 3x
@@ -310,8 +311,8 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
   const auto exact_sums = [d](int query_max) { return d * 255 * query_max < (int64_t{1} << 31); };
   if (isa >= CpuIsa::kAvx2 && P.items.kind == Kind::kQ8 && d > 0 && n_items >= kPrefilterMinItems &&
       exact_sums(kQ8QueryMax)) {
-    const bool vnni_range = isa >= CpuIsa::kAvx512Vnni && exact_sums(kQ8QueryMaxVnni);
-    q8 = quantize_queries(qf.const_data_ptr<float>(), n_users, d, groups, vnni_range ? kQ8QueryMaxVnni : kQ8QueryMax);
+    const int query_max = vnni && exact_sums(kQ8QueryMaxVnni) ? kQ8QueryMaxVnni : kQ8QueryMax;
+    q8 = quantize_queries(qf.const_data_ptr<float>(), n_users, d, groups, query_max);
     P.q8 = &q8;
   }
   if (ex_off.defined()) {
