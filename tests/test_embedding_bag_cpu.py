@@ -187,6 +187,27 @@ def test_output_dtypes(dtype, out_dtype):
 
 
 # ----------------------------------------------------------------------------- native op, value checks
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits,d", [(None, 64), (None, 128), (8, 128), (4, 128), (8, 24)])
+@pytest.mark.parametrize("bad", [2**63 - 1, -2**63, 2**62 + 3, -2**40])
+def test_wild_index_ahead_raises(isa, bits, d, bad):
+    """The kernel prefetches the row 16 indices ahead without checking that index (a prefetch
+    cannot fault): a wild index there must neither crash nor change anything before it is reached,
+    and then raises with its position's value. Float and quantized rows, whole-row and split blocks."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(300, d, generator=g)
+    if bits is not None:
+        weight = quantize_rowwise(weight, bits)
+    indices, offsets = bags(torch.full((40,), 20), 300, generator=g)
+    indices[500] = bad
+    kwargs = {} if bits is None else {"bits": bits}
+    with pytest.raises(IndexError, match=f"index {bad} is out of range for a table of 300 rows"):
+        on_isa(isa, lambda: embedding_bag(weight, indices, offsets, backend="cpu", **kwargs))
+    indices[500] = 7  # and the same call without it pools as the reference
+    got = on_isa(isa, lambda: embedding_bag(weight, indices, offsets, backend="cpu", **kwargs))
+    torch.testing.assert_close(got, reference(weight, indices, offsets, **kwargs), rtol=1e-5, atol=1e-5)
+
+
 def _native(weight, idx, off, bounds="raise"):
     return OPS.embedding_bag(weight, idx, off, None, "sum", None, bounds, 8, None, False)
 

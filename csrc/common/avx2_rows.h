@@ -57,6 +57,7 @@ struct RowParams {
 // Loaders: vector of 8 columns from column c (a multiple of 8), scalar column c, the row's scale
 // and bias, and where a column's byte is.
 struct F32 {
+  static constexpr int64_t kTailBytes = 0;  // after the codes: nothing
   static constexpr bool kQuant = false;
   RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
@@ -71,6 +72,7 @@ struct F32 {
 };
 
 struct F16 {
+  static constexpr int64_t kTailBytes = 0;  // after the codes: nothing
   static constexpr bool kQuant = false;
   RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
@@ -85,6 +87,7 @@ struct F16 {
 };
 
 struct BF16 {
+  static constexpr int64_t kTailBytes = 0;  // after the codes: nothing
   static constexpr bool kQuant = false;
   RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
@@ -104,6 +107,7 @@ struct BF16 {
 
 // 8-bit: D codes, fp32 scale, fp32 bias.
 struct Q8 {
+  static constexpr int64_t kTailBytes = 8;  // after the codes: fp32 scale, fp32 bias
   static constexpr bool kQuant = true;
   RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
     RowParams p;
@@ -127,6 +131,7 @@ struct Q8 {
 
 // 4-bit: D/2 bytes of codes (low nibble first), fp16 scale, fp16 bias.
 struct Q4 {
+  static constexpr int64_t kTailBytes = 4;  // after the codes: fp16 scale, fp16 bias
   static constexpr bool kQuant = true;
   RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
     uint32_t bits;  // fp16 scale in the low half, fp16 bias in the high half (x86: little endian)

@@ -66,17 +66,16 @@ RK_POOL_INLINE RowLines row_lines(const PoolArgs& a, int64_t known) {
 // the line count each cost 10-50%. So the KNOWN lines the first column block covers (a
 // compile-time count) go in straight-line code, and rows with MORE lines (later blocks, a
 // quantized row's scale and bias, a row that may end in a further line) get the rest from a
-// switch that falls through; the look-ahead position is clamped to idx_end, and an index out of
-// range prefetches row 0 (the pooling pass deals with such indices; a prefetch only has to stay in
-// the table).
+// switch that falls through. Past idx_end the look-ahead is the current row.
 template <int64_t KNOWN, bool MORE, class I>
 RK_POOL_INLINE void prefetch_ahead(const PoolArgs& a, const I* idx, int64_t p, RowLines more) {
-  const int64_t q = p + kPrefetch < a.idx_end ? p + kPrefetch : a.idx_end - 1;
-  int64_t r = idx[q];
-  // r, or 0 when out of range, without a branch (as a branch GCC kept one address register per
-  // prefetched line, for the shared row-0 path, and the 16-accumulator loop spilled)
-  r &= -static_cast<int64_t>(static_cast<uint64_t>(r) < static_cast<uint64_t>(a.n_rows));
-  const char* row = reinterpret_cast<const char*>(a.table + r * a.row_bytes);
+  const int64_t q = p + kPrefetch < a.idx_end ? p + kPrefetch : p;
+  // not checked: a prefetch never faults, so a bad look-ahead index only prefetches a useless
+  // address (as in FBGEMM's loop); unsigned arithmetic, so a wild index wraps without overflow.
+  // Masking it to row 0 cost three instructions per row.
+  const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[q]));
+  const char* row =
+      reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(a.table) + r * static_cast<uint64_t>(a.row_bytes));
 #pragma GCC unroll 16
   for (int64_t l = 0; l < KNOWN; ++l) _mm_prefetch(row + 64 * l, _MM_HINT_T0);
   if constexpr (MORE) {
@@ -97,11 +96,10 @@ RK_POOL_INLINE bool out_of_range(int64_t r, const PoolArgs& a) {
   return static_cast<uint64_t>(r) >= static_cast<uint64_t>(a.n_rows);
 }
 
-// One column block [c0, c0 + kLanes * NV) of a bag (see pool_block); MORE: prefetch the row's further
-// lines too.
-template <class L, int NV, bool MAX, bool W, bool FIRST, bool MORE, class I>
+// One column block [c0, c0 + kLanes * NV) of a bag (see pool_block); FIRST: prefetch the KNOWN first
+// lines of the row ahead, MORE: and its further lines too.
+template <class L, int NV, bool MAX, bool W, bool FIRST, int64_t KNOWN, bool MORE, class I>
 RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c0, RowLines more, bool& ok) {
-  constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
   Vec acc[NV];
   const Vec init = MAX ? vset1(-INFINITY) : vzero();
   // unrolled: as a loop GCC turned it into a memset of the array on the stack (a microcoded
@@ -112,8 +110,8 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
   for (int64_t p = bag.s; p < bag.e; ++p) {
     const int64_t r = bag.idx[p];
     if constexpr (FIRST) {
-      prefetch_ahead<kKnown, MORE>(a, bag.idx, p, more);
       if (out_of_range(r, a)) return p;
+      prefetch_ahead<KNOWN, MORE>(a, bag.idx, p, more);
     }
     const uint8_t* row = a.table + r * a.row_bytes;
     const RowParams prm = L::params(row, a.dim, finite);
@@ -147,12 +145,20 @@ template <class L, int NV, bool MAX, bool W, bool FIRST, class I>
 RK_POOL int64_t pool_block(const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
   // the lines the block's own columns span in a 64-byte aligned row, known at compile time
   constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
+  if (!FIRST) return pool_rows<L, NV, MAX, W, false, kKnown, false>(a, bag, c0, {}, ok);
+  // A block that holds all D columns knows the whole row at compile time, a quantized row's scale
+  // and bias included (D = 128: 136 bytes in 3 lines for 8-bit rows, 68 in 2 for 4-bit), so its
+  // rows need no switch (an indirect jump per row) for the line of their scale and bias.
+  constexpr int64_t kWhole = (L::byte_of(kLanes * NV) + L::kTailBytes + 63) / 64;
+  if constexpr (kWhole > kKnown) {
+    if (a.dim == kLanes * NV && !row_lines(a, kWhole).any())
+      return pool_rows<L, NV, MAX, W, true, kWhole, false>(a, bag, c0, {}, ok);
+  }
   const RowLines more = row_lines(a, kKnown);
   // one loop with and one without the further lines, not a branch per row: that branch, though
   // predicted, cost 7% on the cache-resident shape B (the row loop is ~25 instructions)
-  if (!FIRST) return pool_rows<L, NV, MAX, W, false, false>(a, bag, c0, more, ok);
-  return more.any() ? pool_rows<L, NV, MAX, W, FIRST, true>(a, bag, c0, more, ok)
-                    : pool_rows<L, NV, MAX, W, FIRST, false>(a, bag, c0, more, ok);
+  return more.any() ? pool_rows<L, NV, MAX, W, true, kKnown, true>(a, bag, c0, more, ok)
+                    : pool_rows<L, NV, MAX, W, true, kKnown, false>(a, bag, c0, more, ok);
 }
 
 // Columns [c0, dim), fewer than kLanes; FIRST as in pool_block (c0 == 0: the row has no full vector).
@@ -165,8 +171,8 @@ RK_POOL int64_t pool_tail(const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool
   for (int64_t p = bag.s; p < bag.e; ++p) {
     const int64_t r = bag.idx[p];
     if constexpr (FIRST) {
-      prefetch_ahead<0, true>(a, bag.idx, p, all);
       if (out_of_range(r, a)) return p;
+      prefetch_ahead<0, true>(a, bag.idx, p, all);
     }
     const uint8_t* row = a.table + r * a.row_bytes;
     const RowParams prm = L::params(row, a.dim, ok);
