@@ -1,0 +1,127 @@
+// The memory floor of the gather-bound ops on this machine, in plain C (no torch, no recsys_kernels):
+// the sequential read bandwidth, and the best rate we could get out of random row gathers written
+// as simply as possible (all accumulators in registers, every line of the row a few rows ahead
+// prefetched), on 4 KB pages and on 2 MB pages. embedding_bag at shape A and pair_scores are
+// compared with these figures in docs/design.md ("The memory floor"). Build and run it with
+// `bash bench/gather_floor.sh` (OMP_NUM_THREADS sets the threads, 2 by default).
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <time.h>
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void* a, const void* b) {
+  const double x = *(const double*)a, y = *(const double*)b;
+  return x < y ? -1 : x > y;
+}
+
+// A table of `bytes`, filled; on 2 MB pages when `huge` (THP in "madvise" mode honours this).
+static float* table(size_t bytes, int huge) {
+  float* t = aligned_alloc(huge ? 1 << 21 : 64, bytes);
+  if (huge) madvise(t, bytes, MADV_HUGEPAGE);
+  for (size_t i = 0; i < bytes / 4; ++i) t[i] = (float)(i % 7);
+  return t;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static uint64_t next(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
+
+// Sum of every float of t (bytes / 4 of them): the sequential read bandwidth.
+static double seq_read(const float* t, size_t bytes, float* sink) {
+  const int64_t n = bytes / 4;
+  float total = 0;
+  const double t0 = now();
+#pragma omp parallel for reduction(+ : total)
+  for (int64_t i = 0; i < n; i += 64) {
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(t + i), _mm512_load_ps(t + i + 16)),
+                             _mm512_add_ps(_mm512_load_ps(t + i + 32), _mm512_load_ps(t + i + 48)));
+    total += _mm512_reduce_add_ps(s);
+  }
+  *sink += total;
+  return bytes / (now() - t0) / 1e9;
+}
+
+// Bags of 32 random rows of D = 128 floats (embedding_bag's shape A): sum pooling, the rows 16
+// ahead prefetched. Returns GB/s of row bytes.
+static double bag_gather(const float* t, const int64_t* idx, int64_t n_bags, float* out) {
+  const double t0 = now();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n_bags; ++b) {
+    __m512 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+    for (int64_t p = 32 * b; p < 32 * b + 32; ++p) {
+      const char* ahead = (const char*)(t + idx[p + 16 < 32 * n_bags ? p + 16 : p] * 128);
+      for (int l = 0; l < 8; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+      const float* row = t + idx[p] * 128;
+      for (int k = 0; k < 8; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_loadu_ps(row + 16 * k));
+    }
+    for (int k = 0; k < 8; ++k) _mm512_storeu_ps(out + 128 * b + 16 * k, acc[k]);
+  }
+  return 32.0 * n_bags * 512 / (now() - t0) / 1e9;
+}
+
+// Dot products of random (user, item) pairs of D = 64 rows (pair_scores' shape), the pair 8
+// ahead prefetched. Returns GB/s of row bytes.
+static double pair_dots(const float* u, const float* v, const int64_t* ui, const int64_t* vi, int64_t n, float* out) {
+  const double t0 = now();
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < n; ++p) {
+    if (p + 8 < n) {
+      const char* a = (const char*)(u + ui[p + 8] * 64), *b = (const char*)(v + vi[p + 8] * 64);
+      for (int l = 0; l < 4; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T0), _mm_prefetch(b + 64 * l, _MM_HINT_T0);
+    }
+    const float* a = u + ui[p] * 64, *b = v + vi[p] * 64;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (int k = 16; k < 64; k += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), s);
+    out[p] = _mm512_reduce_add_ps(s);
+  }
+  return n * 512.0 / (now() - t0) / 1e9;
+}
+
+// Median over `rounds` calls of one of the measurements above.
+#define MEDIAN(rounds, expr)                                           \
+  ({                                                                   \
+    double r_[rounds];                                                 \
+    for (int i_ = 0; i_ < (rounds); ++i_) r_[i_] = (expr);             \
+    qsort(r_, (rounds), sizeof(double), cmp_double);                   \
+    r_[(rounds) / 2];                                                  \
+  })
+
+int main(void) {
+  const int64_t rows = 1000000, n_bags = 4096, pairs = 1000000;
+  float sink = 0;
+  int64_t* idx = malloc(32 * n_bags * sizeof(int64_t));
+  int64_t *ui = malloc(pairs * sizeof(int64_t)), *vi = malloc(pairs * sizeof(int64_t));
+  for (int64_t i = 0; i < 32 * n_bags; ++i) idx[i] = next() % rows;
+  for (int64_t i = 0; i < pairs; ++i) ui[i] = next() % rows, vi[i] = next() % rows;
+  float* out = aligned_alloc(64, n_bags * 512 > pairs * 4 ? n_bags * 512 : pairs * 4);
+  printf("threads %d\n", omp_get_max_threads());
+  double seq[2], bags[2], dots[2];
+  for (int huge = 0; huge <= 1; ++huge) {
+    float* t = table(rows * 512, huge);  // 1M x 128 fp32
+    seq[huge] = MEDIAN(5, seq_read(t, rows * 512, &sink));
+    bags[huge] = MEDIAN(15, bag_gather(t, idx, n_bags, out));
+    free(t);
+    float *u = table(rows * 256, huge), *v = table(rows * 256, huge);  // two 1M x 64 fp32
+    dots[huge] = MEDIAN(9, pair_dots(u, v, ui, vi, pairs, out));
+    free(u);
+    free(v);
+  }
+  // the read bandwidth is the better of the two sequential figures (2 MB pages let the hardware
+  // prefetcher run on across 4 KB boundaries)
+  const double peak = seq[0] > seq[1] ? seq[0] : seq[1];
+  for (int huge = 0; huge <= 1; ++huge)
+    printf("%s: sequential read %.1f GB/s; bags of 512-byte rows %.1f GB/s (%.0f%% of %.1f); pairs of 256-byte "
+           "rows %.1f GB/s (%.0f%%; %.1f ms for 1M pairs)\n",
+           huge ? "2 MB pages" : "4 KB pages", seq[huge], bags[huge], 100 * bags[huge] / peak, peak, dots[huge],
+           100 * dots[huge] / peak, pairs * 512.0 / dots[huge] / 1e6);
+  return sink == 12345.0f;  // keeps the sums alive
+}
