@@ -142,18 +142,11 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
 // the whole row ahead (the later blocks find it in L1/L2) and checks each index before it reads
 // the row. Returns the position of an index out of range, else -1.
 template <class L, int NV, bool MAX, bool W, bool FIRST, class I>
-RK_POOL int64_t pool_block(const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
+RK_POOL int64_t pool_block(const PoolArgs& args, const Bag<I>& bag, int64_t c0, bool& ok) {
+  const PoolArgs a = args;  // not reloaded from memory on every row (see pool_bags_one_block)
   // the lines the block's own columns span in a 64-byte aligned row, known at compile time
   constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
   if (!FIRST) return pool_rows<L, NV, MAX, W, false, kKnown, false>(a, bag, c0, {}, ok);
-  // A block that holds all D columns knows the whole row at compile time, a quantized row's scale
-  // and bias included (D = 128: 136 bytes in 3 lines for 8-bit rows, 68 in 2 for 4-bit), so its
-  // rows need no switch (an indirect jump per row) for the line of their scale and bias.
-  constexpr int64_t kWhole = (L::byte_of(kLanes * NV) + L::kTailBytes + 63) / 64;
-  if constexpr (kWhole > kKnown) {
-    if (a.dim == kLanes * NV && !row_lines(a, kWhole).any())
-      return pool_rows<L, NV, MAX, W, true, kWhole, false>(a, bag, c0, {}, ok);
-  }
   const RowLines more = row_lines(a, kKnown);
   // one loop with and one without the further lines, not a branch per row: that branch, though
   // predicted, cost 7% on the cache-resident shape B (the row loop is ~25 instructions)
@@ -163,7 +156,8 @@ RK_POOL int64_t pool_block(const PoolArgs& a, const Bag<I>& bag, int64_t c0, boo
 
 // Columns [c0, dim), fewer than kLanes; FIRST as in pool_block (c0 == 0: the row has no full vector).
 template <class L, bool MAX, bool W, bool FIRST, class I>
-RK_POOL int64_t pool_tail(const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
+RK_POOL int64_t pool_tail(const PoolArgs& args, const Bag<I>& bag, int64_t c0, bool& ok) {
+  const PoolArgs a = args;  // not reloaded from memory on every row (see pool_bags_one_block)
   float acc[kLanes];
   const int64_t nc = a.dim - c0;
   for (int64_t c = 0; c < nc; ++c) acc[c] = MAX ? -INFINITY : 0.0f;
@@ -196,6 +190,55 @@ RK_POOL_INLINE int64_t pool_block_n(int nv, const PoolArgs& a, const Bag<I>& bag
   return pool_block<L, NV, MAX, W, FIRST>(a, bag, c0, ok);
 }
 
+// Every bag of a run whose rows are one column block of NV vectors (D = kLanes * NV, no scalar
+// tail): the bag loop and the row loop in one function, the prefetch variant chosen once per run
+// (per bag, a call of pool_block and its choice cost up to 20% at 1-4 indices a bag).
+template <class L, int NV, bool MAX, bool W, int64_t KNOWN, bool MORE, class I>
+RK_POOL_INLINE PoolResult pool_bags_one_block(const PoolArgs& args, RowLines more) {
+  // a copy the output stores cannot alias: through the reference GCC reloaded the table, the row
+  // size and idx_end from memory on every row (three loads more per row, 6% on shape B)
+  const PoolArgs a = args;
+  const I* idx = static_cast<const I*>(a.idx);
+  const I* off = static_cast<const I*>(a.off);
+  bool ok = true;
+  int64_t next = off[0];  // each offset read once, as a scalar (see pool_run)
+  for (int64_t b = 0; b < a.n_bags; ++b) {
+    const Bag<I> bag{idx, next, off[b + 1], a.out + b * a.out_stride};
+    next = bag.e;
+    if (bag.s == bag.e) {
+      for (int64_t c = 0; c < a.dim; ++c) bag.out[c] = 0.0f;
+      continue;
+    }
+    const int64_t bad = pool_rows<L, NV, MAX, W, true, KNOWN, MORE>(a, bag, 0, more, ok);
+    if (bad >= 0) return {bad, ok};
+  }
+  return {-1, ok};
+}
+
+template <class L, int NV, bool MAX, bool W, class I>
+RK_POOL PoolResult pool_run_one_block(const PoolArgs& a) {
+  constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
+  // The block holds the whole row, so its lines are known at compile time, a quantized row's scale
+  // and bias included (D = 128: 136 bytes in 3 lines for 8-bit rows, 68 in 2 for 4-bit): those
+  // rows need no switch (an indirect jump per row) for the line of their scale and bias.
+  constexpr int64_t kWhole = (L::byte_of(kLanes * NV) + L::kTailBytes + 63) / 64;
+  if constexpr (kWhole > kKnown) {
+    if (!row_lines(a, kWhole).any()) return pool_bags_one_block<L, NV, MAX, W, kWhole, false, I>(a, {});
+  }
+  const RowLines more = row_lines(a, kKnown);
+  return more.any() ? pool_bags_one_block<L, NV, MAX, W, kKnown, true, I>(a, more)
+                    : pool_bags_one_block<L, NV, MAX, W, kKnown, false, I>(a, more);
+}
+
+// pool_run_one_block for rows of nv (1..kMaxVecs) vectors: the template instance with NV == nv.
+template <class L, bool MAX, bool W, class I, int NV = 1>
+RK_POOL_INLINE PoolResult pool_run_one_block_n(int nv, const PoolArgs& a) {
+  if constexpr (NV < kMaxVecs<L, MAX>) {
+    if (nv != NV) return pool_run_one_block_n<L, MAX, W, I, NV + 1>(nv, a);
+  }
+  return pool_run_one_block<L, NV, MAX, W, I>(a);
+}
+
 // Every bag of the run, bag by bag (one pass over a bag's rows per column block).
 template <class L, class I, bool MAX, bool W>
 RK_POOL PoolResult pool_run(const PoolArgs& a) {
@@ -203,6 +246,12 @@ RK_POOL PoolResult pool_run(const PoolArgs& a) {
   const I* idx = static_cast<const I*>(a.idx);
   const I* off = static_cast<const I*>(a.off);
   const int64_t nvec = a.dim / kLanes;
+  // (not for a weighted max, which only the raw op can be asked for: the front door allows weights
+  // with sum alone; it keeps the per-bag path, which saves compiling one more set of instances)
+  if constexpr (!(MAX && W)) {
+    if (nvec >= 1 && nvec <= kBlock && kLanes * nvec == a.dim)
+      return pool_run_one_block_n<L, MAX, W, I>(static_cast<int>(nvec), a);
+  }
   const int64_t n_full = nvec / kBlock;  // full blocks
   const int rest = static_cast<int>(nvec % kBlock);
   bool ok = true;
