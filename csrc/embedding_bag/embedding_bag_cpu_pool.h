@@ -205,8 +205,9 @@ RK_POOL_INLINE PoolResult pool_bags_one_block(const PoolArgs& args, RowLines mor
   for (int64_t b = 0; b < a.n_bags; ++b) {
     const Bag<I> bag{idx, next, off[b + 1], a.out + b * a.out_stride};
     next = bag.e;
-    if (bag.s == bag.e) {
-      for (int64_t c = 0; c < a.dim; ++c) bag.out[c] = 0.0f;
+    if (bag.s == bag.e) {  // zeros, as NV vector stores: a memset call per empty bag took 5 ns
+#pragma GCC unroll 16
+      for (int k = 0; k < NV; ++k) vstore(bag.out + kLanes * k, vzero());
       continue;
     }
     const int64_t bad = pool_rows<L, NV, MAX, W, true, KNOWN, MORE>(a, bag, 0, more, ok);
