@@ -119,6 +119,15 @@ def test_gradient_recorded_exactly_when_needed(backend):
     assert rk.embedding_bag_grouped([weight, weight], [idx, idx], [off, off], backend=backend).grad_fn is None
 
 
+def test_tensors_on_two_devices_raise():
+    weight = torch.randn(5, 3)
+    idx, off = torch.tensor([0, 1]), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"one device, got weight on cpu, indices on meta, offsets on cpu"):
+        rk.embedding_bag(weight, idx.to("meta"), off)
+    with pytest.raises(ValueError, match=r"one device, got .*per_sample_weights on meta"):
+        rk.embedding_bag(weight, idx, off, per_sample_weights=torch.ones(2, device="meta"))
+
+
 def _run(code: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=120)
