@@ -221,6 +221,61 @@ def test_topk_int8_nan_query_and_huge_rows():
     assert_same(avx2, cpu_topk(q, dequantize_rowwise(packed, 8), 40))
 
 
+@pytest.mark.parametrize("dim", [1, 5, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_topk_float_catalog_prefilter_equals_fp32_tile(dim, dtype):
+    # Float catalogs of 65536 items and more, with 64 queries or more, take the int8 prefilter on
+    # chunks quantized on the fly, rescoring their own rows: the answer must be the scalar path's
+    # (the plain fp32 tile) and the reference's, bit for bit. Odd rows send their chunk to the
+    # fp32 tile (beyond 2^96, tiny, NaN) or quantize with no step (constant, zero).
+    g = torch.Generator().manual_seed(dim)
+    n_users, n_items = 70, 70000
+    q, w = torch.randn(n_users, dim, generator=g), torch.randn(n_items, dim, generator=g)
+    w[3] = 1e30
+    w[400] = 1e-25
+    w[1000], w[2000] = 0.5, 0.0
+    w[60000, 0] = float("nan")
+    w[7] *= 1e6  # one row of a much larger scale
+    q[5] = 0.0
+    q[6] = 1e-20  # a tiny query: its group takes the fp32 tile
+    bias = torch.randn(n_items, generator=g) * 0.1
+    lists = [torch.randint(0, n_items, (30,), generator=g).tolist() for _ in range(n_users)]
+    off, ex = csr(lists)
+    args = (q.to(dtype), w.to(dtype), 100)
+    kw = dict(exclude_offsets=off, exclude_items=ex, item_bias=bias)
+    scalar, avx2 = both_paths(lambda: cpu_topk(*args, **kw))
+    assert_same(scalar, avx2)
+    assert_same(avx2, ref_topk(*args, **kw))
+
+
+@pytest.mark.parametrize("query_max", [32, 127])
+@pytest.mark.parametrize("k", [1, 4])
+def test_topk_float_prefilter_residual_bound_is_tight_enough(k, query_max):
+    # Data on which the residual's term of the float catalogs' bound, ||q|| * ||x - value||, is
+    # attained: every row has min -1 and max +1 (columns 0 and 1, where the queries are 0), so
+    # one step s = 2 / 255; the queries are +-query_max * sign_d (no quantization error on the path
+    # of that range: 32 on AVX2, 127 on VNNI). Every 50th row sits two steps up in the direction
+    # of sign (score base + 2 query_max s, no residual); the k best, in a later chunk, sit on the
+    # base codes plus 0.3367 s * sign_d (their residual, parallel to the query): base + 2.02
+    # query_max s, 1% of the residual's term above the early rows. A residual term 3% short drops
+    # them (k = 1 and 4, both ranges), and the answer differs from the scalar path's.
+    g = torch.Generator().manual_seed(k + query_max)
+    dim, n_items, n_users = 8, 70000, 64  # >= 65536 items and >= 64 queries: the prefilter
+    sign = torch.where(torch.rand(dim - 2, generator=g) < 0.5, -1.0, 1.0)
+    q = torch.cat([torch.zeros(2), query_max * sign])
+    s = torch.tensor(2.0) / 255
+    t = torch.randint(-100, -10, (n_items, dim - 2), generator=g).float()  # code offsets along sign
+    t[::50] = torch.tensor([1.0, 1.0, 0, 0, 0, 0])  # in every item range and most chunks
+    best = torch.arange(50001, 50001 + k)
+    t[best] = 0.0
+    codes = 128 + sign * t
+    w = torch.cat([torch.full((n_items, 1), -1.0), torch.ones(n_items, 1), codes * s - 1.0], 1)
+    w[best, 2:] += (1 / 3 / 0.99) * s * sign
+    scalar, avx2 = both_paths(lambda: cpu_topk(q.expand(n_users, dim).contiguous(), w, k))
+    assert_same(scalar, avx2)
+    assert (avx2[1] == best).all()
+
+
 def test_topk_native_errors():
     q, items = torch.randn(3, 4), torch.randn(6, 4)
     with pytest.raises(ValueError, match="k must be in"):

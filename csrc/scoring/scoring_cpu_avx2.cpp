@@ -4,6 +4,7 @@
 // _mm256_fmadd_ps calls fuse; the int8 dequantization stays a rounded product plus a rounded sum.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -142,8 +143,8 @@ RK_AVX2_INLINE int64_t tile_block(const TileArgs& a, int64_t i0, __m256 thr0, __
 // the throughput of one vpmaddwd per vpmaddubsw; four per vpmaddwd (|q8| <= 16) ran 17% slower in
 // the kernel (eight panel registers do not fit, the loads set the pace). Blocks of 3 items: at 4
 // GCC spilled accumulators. Appends the items with a lane that could reach its threshold to
-// `passed`.
-template <int NI>
+// `passed`. RESIDUAL: a float catalog's rows, whose bound has the residual's term.
+template <int NI, bool RESIDUAL>
 RK_AVX2_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, int32_t* passed) {
   __m256i acc[NI][2];
   for (int i = 0; i < NI; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
@@ -184,6 +185,7 @@ RK_AVX2_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, int32_t* passed
       t = _mm256_fmadd_ps(row_bias, _mm256_loadu_ps(a.qsum + o), t);
       const __m256 qe = _mm256_min_ps(_mm256_loadu_ps(a.qerr + o), _mm256_mul_ps(_mm256_loadu_ps(a.qnorm + o), norm));
       t = _mm256_fmadd_ps(abs_scale, qe, t);
+      if constexpr (RESIDUAL) t = _mm256_fmadd_ps(_mm256_set1_ps(r.res_norm), _mm256_loadu_ps(a.qnorm_full + o), t);
       t = _mm256_fmadd_ps(value_max, _mm256_loadu_ps(a.qslack + o), t);
       mask[i] |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(t, _mm256_loadu_ps(a.threshold + o), _CMP_NLT_UQ))) << o;
     }
@@ -211,10 +213,14 @@ RK_AVX2_INLINE int64_t q8_rescore(const Q8TileArgs& a, const int32_t* items, Can
 
 RK_AVX2 TileArgs q8_rescore_args(const Q8TileArgs& a, const int32_t* items, int n, float* bias) {
   for (int i = 0; i < n; ++i) {
-    const uint8_t* row = a.rows + items[i] * a.row_bytes;
-    const float scale = a.row_info[items[i]].scale, rbias = a.row_info[items[i]].row_bias;
     float* x = a.scratch + i * a.dim;
-    for (int64_t d = 0; d < a.dim; ++d) x[d] = static_cast<float>(row[d]) * scale + rbias;
+    if (a.exact_rows != nullptr) {  // a float catalog: its own row
+      std::memcpy(x, a.exact_rows + items[i] * a.dim, 4 * a.dim);
+    } else {
+      const uint8_t* row = a.rows + items[i] * a.row_bytes;
+      const float scale = a.row_info[items[i]].scale, rbias = a.row_info[items[i]].row_bias;
+      for (int64_t d = 0; d < a.dim; ++d) x[d] = static_cast<float>(row[d]) * scale + rbias;
+    }
     bias[i] = a.bias != nullptr ? a.bias[items[i]] : 0.0f;
   }
   TileArgs t{};
@@ -252,12 +258,23 @@ RK_AVX2 int64_t score_tile_avx2(const TileArgs& a, Candidate* out) {
   return n;
 }
 
-// The prefilter over the whole chunk, then the items it let through rescored six at a time (the
-// fp32 tile at full width, whatever the items' positions in the chunk).
-RK_AVX2 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out) {
+namespace {
+
+// The prefilter over the whole chunk: the number of items it let through into a.passed.
+template <bool RESIDUAL>
+RK_AVX2 int64_t q8_filter(const Q8TileArgs& a) {
   int64_t m = 0, i0 = 0;
-  for (; i0 + 3 <= a.n_items; i0 += 3) m += q8_block<3>(a, i0, a.passed + m);
-  for (; i0 < a.n_items; ++i0) m += q8_block<1>(a, i0, a.passed + m);
+  for (; i0 + 3 <= a.n_items; i0 += 3) m += q8_block<3, RESIDUAL>(a, i0, a.passed + m);
+  for (; i0 < a.n_items; ++i0) m += q8_block<1, RESIDUAL>(a, i0, a.passed + m);
+  return m;
+}
+
+}  // namespace
+
+// The prefilter, then the items it let through rescored six at a time (the fp32 tile at full
+// width, whatever the items' positions in the chunk).
+RK_AVX2 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out) {
+  const int64_t m = a.exact_rows != nullptr ? q8_filter<true>(a) : q8_filter<false>(a);
   static_assert(kQ8RescoreRows == 6);
   int64_t n = 0, j = 0;
   for (; j + 6 <= m; j += 6) n += q8_rescore<6>(a, a.passed + j, out + n);
@@ -270,6 +287,84 @@ RK_AVX2 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out) {
     default: break;
   }
   return n;
+}
+
+}  // namespace recsys_kernels::scoring_cpu
+
+namespace recsys_kernels::scoring_cpu {
+
+// One pass per row for min and max (and NaN), one for the codes, their values, the codes' norm
+// (int32 lanes: each adds at most D / 8 squares of at most 255^2, exact for any D the prefilter
+// takes) and the residual. The residual adds up in steps (r / scale in [-1/2, 1/2], so its squares
+// cannot underflow into a loss that matters), and its sum is inflated by (D + 10) 2^-23 for the
+// roundings of r, of r / scale, of the D additions and of the result; + 2^-149 covers a subnormal
+// result's rounding.
+RK_AVX2 bool q8_quantize_rows_avx2(const float* x, int64_t n, int64_t dim, uint8_t* rows, float* norm,
+                                   float* res_norm, float* abs_max) {
+  const int64_t vec_end = dim - dim % 8;
+  const double inflate = 1.0 + static_cast<double>(dim + 10) * 0x1p-23;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xr = x + i * dim;
+    uint8_t* out = rows + i * (dim + 8);
+    __m256 vmin = _mm256_set1_ps(INFINITY), vmax = _mm256_set1_ps(-INFINITY), vnan = _mm256_setzero_ps();
+    for (int64_t c = 0; c < vec_end; c += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + c);
+      vmin = _mm256_min_ps(vmin, v);
+      vmax = _mm256_max_ps(vmax, v);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float lo[8], hi[8];
+    _mm256_store_ps(lo, vmin);
+    _mm256_store_ps(hi, vmax);
+    bool nan = _mm256_movemask_ps(vnan) != 0;
+    float mn = INFINITY, mx = -INFINITY;
+    for (int j = 0; j < 8; ++j) mn = std::min(mn, lo[j]), mx = std::max(mx, hi[j]);
+    for (int64_t c = vec_end; c < dim; ++c) {
+      nan |= std::isnan(xr[c]);
+      mn = std::min(mn, xr[c]);
+      mx = std::max(mx, xr[c]);
+    }
+    const float amax = std::max(-mn, mx);
+    if (nan || !(amax <= 0x1p96f) || (amax > 0.0f && amax < 0x1p-60f)) return false;
+    // with max |x| >= 2^-60 a row that is not constant has max - min >= 2^-83: scale >= 2^-91 and
+    // 1 / scale is finite; a constant row gets scale 0, every code 0 and no residual
+    const float scale = (mx - mn) / 255.0f, inv = mx > mn ? 1.0f / scale : 0.0f;
+    const __m256 vscale = _mm256_set1_ps(scale), vinv = _mm256_set1_ps(inv), vmn = _mm256_set1_ps(mn);
+    __m256 sq = _mm256_setzero_ps();
+    __m256i code_sq = _mm256_setzero_si256();
+    for (int64_t c = 0; c < vec_end; c += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + c);
+      __m256i code = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(v, vmn), vinv));  // nearest, ties even
+      code = _mm256_min_epi32(_mm256_max_epi32(code, _mm256_setzero_si256()), _mm256_set1_epi32(255));
+      const __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + c), _mm_packus_epi16(c16, c16));
+      const __m256i t = _mm256_sub_epi32(_mm256_add_epi32(code, code), _mm256_set1_epi32(255));
+      code_sq = _mm256_add_epi32(code_sq, _mm256_mullo_epi32(t, t));
+      const __m256 value = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(code), vscale), vmn);
+      const __m256 r = _mm256_mul_ps(_mm256_sub_ps(v, value), vinv);  // in steps
+      sq = _mm256_fmadd_ps(r, r, sq);
+    }
+    alignas(32) float sqs[8];
+    _mm256_store_ps(sqs, sq);
+    alignas(32) int32_t code_sqs[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(code_sqs), code_sq);
+    double sum = 0.0;
+    int64_t code_sum = 0;
+    for (int j = 0; j < 8; ++j) sum += sqs[j], code_sum += code_sqs[j];
+    for (int64_t c = vec_end; c < dim; ++c) {
+      const float code = std::min(255.0f, std::max(0.0f, std::nearbyint((xr[c] - mn) * inv)));
+      out[c] = static_cast<uint8_t>(code);
+      code_sum += static_cast<int64_t>(2 * code - 255) * static_cast<int64_t>(2 * code - 255);
+      const float r = (xr[c] - (code * scale + mn)) * inv;
+      sum += static_cast<double>(r) * r;
+    }
+    std::memcpy(out + dim, &scale, 4);
+    std::memcpy(out + dim + 4, &mn, 4);
+    norm[i] = static_cast<float>(0.5 * std::sqrt(static_cast<double>(code_sum)) * (1.0 + 0x1p-20));  // as code_norm
+    res_norm[i] = static_cast<float>(std::sqrt(sum) * inflate * scale) + 0x1p-149f;
+    abs_max[i] = amax;
+  }
+  return true;
 }
 
 }  // namespace recsys_kernels::scoring_cpu

@@ -124,8 +124,9 @@ RK_AVX512_NOINLINE void q8_sums(const Q8TileArgs& a, int64_t i0, int32_t* sums) 
 }
 
 // The prefilter of NI items x 16 queries: the sums, then the bound in the AVX2 kernel's fused
-// steps. Appends the items with a lane that could reach its threshold to `passed`.
-template <int NI>
+// steps. Appends the items with a lane that could reach its threshold to `passed`. RESIDUAL: a
+// float catalog's rows, whose bound has the residual's term.
+template <int NI, bool RESIDUAL>
 RK_AVX512_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, int32_t* passed) {
   alignas(64) int32_t sums[NI * kLanes];
   q8_sums<NI>(a, i0, sums);
@@ -141,6 +142,7 @@ RK_AVX512_INLINE int64_t q8_block(const Q8TileArgs& a, int64_t i0, int32_t* pass
     t = _mm512_fmadd_ps(_mm512_set1_ps(r.row_bias), qsum, t);
     const __m512 qe = _mm512_min_ps(qerr, _mm512_mul_ps(qnorm, _mm512_set1_ps(r.norm)));
     t = _mm512_fmadd_ps(_mm512_set1_ps(r.abs_scale), qe, t);
+    if constexpr (RESIDUAL) t = _mm512_fmadd_ps(_mm512_set1_ps(r.res_norm), _mm512_loadu_ps(a.qnorm_full), t);
     t = _mm512_fmadd_ps(_mm512_set1_ps(r.value_max), qslack, t);
     mask[i] = _mm512_cmp_ps_mask(t, thr, _CMP_NLT_UQ);
   }
@@ -172,12 +174,19 @@ RK_AVX512_INLINE int64_t q8_rescore_rest(int ni, const Q8TileArgs& a, const int3
   return q8_rescore<NI>(a, items, out);
 }
 
+// The prefilter over the whole chunk: the number of items it let through into a.passed.
+template <bool RESIDUAL>
+RK_AVX512 int64_t q8_filter(const Q8TileArgs& a) {
+  int64_t m = 0, i0 = 0;
+  for (; i0 + kQ8Items <= a.n_items; i0 += kQ8Items) m += q8_block<kQ8Items, RESIDUAL>(a, i0, a.passed + m);
+  for (; i0 < a.n_items; ++i0) m += q8_block<1, RESIDUAL>(a, i0, a.passed + m);
+  return m;
+}
+
 }  // namespace
 
 RK_AVX512 int64_t score_tile_q8_vnni(const Q8TileArgs& a, Candidate* out) {
-  int64_t m = 0, i0 = 0;
-  for (; i0 + kQ8Items <= a.n_items; i0 += kQ8Items) m += q8_block<kQ8Items>(a, i0, a.passed + m);
-  for (; i0 < a.n_items; ++i0) m += q8_block<1>(a, i0, a.passed + m);
+  const int64_t m = a.exact_rows != nullptr ? q8_filter<true>(a) : q8_filter<false>(a);
   int64_t n = 0, j = 0;
   for (; j + kQ8RescoreRows <= m; j += kQ8RescoreRows) n += q8_rescore<kQ8RescoreRows>(a, a.passed + j, out + n);
   if (j < m) n += q8_rescore_rest(static_cast<int>(m - j), a, a.passed + j, out + n);

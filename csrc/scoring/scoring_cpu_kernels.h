@@ -89,6 +89,14 @@ int64_t score_tile_avx512(const TileArgs& a, Candidate* out);  // scoring_cpu_av
 // each rounded up. A (lane, item) whose upper bound is not below the lane's threshold is rescored
 // exactly (the items with such a lane dequantized, then the fp32 tile kernel), so the candidates
 // and their scores are exactly those of the fp32 path on the dequantized table.
+//
+// Float catalogs (fp32, fp16, bf16) take the same prefilter on a copy of each chunk quantized
+// row-wise on the fly (q8_quantize_rows_avx2), rescoring their own fp32 rows. The rows then differ
+// from their int8 values by a residual r (x = value + r), so the bound gains ||q||_2 * ||r||_2
+// (Cauchy-Schwarz; qnorm_full and Q8Row::res_norm, rounded up), the roundings of the fp32 score on
+// x are covered by adding max |x| + ||r||_2 to value_max (qslack's 2D + 48 roundings cover the D + 2
+// of that chain), and bias_up takes |item bias| * 2^-19. The candidates and scores are then exactly
+// those of the fp32 tile on the catalog's own rows: the quantization only decides what to rescore.
 constexpr int kQ8QueryMax = 32;
 constexpr int kQ8QueryMaxVnni = 127;
 // Quads (4 columns) of a q8 query panel: ceil(D / 4) rounded up to even, the kernel's step. The
@@ -103,7 +111,8 @@ struct Q8Row {
   float scale, row_bias, abs_scale;
   float value_max;  // 255 * |scale| + |row_bias|
   float norm;       // ||code - 127.5||_2, rounded up
-  float bias_up;    // item bias + |item bias| * 2^-20
+  float bias_up;    // item bias + |item bias| * 2^-20 (2^-19 for float catalogs)
+  float res_norm;   // float catalogs: ||x - value||_2 of the row, rounded up; 0 for int8 catalogs
 };
 
 struct Q8TileArgs {
@@ -114,6 +123,7 @@ struct Q8TileArgs {
   const float* qerr;      // [16]
   const float* qnorm;     // [16]
   const float* qslack;    // [16]
+  const float* qnorm_full;  // [16] ||q||_2 rounded up (float catalogs)
   const float* panel;     // [D][16] fp32 queries (exact rescoring)
   const uint8_t* rows;    // [n_items] packed rows of the chunk
   const Q8Row* row_info;  // [n_items]
@@ -123,6 +133,8 @@ struct Q8TileArgs {
   uint32_t lane_mask;
   int32_t* passed;        // [n_items] scratch: the items to rescore
   float* scratch;         // [kQ8RescoreRows][dim] scratch: dequantized rows
+  const float* exact_rows;  // float catalogs: the chunk's fp32 rows [n_items][dim], which
+                            // `rows` quantizes and the rescoring reads; nullptr for int8 catalogs
 };
 
 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);
@@ -132,5 +144,14 @@ int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);
 TileArgs q8_rescore_args(const Q8TileArgs& a, const int32_t* items, int n, float* bias);
 // The same prefilter on AVX512-VNNI (vpdpbusd; the same int32 sums and bound, the same result).
 int64_t score_tile_q8_vnni(const Q8TileArgs& a, Candidate* out);
+
+// Quantizes n fp32 rows x[n][dim] (dim >= 1) into packed int8 rows (dim codes, fp32 scale, fp32 bias; row
+// stride dim + 8) for the prefilter: scale = (max - min) / 255, bias = min, code = the nearest
+// step. Per row, norm = ||code - 127.5||_2 and res_norm = ||x - value||_2, both rounded up (value =
+// code * scale + bias, two roundings), and abs_max = max |x|. Returns false, leaving the rest unspecified, when a row is outside the
+// bound's range (a non-finite value, |x| > 2^96, or 0 < max |x| < 2^-60, where roundings of the
+// bound's terms could leave the normal range): the chunk then takes the fp32 tile.
+bool q8_quantize_rows_avx2(const float* x, int64_t n, int64_t dim, uint8_t* rows, float* norm, float* res_norm,
+                           float* abs_max);
 
 }  // namespace recsys_kernels::scoring_cpu

@@ -13,6 +13,9 @@
 // threshold the tile kernel compares with. Excluded items (per-query sorted CSR lists) are
 // dropped when they are offered: a query's candidates come in increasing item order, so a cursor
 // walks its sorted list once. Units over different item ranges are merged per query at the end.
+// On the AVX2 and VNNI paths, catalogs of 65536 items or more go through the integer prefilter
+// (scoring_cpu_kernels.h) instead of the tile: int8 catalogs as they are, float catalogs (for 64
+// queries or more) quantized chunk by chunk; what it lets through is rescored exactly.
 #include <algorithm>
 #include <atomic>
 #include <limits>
@@ -32,19 +35,20 @@ using namespace scoring_cpu;
 constexpr int64_t kMaxSlabGroups = 64;  // 1024 queries per unit at most
 constexpr int64_t kChunkBytes = 24 << 10;  // fp32 item rows per chunk: L1-sized
 constexpr int64_t kMinRangeItems = 2048;
-constexpr int64_t kPrefilterMinItems = 65536;  // int8 catalogs: the integer prefilter from this size
+constexpr int64_t kPrefilterMinItems = 65536;  // the integer prefilter from this catalog size
+constexpr int64_t kFloatPrefilterMinUsers = 64;   // float catalogs: and this many queries (see there)
 
 float threshold_of(int64_t floor_key) {
   const int64_t ord = floor_key >> 32;
   return ord <= kOrdNan ? std::numeric_limits<float>::quiet_NaN() : ordinal_value(ord);
 }
 
-// int8 catalogs on the AVX2 / VNNI paths: the queries quantized for the integer prefilter
-// (scoring_cpu_kernels.h, Q8TileArgs), per group of 16 queries.
+// The AVX2 / VNNI paths on catalogs of kPrefilterMinItems or more: the queries quantized for the
+// integer prefilter (scoring_cpu_kernels.h, Q8TileArgs), per group of 16 queries.
 struct Q8Queries {
   std::vector<int8_t> panels;  // [groups][q8_quads(D)][16][4]
-  std::vector<float> scale, sum, corr, err, norm, slack;  // [groups * 16]
-  std::vector<uint8_t> exact_only;  // [groups]: a non-finite query, use the fp32 path
+  std::vector<float> scale, sum, corr, err, norm, slack, norm_full;  // [groups * 16]
+  std::vector<uint8_t> exact_only;  // [groups]: a non-finite or tiny query, use the fp32 path
 };
 
 Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t groups, int query_max) {
@@ -53,7 +57,7 @@ Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t g
   const float qmax = static_cast<float>(query_max);
   r.panels.assign(groups * quads * kLanes * 4, 0);
   r.scale.assign(groups * kLanes, 1.0f);
-  for (auto* v : {&r.sum, &r.corr, &r.err, &r.norm, &r.slack}) v->assign(groups * kLanes, 0.0f);
+  for (auto* v : {&r.sum, &r.corr, &r.err, &r.norm, &r.slack, &r.norm_full}) v->assign(groups * kLanes, 0.0f);
   r.exact_only.assign(groups, 0);
   for (int64_t u = 0; u < n_users; ++u) {
     const float* row = q + u * d;
@@ -64,13 +68,14 @@ Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t g
       finite &= std::isfinite(row[c]);
       maxabs = std::max(maxabs, std::fabs(row[c]));
     }
-    if (!finite || !std::isfinite(maxabs / qmax)) {
+    // (tiny queries too: the bound's roundings must stay in the normal range, see q8_quantize_rows)
+    if (!finite || !std::isfinite(maxabs / qmax) || (maxabs > 0.0f && maxabs < 0x1p-60f)) {
       r.exact_only[g] = 1;
       continue;
     }
     const float qs = maxabs > 0.0f ? maxabs / qmax : 1.0f;
     // the error sums in double: their own rounding stays far below the bound's 2^-10 inflation
-    double sum = 0.0, l1 = 0.0, err = 0.0, abs_err = 0.0, sq_err = 0.0;
+    double sum = 0.0, l1 = 0.0, sq = 0.0, err = 0.0, abs_err = 0.0, sq_err = 0.0;
     for (int64_t c = 0; c < d; ++c) {
       const float q8 = std::min(qmax, std::max(-qmax, std::nearbyint(row[c] / qs)));
       r.panels[((g * quads + c / 4) * kLanes + lane) * 4 + c % 4] = static_cast<int8_t>(q8);
@@ -80,6 +85,7 @@ Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t g
       sq_err += e * e;
       sum += row[c];
       l1 += std::fabs(row[c]);
+      sq += static_cast<double>(row[c]) * row[c];
     }
     r.scale[u] = qs;
     r.sum[u] = static_cast<float>(sum);
@@ -87,31 +93,49 @@ Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t g
     r.err[u] = static_cast<float>(127.5 * abs_err * (1.0 + 0x1p-10));
     r.norm[u] = static_cast<float>(std::sqrt(sq_err) * (1.0 + 0x1p-10));
     r.slack[u] = static_cast<float>(static_cast<double>(2 * d + 48) * 0x1p-24 * l1 * 1.25);
+    r.norm_full[u] = static_cast<float>(std::sqrt(sq) * (1.0 + 0x1p-10));
   }
   return r;
 }
 
-// A packed row's terms in the prefilter's bound (Q8Row). The sum of the odd integers
-// (2 code - 255)^2 is exact in int64.
-Q8Row q8_row(const uint8_t* row, int64_t d, float item_bias) {
-  Q8Row r;
-  std::memcpy(&r.scale, row + d, 4);
-  std::memcpy(&r.row_bias, row + d + 4, 4);
-  r.abs_scale = std::fabs(r.scale);
-  r.value_max = 255.0f * r.abs_scale + std::fabs(r.row_bias);
+// ||code - 127.5||_2 of a packed row, rounded up: the sum of the odd integers (2 code - 255)^2 is
+// exact in int64 (q8_quantize_rows_avx2 computes the same for the rows it makes).
+float code_norm(const uint8_t* row, int64_t d) {
   int64_t sq = 0;
   for (int64_t c = 0; c < d; ++c) {
     const int64_t t = 2 * static_cast<int64_t>(row[c]) - 255;
     sq += t * t;
   }
-  r.norm = static_cast<float>(0.5 * std::sqrt(static_cast<double>(sq)) * (1.0 + 0x1p-20));
+  return static_cast<float>(0.5 * std::sqrt(static_cast<double>(sq)) * (1.0 + 0x1p-20));
+}
+
+// A packed row's terms in the prefilter's bound (Q8Row), given its code_norm.
+Q8Row q8_row(const uint8_t* row, int64_t d, float item_bias, float norm) {
+  Q8Row r;
+  std::memcpy(&r.scale, row + d, 4);
+  std::memcpy(&r.row_bias, row + d + 4, 4);
+  r.abs_scale = std::fabs(r.scale);
+  r.value_max = 255.0f * r.abs_scale + std::fabs(r.row_bias);
+  r.norm = norm;
   r.bias_up = item_bias + std::fabs(item_bias) * 0x1p-20f;
+  r.res_norm = 0.0f;
+  return r;
+}
+
+// The same for a row of a float catalog's chunk quantized by q8_quantize_rows_avx2: the residual's
+// term and the roundings of the fp32 score on the row itself (scoring_cpu_kernels.h). The sum of
+// three non-negative floats * (1 + 2^-20) rounds up past their three roundings.
+Q8Row q8_row_of_floats(const uint8_t* row, int64_t d, float item_bias, float norm, float res_norm, float abs_max) {
+  Q8Row r = q8_row(row, d, item_bias, norm);
+  r.res_norm = res_norm;
+  r.value_max = (r.value_max + abs_max + res_norm) * (1.0f + 0x1p-20f);
+  r.bias_up = item_bias + std::fabs(item_bias) * 0x1p-19f;
   return r;
 }
 
 struct Problem {
   Table items;
-  const Q8Queries* q8 = nullptr;  // int8 prefilter on (AVX2 or VNNI, int8 catalog)
+  const Q8Queries* q8 = nullptr;  // the int8 prefilter on (AVX2 or VNNI, a large catalog)
   int64_t n_users, k;
   const float* panels;   // [groups][D][16]
   const float* bias;     // [I] fp32 or nullptr
@@ -128,7 +152,9 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
   const int64_t u0 = g0 * kLanes, u1 = std::min(P.n_users, g1 * kLanes), n_local = u1 - u0;
   const int64_t range = i1 - i0;
   const int64_t cap = range <= k ? range : std::min(range, 2 * k + 64);
-  const int64_t chunk_row_bytes = P.q8 != nullptr ? P.items.row_bytes : 4 * d;
+  // a float catalog through the prefilter: its chunks quantized here, the prefilter's rows
+  const bool quantize_chunks = P.q8 != nullptr && P.items.kind != Kind::kQ8;
+  const int64_t chunk_row_bytes = P.q8 == nullptr ? 4 * d : quantize_chunks ? d + 8 : P.items.row_bytes;
   int64_t chunk = std::max<int64_t>(12, std::min<int64_t>(1020, kChunkBytes / std::max<int64_t>(1, chunk_row_bytes)));
   chunk -= chunk % 12;
 
@@ -146,6 +172,8 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
   std::vector<float> q8_scratch(kQ8RescoreRows * d);  // the int8 prefilter's
   std::vector<Q8Row> row_info(chunk);
   std::vector<int32_t> passed(chunk);
+  std::vector<uint8_t> q8_rows(quantize_chunks ? chunk * (d + 8) : 0);
+  std::vector<float> norm(quantize_chunks ? chunk : 0), res_norm(norm.size()), abs_max(norm.size());
 
   for (int64_t c0 = i0; c0 < i1; c0 += chunk) {
     const int64_t n = std::min(chunk, i1 - c0);
@@ -163,7 +191,9 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
     };
     // the prefilter's bound needs rows of moderate size (255 |scale| + |bias| <= 1e30)
     bool chunk_q8 = P.q8 != nullptr;
-    for (int64_t i = 0; chunk_q8 && i < n; ++i) {
+    if (quantize_chunks)
+      chunk_q8 = q8_quantize_rows_avx2(fp32_rows(), n, d, q8_rows.data(), norm.data(), res_norm.data(), abs_max.data());
+    for (int64_t i = 0; chunk_q8 && !quantize_chunks && i < n; ++i) {
       float sb[2];
       std::memcpy(sb, P.items.data + (c0 + i) * P.items.row_bytes + d, 8);
       chunk_q8 = 255.0f * std::fabs(sb[0]) + std::fabs(sb[1]) <= 1e30f;
@@ -174,15 +204,21 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
     a.n_items = n;
     Q8TileArgs qa{};
     if (chunk_q8) {
-      qa.rows = P.items.data + c0 * P.items.row_bytes;
-      qa.row_bytes = P.items.row_bytes;
+      qa.rows = quantize_chunks ? q8_rows.data() : P.items.data + c0 * P.items.row_bytes;
+      qa.row_bytes = quantize_chunks ? d + 8 : P.items.row_bytes;
+      qa.exact_rows = quantize_chunks ? fp32_rows() : nullptr;
       qa.dim = d;
       qa.n_items = n;
       qa.bias = a.bias;
       qa.row_info = row_info.data();
       qa.passed = passed.data();
       qa.scratch = q8_scratch.data();
-      for (int64_t i = 0; i < n; ++i) row_info[i] = q8_row(qa.rows + i * qa.row_bytes, d, a.bias ? a.bias[i] : 0.0f);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint8_t* row = qa.rows + i * qa.row_bytes;
+        const float item_bias = a.bias ? a.bias[i] : 0.0f;
+        row_info[i] = quantize_chunks ? q8_row_of_floats(row, d, item_bias, norm[i], res_norm[i], abs_max[i])
+                                      : q8_row(row, d, item_bias, code_norm(row, d));
+      }
     }
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t valid = std::min<int64_t>(kLanes, P.n_users - g * kLanes);
@@ -198,6 +234,7 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
         qa.qnorm = Q.norm.data() + g * kLanes;
         qa.qerr = Q.err.data() + g * kLanes;
         qa.qslack = Q.slack.data() + g * kLanes;
+        qa.qnorm_full = Q.norm_full.data() + g * kLanes;
         qa.panel = P.panels + g * d * kLanes;
         qa.threshold = threshold;
         qa.lane_mask = lane_mask;
@@ -307,10 +344,11 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
   // The prefilter pays on catalogs that stream from memory; on a small one every item of the
   // first chunks passes it (the thresholds start empty) and is rescored one by one, measured 3x
   // slower than dequantizing each chunk once for the fp32 tiles (1500 items, 256 queries, k=10).
-  // The int32 sums stay exact while D * 255 * query_max < 2^31.
+  // A float catalog's chunks are quantized once per slab of queries, which must be large enough
+  // to repay it. The int32 sums stay exact while D * 255 * query_max < 2^31.
   const auto exact_sums = [d](int query_max) { return d * 255 * query_max < (int64_t{1} << 31); };
-  if (isa >= CpuIsa::kAvx2 && P.items.kind == Kind::kQ8 && d > 0 && n_items >= kPrefilterMinItems &&
-      exact_sums(kQ8QueryMax)) {
+  if (isa >= CpuIsa::kAvx2 && d > 0 && n_items >= kPrefilterMinItems && exact_sums(kQ8QueryMax) &&
+      (P.items.kind == Kind::kQ8 || n_users >= kFloatPrefilterMinUsers)) {
     const int query_max = vnni && exact_sums(kQ8QueryMaxVnni) ? kQ8QueryMaxVnni : kQ8QueryMax;
     q8 = quantize_queries(qf.const_data_ptr<float>(), n_users, d, groups, query_max);
     P.q8 = &q8;
