@@ -4,8 +4,9 @@
 //   RK_POOL, RK_POOL_INLINE   the function attributes (target ISA, fp-contract=off);
 //   Vec, kLanes               the float vector type and its lane count;
 //   vzero, vset1, vadd, vmul, vdiv, vstore, max_nan (NaN-propagating max), prefetch_lines;
-//   F32, F16, BF16, Q8, Q4    the row readers: params, load (kLanes columns from column c, a
-//                             multiple of kLanes), scalar, byte_of, kQuant, and Q4::load_of_4.
+//   F32, F16, BF16, Q8, Q4    the row readers: params (a RowParams, or a reader's own type
+//                             derived from it), load (kLanes columns from column c, a multiple
+//                             of kLanes), scalar, byte_of, kQuant, and Q4::load_of_4.
 // Per column every instruction set performs the same float operations in the same order
 // (value = code * scale + bias, * weight, then acc + value or max, index order, / count), so the
 // AVX-512, AVX2 and scalar paths give the same bits.
@@ -29,8 +30,8 @@ constexpr int kMaxVecs = (MAX || L::kQuant) ? 8 : 16;
 
 // Vector k (0 <= k < NV) of a column block: 4-bit rows decode 4 vectors per load where the block
 // holds the whole group (never reading past it, so never past the row).
-template <class L, int NV>
-RK_POOL_INLINE Vec load_vector(const uint8_t* block, int k, const RowParams& p) {
+template <class L, int NV, class P>
+RK_POOL_INLINE Vec load_vector(const uint8_t* block, int k, const P& p) {
   if constexpr (std::is_same_v<L, Q4>) {
     if ((k / 4 + 1) * 4 <= NV) return L::load_of_4(block, k, p);
   }
@@ -114,7 +115,7 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
       prefetch_ahead<KNOWN, MORE>(a, bag.idx, p, more);
     }
     const uint8_t* row = a.table + r * a.row_bytes;
-    const RowParams prm = L::params(row, a.dim, finite);
+    const auto prm = L::params(row, a.dim, finite);
     const uint8_t* block = row + L::byte_of(c0);  // constant offsets below (c0 is a multiple of kLanes)
     Vec w;
     if constexpr (W) w = vset1(a.weights[p]);

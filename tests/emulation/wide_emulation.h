@@ -2,7 +2,7 @@
 // csrc/embedding_bag/embedding_bag_cpu_avx512.h, so that their code runs on CPUs without them
 // (built with -DRK_EMULATE_WIDE by tests/test_int8_matmul_wide_emulated.py and
 // tests/test_embedding_bag_avx512_emulated.py). AVX-512: SIMDe (Debian's libsimde-dev), whose
-// native aliases give the _mm512_* names, plus the few conversions it lacks. AMX: a scalar model of the tile registers and of the ops the
+// native aliases give the _mm512_* names, plus the few conversions (and a masked shift) it lacks. AMX: a scalar model of the tile registers and of the ops the
 // kernel uses, following the ISA reference (TILELOADD, TILESTORED, TILEZERO, TDPBSSD: int8 x int8
 // quads summed into int32, wrapping), which also checks that every op fits the loaded config.
 #pragma once
@@ -55,6 +55,8 @@ inline simde__m512 cvtph_ps(simde__m256i a) {
 #define _mm512_cvtepu8_epi32(a) rk_avx512_emulation::widen16<uint8_t>(a)
 #define _mm512_cvtepu16_epi32(a) rk_avx512_emulation::widen16<uint16_t>(a)
 #define _mm512_cvtph_ps(a) rk_avx512_emulation::cvtph_ps(a)
+// masked shift: the lanes of k shifted, the others from src
+#define _mm512_mask_srli_epi32(src, k, a, imm) simde_mm512_mask_blend_epi32((k), (src), simde_mm512_srli_epi32((a), (imm)))
 
 namespace rk_amx_emulation {
 
