@@ -186,6 +186,36 @@ def test_output_dtypes(dtype, out_dtype):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def _packed_table(bits, n_rows, d, g):
+    """A row-wise packed table of random codes with moderate scales and biases, built directly
+    (quantizing a float table of this size would take seconds)."""
+    codes = torch.randint(0, 256, (n_rows, d if bits == 8 else d // 2), dtype=torch.uint8, generator=g)
+    scale_bias = torch.stack([torch.rand(n_rows, generator=g) * 0.01 + 1e-3, torch.randn(n_rows, generator=g)], 1)
+    tail = scale_bias.view(torch.uint8) if bits == 8 else scale_bias.half().view(torch.uint8)
+    return torch.cat([codes, tail], 1)
+
+
+@pytest.mark.parametrize("bits,d", [(None, 128), (None, 129), (8, 128), (4, 128)])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("max", False)])
+def test_tables_that_prefetch_into_l2(bits, d, mode, weighted):
+    """Tables beyond 32 MiB (kL2PrefetchBytes: their rows come from DRAM) prefetch the rows ahead
+    into L2 only, in instances of the kernels of their own: every path against the reference.
+    d = 129: the scalar tail's prefetch; quantized rows: their scale and bias lines."""
+    g = torch.Generator().manual_seed(d + (bits or 0))
+    row_bytes = {None: 4 * d, 8: d + 8, 4: d // 2 + 4}[bits]
+    n_rows = (33 << 20) // row_bytes + 1000
+    weight = torch.randn(n_rows, d, generator=g) if bits is None else _packed_table(bits, n_rows, d, g)
+    indices, offsets = bags(torch.randint(0, 40, (300,), generator=g), n_rows, generator=g)
+    kw = dict(mode=mode, bits=bits) if bits is not None else dict(mode=mode)
+    if weighted:
+        kw["per_sample_weights"] = torch.rand(indices.numel(), generator=g)
+    scalar, avx2 = both_paths(weight, indices, offsets, **kw)
+    expected = reference(weight, indices, offsets, **kw)
+    torch.testing.assert_close(scalar, expected, rtol=1e-5, atol=1e-5)
+    if avx2 is not None:
+        torch.testing.assert_close(avx2, expected, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- native op, value checks
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits,d", [(None, 64), (None, 128), (8, 128), (4, 128), (8, 24)])

@@ -320,6 +320,21 @@ def test_pair_scores_paths(dim, item_kind, query_dtype):
     torch.testing.assert_close(avx2, scoring.pair_scores(*args, backend="reference"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("big", ["items", "users"])
+def test_pair_scores_tables_that_prefetch_into_l2(big):
+    # a table beyond 32 MiB (kL2PrefetchBytes): the gather-dot's instances that prefetch into L2
+    g = torch.Generator().manual_seed(len(big))
+    n_big, dim = (33 << 20) // (4 * 64) + 1000, 64
+    u = torch.randn(n_big if big == "users" else 50, dim, generator=g)
+    w = torch.randn(n_big if big == "items" else 300, dim, generator=g)
+    ui = torch.randint(0, u.shape[0], (3000,), generator=g)
+    ii = torch.randint(0, w.shape[0], (3000,), generator=g)
+    args = (u, w, ui, ii)
+    scalar, avx2 = both_paths(lambda: scoring.pair_scores(*args, backend="cpu"))
+    assert_same(scalar, avx2)
+    torch.testing.assert_close(avx2, scoring.pair_scores(*args, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
 def test_pair_scores_backward_matches_reference():
     g = torch.Generator().manual_seed(1)
     u, w, bias = torch.randn(20, 9, generator=g), torch.randn(30, 9, generator=g), torch.randn(30, generator=g)

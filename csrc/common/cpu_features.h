@@ -3,6 +3,7 @@
 // lower paths on any machine; it never enables a path the CPU (or the OS) lacks.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <string>
 
@@ -17,6 +18,11 @@ struct CpuFeatures {
   bool avx512_bf16 = false;
   bool amx_int8 = false;     // AMX-TILE + AMX-INT8 (the OS permission is requested by the AMX kernel)
 };
+
+// Gathers from a table larger than this (about a last-level cache: its rows come from DRAM)
+// prefetch the rows ahead into L2 only (prefetcht1), smaller ones into L1 (prefetcht0); the
+// measurements are in embedding_bag_cpu_pool.h (Ahead).
+constexpr int64_t kL2PrefetchBytes = int64_t{32} << 20;
 
 const CpuFeatures& cpu_features();
 // The highest path the CPU supports, capped by RECSYS_KERNELS_CPU_ISA (read on every call, cheap).

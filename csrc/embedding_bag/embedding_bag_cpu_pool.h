@@ -18,6 +18,24 @@
 
 constexpr int64_t kPrefetch = 16;  // indices ahead (8..16 measured best on AVX2; 32 and more lose)
 
+// Where a column block prefetches the rows ahead: nowhere (a bag's later blocks, which find the
+// row in cache), into L1 (prefetcht0), or into L2 only (prefetcht1), for tables beyond
+// kL2PrefetchBytes (cpu_features.h). Measured on Zen 4 (2 threads, paired with torch): prefetcht1
+// took the DRAM-bound shape A (1M x 128 fp32) from 0.98x to 1.57x torch, 31.8 GB/s of rows against
+// the 27-34 GB/s of a sequential read (prefetcht0 fills the L1's few miss buffers, and the rows
+// ahead wait for them); the cache-resident shape B (50K x 64, 12.8 MB) lost 5% with it
+// (0.92x -> 0.87x). A prefetcht0 a few rows ahead on top of it lost on both.
+enum class Ahead { kNone, kL1, kL2 };
+
+template <Ahead A>
+RK_POOL_INLINE void prefetch_line(const char* p) {
+  if constexpr (A == Ahead::kL2) {
+    _mm_prefetch(p, _MM_HINT_T1);
+  } else {
+    _mm_prefetch(p, _MM_HINT_T0);
+  }
+}
+
 // Accumulator vectors per column block, i.e. the columns one pass over a bag's rows covers. One
 // pass per row matters on DRAM-bound gathers: while a second block walks the bag's rows again
 // (from cache) no new misses are issued (on AVX2 two blocks of 8 measured 1.2x slower than one of
@@ -68,7 +86,7 @@ RK_POOL_INLINE RowLines row_lines(const PoolArgs& a, int64_t known) {
 // compile-time count) go in straight-line code, and rows with MORE lines (later blocks, a
 // quantized row's scale and bias, a row that may end in a further line) get the rest from a
 // switch that falls through. Past idx_end the look-ahead is the current row.
-template <int64_t KNOWN, bool MORE, class I>
+template <Ahead A, int64_t KNOWN, bool MORE, class I>
 RK_POOL_INLINE void prefetch_ahead(const PoolArgs& a, const I* idx, int64_t p, RowLines more) {
   const int64_t q = p + kPrefetch < a.idx_end ? p + kPrefetch : p;
   // not checked: a prefetch never faults, so a bad look-ahead index only prefetches a useless
@@ -78,10 +96,10 @@ RK_POOL_INLINE void prefetch_ahead(const PoolArgs& a, const I* idx, int64_t p, R
   const char* row =
       reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(a.table) + r * static_cast<uint64_t>(a.row_bytes));
 #pragma GCC unroll 16
-  for (int64_t l = 0; l < KNOWN; ++l) _mm_prefetch(row + 64 * l, _MM_HINT_T0);
+  for (int64_t l = 0; l < KNOWN; ++l) prefetch_line<A>(row + 64 * l);
   if constexpr (MORE) {
-    prefetch_lines(row + 64 * KNOWN, more.extra);
-    if (more.last_byte) _mm_prefetch(row + a.row_bytes - 1, _MM_HINT_T0);
+    prefetch_lines<A == Ahead::kL2>(row + 64 * KNOWN, more.extra);
+    if (more.last_byte) prefetch_line<A>(row + a.row_bytes - 1);
   }
 }
 
@@ -97,9 +115,9 @@ RK_POOL_INLINE bool out_of_range(int64_t r, const PoolArgs& a) {
   return static_cast<uint64_t>(r) >= static_cast<uint64_t>(a.n_rows);
 }
 
-// One column block [c0, c0 + kLanes * NV) of a bag (see pool_block); FIRST: prefetch the KNOWN first
-// lines of the row ahead, MORE: and its further lines too.
-template <class L, int NV, bool MAX, bool W, bool FIRST, int64_t KNOWN, bool MORE, class I>
+// One column block [c0, c0 + kLanes * NV) of a bag (see pool_block); AHEAD (not kNone): prefetch
+// the KNOWN first lines of the row ahead, MORE: and its further lines too.
+template <class L, int NV, bool MAX, bool W, Ahead AHEAD, int64_t KNOWN, bool MORE, class I>
 RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c0, RowLines more, bool& ok) {
   Vec acc[NV];
   const Vec init = MAX ? vset1(-INFINITY) : vzero();
@@ -110,9 +128,9 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
   bool finite = true;  // a local: through the reference GCC stored it on every row
   for (int64_t p = bag.s; p < bag.e; ++p) {
     const int64_t r = bag.idx[p];
-    if constexpr (FIRST) {
+    if constexpr (AHEAD != Ahead::kNone) {
       if (out_of_range(r, a)) return p;
-      prefetch_ahead<KNOWN, MORE>(a, bag.idx, p, more);
+      prefetch_ahead<AHEAD, KNOWN, MORE>(a, bag.idx, p, more);
     }
     const uint8_t* row = a.table + r * a.row_bytes;
     const auto prm = L::params(row, a.dim, finite);
@@ -139,24 +157,24 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
   return -1;
 }
 
-// One column block [c0, c0 + kLanes * NV) of a bag. FIRST: the bag's first block, which prefetches
-// the whole row ahead (the later blocks find it in L1/L2) and checks each index before it reads
-// the row. Returns the position of an index out of range, else -1.
-template <class L, int NV, bool MAX, bool W, bool FIRST, class I>
+// One column block [c0, c0 + kLanes * NV) of a bag. AHEAD (not kNone): the bag's first block, which
+// prefetches the whole row ahead (the later blocks find it in cache) and checks each index before
+// it reads the row. Returns the position of an index out of range, else -1.
+template <class L, int NV, bool MAX, bool W, Ahead AHEAD, class I>
 RK_POOL int64_t pool_block(const PoolArgs& args, const Bag<I>& bag, int64_t c0, bool& ok) {
   const PoolArgs a = args;  // not reloaded from memory on every row (see pool_bags_one_block)
   // the lines the block's own columns span in a 64-byte aligned row, known at compile time
   constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
-  if (!FIRST) return pool_rows<L, NV, MAX, W, false, kKnown, false>(a, bag, c0, {}, ok);
+  if constexpr (AHEAD == Ahead::kNone) return pool_rows<L, NV, MAX, W, AHEAD, kKnown, false>(a, bag, c0, {}, ok);
   const RowLines more = row_lines(a, kKnown);
   // one loop with and one without the further lines, not a branch per row: that branch, though
   // predicted, cost 7% on the cache-resident shape B (the row loop is ~25 instructions)
-  return more.any() ? pool_rows<L, NV, MAX, W, true, kKnown, true>(a, bag, c0, more, ok)
-                    : pool_rows<L, NV, MAX, W, true, kKnown, false>(a, bag, c0, more, ok);
+  return more.any() ? pool_rows<L, NV, MAX, W, AHEAD, kKnown, true>(a, bag, c0, more, ok)
+                    : pool_rows<L, NV, MAX, W, AHEAD, kKnown, false>(a, bag, c0, more, ok);
 }
 
-// Columns [c0, dim), fewer than kLanes; FIRST as in pool_block (c0 == 0: the row has no full vector).
-template <class L, bool MAX, bool W, bool FIRST, class I>
+// Columns [c0, dim), fewer than kLanes; AHEAD as in pool_block (c0 == 0: the row has no full vector).
+template <class L, bool MAX, bool W, Ahead AHEAD, class I>
 RK_POOL int64_t pool_tail(const PoolArgs& args, const Bag<I>& bag, int64_t c0, bool& ok) {
   const PoolArgs a = args;  // not reloaded from memory on every row (see pool_bags_one_block)
   float acc[kLanes];
@@ -165,9 +183,9 @@ RK_POOL int64_t pool_tail(const PoolArgs& args, const Bag<I>& bag, int64_t c0, b
   const RowLines all = row_lines(a, 0);
   for (int64_t p = bag.s; p < bag.e; ++p) {
     const int64_t r = bag.idx[p];
-    if constexpr (FIRST) {
+    if constexpr (AHEAD != Ahead::kNone) {
       if (out_of_range(r, a)) return p;
-      prefetch_ahead<0, true>(a, bag.idx, p, all);
+      prefetch_ahead<AHEAD, 0, true>(a, bag.idx, p, all);
     }
     const uint8_t* row = a.table + r * a.row_bytes;
     const RowParams prm = L::params(row, a.dim, ok);
@@ -183,18 +201,18 @@ RK_POOL int64_t pool_tail(const PoolArgs& args, const Bag<I>& bag, int64_t c0, b
 }
 
 // pool_block for a block of nv (1..kMaxVecs) vectors: the template instance with NV == nv.
-template <class L, bool MAX, bool W, bool FIRST, class I, int NV = 1>
+template <class L, bool MAX, bool W, Ahead AHEAD, class I, int NV = 1>
 RK_POOL_INLINE int64_t pool_block_n(int nv, const PoolArgs& a, const Bag<I>& bag, int64_t c0, bool& ok) {
   if constexpr (NV < kMaxVecs<L, MAX>) {
-    if (nv != NV) return pool_block_n<L, MAX, W, FIRST, I, NV + 1>(nv, a, bag, c0, ok);
+    if (nv != NV) return pool_block_n<L, MAX, W, AHEAD, I, NV + 1>(nv, a, bag, c0, ok);
   }
-  return pool_block<L, NV, MAX, W, FIRST>(a, bag, c0, ok);
+  return pool_block<L, NV, MAX, W, AHEAD>(a, bag, c0, ok);
 }
 
 // Every bag of a run whose rows are one column block of NV vectors (D = kLanes * NV, no scalar
 // tail): the bag loop and the row loop in one function, the prefetch variant chosen once per run
 // (a call of pool_block and its choice per bag made bags of 2-4 indices up to 1.3x slower).
-template <class L, int NV, bool MAX, bool W, int64_t KNOWN, bool MORE, class I>
+template <class L, int NV, bool MAX, bool W, Ahead AHEAD, int64_t KNOWN, bool MORE, class I>
 RK_POOL_INLINE PoolResult pool_bags_one_block(const PoolArgs& args, RowLines more) {
   // a copy the output stores cannot alias (intrinsic stores may alias anything): through the
   // reference GCC reloaded the table, the row size and idx_end from memory on every row, and this
@@ -212,13 +230,13 @@ RK_POOL_INLINE PoolResult pool_bags_one_block(const PoolArgs& args, RowLines mor
       for (int k = 0; k < NV; ++k) vstore(bag.out + kLanes * k, vzero());
       continue;
     }
-    const int64_t bad = pool_rows<L, NV, MAX, W, true, KNOWN, MORE>(a, bag, 0, more, ok);
+    const int64_t bad = pool_rows<L, NV, MAX, W, AHEAD, KNOWN, MORE>(a, bag, 0, more, ok);
     if (bad >= 0) return {bad, ok};
   }
   return {-1, ok};
 }
 
-template <class L, int NV, bool MAX, bool W, class I>
+template <class L, int NV, bool MAX, bool W, Ahead AHEAD, class I>
 RK_POOL PoolResult pool_run_one_block(const PoolArgs& a) {
   constexpr int64_t kKnown = (L::byte_of(kLanes * NV) + 63) / 64;
   // The block holds the whole row, so its lines are known at compile time, a quantized row's scale
@@ -226,24 +244,24 @@ RK_POOL PoolResult pool_run_one_block(const PoolArgs& a) {
   // rows need no switch (an indirect jump per row) for the line of their scale and bias.
   constexpr int64_t kWhole = (L::byte_of(kLanes * NV) + L::kTailBytes + 63) / 64;
   if constexpr (kWhole > kKnown) {
-    if (!row_lines(a, kWhole).any()) return pool_bags_one_block<L, NV, MAX, W, kWhole, false, I>(a, {});
+    if (!row_lines(a, kWhole).any()) return pool_bags_one_block<L, NV, MAX, W, AHEAD, kWhole, false, I>(a, {});
   }
   const RowLines more = row_lines(a, kKnown);
-  return more.any() ? pool_bags_one_block<L, NV, MAX, W, kKnown, true, I>(a, more)
-                    : pool_bags_one_block<L, NV, MAX, W, kKnown, false, I>(a, more);
+  return more.any() ? pool_bags_one_block<L, NV, MAX, W, AHEAD, kKnown, true, I>(a, more)
+                    : pool_bags_one_block<L, NV, MAX, W, AHEAD, kKnown, false, I>(a, more);
 }
 
 // pool_run_one_block for rows of nv (1..kMaxVecs) vectors: the template instance with NV == nv.
-template <class L, bool MAX, bool W, class I, int NV = 1>
+template <class L, bool MAX, bool W, Ahead AHEAD, class I, int NV = 1>
 RK_POOL_INLINE PoolResult pool_run_one_block_n(int nv, const PoolArgs& a) {
   if constexpr (NV < kMaxVecs<L, MAX>) {
-    if (nv != NV) return pool_run_one_block_n<L, MAX, W, I, NV + 1>(nv, a);
+    if (nv != NV) return pool_run_one_block_n<L, MAX, W, AHEAD, I, NV + 1>(nv, a);
   }
-  return pool_run_one_block<L, NV, MAX, W, I>(a);
+  return pool_run_one_block<L, NV, MAX, W, AHEAD, I>(a);
 }
 
-// Every bag of the run, bag by bag (one pass over a bag's rows per column block).
-template <class L, class I, bool MAX, bool W>
+// Every bag of the run, bag by bag (one pass over a bag's rows per column block); AHEAD: kL1 or kL2.
+template <class L, class I, bool MAX, bool W, Ahead AHEAD>
 RK_POOL PoolResult pool_run(const PoolArgs& a) {
   constexpr int kBlock = kMaxVecs<L, MAX>;
   const I* idx = static_cast<const I*>(a.idx);
@@ -253,7 +271,7 @@ RK_POOL PoolResult pool_run(const PoolArgs& a) {
   // with sum alone; it keeps the per-bag path, which saves compiling one more set of instances)
   if constexpr (!(MAX && W)) {
     if (nvec >= 1 && nvec <= kBlock && kLanes * nvec == a.dim)
-      return pool_run_one_block_n<L, MAX, W, I>(static_cast<int>(nvec), a);
+      return pool_run_one_block_n<L, MAX, W, AHEAD, I>(static_cast<int>(nvec), a);
   }
   const int64_t n_full = nvec / kBlock;  // full blocks
   const int rest = static_cast<int>(nvec % kBlock);
@@ -273,26 +291,32 @@ RK_POOL PoolResult pool_run(const PoolArgs& a) {
     }
     int64_t bad = -1;
     for (int64_t v = 0; v < n_full && bad < 0; ++v) {
-      bad = v == 0 ? pool_block<L, kBlock, MAX, W, true>(a, bag, 0, ok)
-                   : pool_block<L, kBlock, MAX, W, false>(a, bag, kLanes * kBlock * v, ok);
+      bad = v == 0 ? pool_block<L, kBlock, MAX, W, AHEAD>(a, bag, 0, ok)
+                   : pool_block<L, kBlock, MAX, W, Ahead::kNone>(a, bag, kLanes * kBlock * v, ok);
     }
     if (rest > 0 && bad < 0) {
-      bad = n_full == 0 ? pool_block_n<L, MAX, W, true, I>(rest, a, bag, 0, ok)
-                        : pool_block_n<L, MAX, W, false, I>(rest, a, bag, kLanes * kBlock * n_full, ok);
+      bad = n_full == 0 ? pool_block_n<L, MAX, W, AHEAD, I>(rest, a, bag, 0, ok)
+                        : pool_block_n<L, MAX, W, Ahead::kNone, I>(rest, a, bag, kLanes * kBlock * n_full, ok);
     }
     if (kLanes * nvec < a.dim && bad < 0) {
-      bad = nvec == 0 ? pool_tail<L, MAX, W, true>(a, bag, 0, ok) : pool_tail<L, MAX, W, false>(a, bag, kLanes * nvec, ok);
+      bad = nvec == 0 ? pool_tail<L, MAX, W, AHEAD>(a, bag, 0, ok)
+                      : pool_tail<L, MAX, W, Ahead::kNone>(a, bag, kLanes * nvec, ok);
     }
     if (bad >= 0) return {bad, ok};
   }
   return {-1, ok};
 }
 
+template <class L, class I, Ahead AHEAD>
+RK_POOL PoolResult pool_mode(const PoolArgs& a) {
+  const bool w = a.weights != nullptr;
+  if (a.is_max) return w ? pool_run<L, I, true, true, AHEAD>(a) : pool_run<L, I, true, false, AHEAD>(a);
+  return w ? pool_run<L, I, false, true, AHEAD>(a) : pool_run<L, I, false, false, AHEAD>(a);
+}
+
 template <class L, class I>
 RK_POOL PoolResult pool_kind(const PoolArgs& a) {
-  const bool w = a.weights != nullptr;
-  if (a.is_max) return w ? pool_run<L, I, true, true>(a) : pool_run<L, I, true, false>(a);
-  return w ? pool_run<L, I, false, true>(a) : pool_run<L, I, false, false>(a);
+  return a.n_rows * a.row_bytes > kL2PrefetchBytes ? pool_mode<L, I, Ahead::kL2>(a) : pool_mode<L, I, Ahead::kL1>(a);
 }
 
 template <class I>

@@ -42,13 +42,15 @@ constexpr int64_t kPrefetch = 8;
 // may reach one line further). With a loop over the lines per row instead of the straight-line
 // prefetch_lines, the 1M-pair fp32 D = 64 benchmark ran 1.2x slower (2 threads, 77-79 ms against
 // 54-67 ms).
+// L2: into L2 only (DotArgs::rows_from_dram).
+template <bool L2>
 RK_AVX2_INLINE void prefetch_row(const uint8_t* p, int64_t lines, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
-  avx2::prefetch_lines(c, lines);
-  _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
+  avx2::prefetch_lines<L2>(c, lines);
+  _mm_prefetch(c + bytes - 1, L2 ? _MM_HINT_T1 : _MM_HINT_T0);
 }
 
-template <typename QL, typename IL, typename I>
+template <typename QL, typename IL, typename I, bool L2>
 RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
   const int64_t d = a.dim, d8 = d & ~int64_t(7);
   bool ok = true;
@@ -56,8 +58,11 @@ RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
   const int64_t item_lines = (a.item_row_bytes + 63) / 64, q_lines = (a.q_row_bytes + 63) / 64;
   for (int64_t p = 0; p < a.n; ++p) {
     if (p + kPrefetch < a.n) {
-      prefetch_row(a.items + idx_at<I>(a.item_idx, p + kPrefetch) * a.item_row_bytes, item_lines, a.item_row_bytes);
-      if (!fixed) prefetch_row(a.queries + idx_at<I>(a.user_idx, p + kPrefetch) * a.q_row_bytes, q_lines, a.q_row_bytes);
+      prefetch_row<L2>(a.items + idx_at<I>(a.item_idx, p + kPrefetch) * a.item_row_bytes, item_lines,
+                       a.item_row_bytes);
+      if (!fixed) {
+        prefetch_row<L2>(a.queries + idx_at<I>(a.user_idx, p + kPrefetch) * a.q_row_bytes, q_lines, a.q_row_bytes);
+      }
     }
     const int64_t item = idx_at<I>(a.item_idx, p);
     const uint8_t* q = a.queries + (fixed ? a.fixed_user : idx_at<I>(a.user_idx, p)) * a.q_row_bytes;
@@ -73,18 +78,23 @@ RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
   return ok;
 }
 
-template <typename QL, typename IL>
+template <typename QL, typename IL, bool L2>
 RK_AVX2 bool dot_pairs_idx(const DotArgs& a) {
-  return a.idx64 ? dot_pairs_impl<QL, IL, int64_t>(a) : dot_pairs_impl<QL, IL, int32_t>(a);
+  return a.idx64 ? dot_pairs_impl<QL, IL, int64_t, L2>(a) : dot_pairs_impl<QL, IL, int32_t, L2>(a);
+}
+
+template <typename QL, typename IL>
+RK_AVX2 bool dot_pairs_far(const DotArgs& a) {
+  return a.rows_from_dram ? dot_pairs_idx<QL, IL, true>(a) : dot_pairs_idx<QL, IL, false>(a);
 }
 
 template <typename QL>
 RK_AVX2 bool dot_pairs_q(const DotArgs& a) {
   switch (a.item_kind) {
-    case Kind::kF32: return dot_pairs_idx<QL, F32>(a);
-    case Kind::kF16: return dot_pairs_idx<QL, F16>(a);
-    case Kind::kBF16: return dot_pairs_idx<QL, BF16>(a);
-    case Kind::kQ8: return dot_pairs_idx<QL, Q8>(a);
+    case Kind::kF32: return dot_pairs_far<QL, F32>(a);
+    case Kind::kF16: return dot_pairs_far<QL, F16>(a);
+    case Kind::kBF16: return dot_pairs_far<QL, BF16>(a);
+    case Kind::kQ8: return dot_pairs_far<QL, Q8>(a);
   }
   return true;
 }
