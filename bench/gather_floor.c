@@ -1,7 +1,7 @@
 // The memory floor of the gather-bound ops on this machine, in plain C (no torch, no recsys_kernels):
 // the sequential read bandwidth, and the best rate we could get out of random row gathers written
 // as simply as possible (all accumulators in registers, every line of the row a few rows ahead
-// prefetched), on 4 KB pages and on 2 MB pages. embedding_bag at shape A and pair_scores are
+// prefetched, into L1 or into L2 only), on 4 KB pages and on 2 MB pages. embedding_bag at shape A and pair_scores are
 // compared with these figures in docs/design.md ("The memory floor"). Build and run it with
 // `bash bench/gather_floor.sh` (OMP_NUM_THREADS sets the threads, 2 by default).
 #include <immintrin.h>
@@ -50,41 +50,46 @@ static double seq_read(const float* t, size_t bytes, float* sink) {
 }
 
 // Bags of 32 random rows of D = 128 floats (embedding_bag's shape A): sum pooling, the rows 16
-// ahead prefetched. Returns GB/s of row bytes.
-static double bag_gather(const float* t, const int64_t* idx, int64_t n_bags, float* out) {
-  const double t0 = now();
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < n_bags; ++b) {
-    __m512 acc[8];
-    for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
-    for (int64_t p = 32 * b; p < 32 * b + 32; ++p) {
-      const char* ahead = (const char*)(t + idx[p + 16 < 32 * n_bags ? p + 16 : p] * 128);
-      for (int l = 0; l < 8; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-      const float* row = t + idx[p] * 128;
-      for (int k = 0; k < 8; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_loadu_ps(row + 16 * k));
-    }
-    for (int k = 0; k < 8; ++k) _mm512_storeu_ps(out + 128 * b + 16 * k, acc[k]);
+// ahead prefetched with HINT. Returns GB/s of row bytes.
+#define BAG_GATHER(name, HINT)                                                                  \
+  static double name(const float* t, const int64_t* idx, int64_t n_bags, float* out) {         \
+    const double t0 = now();                                                                    \
+    _Pragma("omp parallel for schedule(static)") for (int64_t b = 0; b < n_bags; ++b) {        \
+      __m512 acc[8];                                                                            \
+      for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();                                 \
+      for (int64_t p = 32 * b; p < 32 * b + 32; ++p) {                                          \
+        const char* ahead = (const char*)(t + idx[p + 16 < 32 * n_bags ? p + 16 : p] * 128);    \
+        for (int l = 0; l < 8; ++l) _mm_prefetch(ahead + 64 * l, HINT);                         \
+        const float* row = t + idx[p] * 128;                                                    \
+        for (int k = 0; k < 8; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_loadu_ps(row + 16 * k)); \
+      }                                                                                         \
+      for (int k = 0; k < 8; ++k) _mm512_storeu_ps(out + 128 * b + 16 * k, acc[k]);             \
+    }                                                                                           \
+    return 32.0 * n_bags * 512 / (now() - t0) / 1e9;                                            \
   }
-  return 32.0 * n_bags * 512 / (now() - t0) / 1e9;
-}
+BAG_GATHER(bag_gather_l1, _MM_HINT_T0)
+BAG_GATHER(bag_gather_l2, _MM_HINT_T1)
 
 // Dot products of random (user, item) pairs of D = 64 rows (pair_scores' shape), the pair 8
-// ahead prefetched. Returns GB/s of row bytes.
-static double pair_dots(const float* u, const float* v, const int64_t* ui, const int64_t* vi, int64_t n, float* out) {
-  const double t0 = now();
-#pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < n; ++p) {
-    if (p + 8 < n) {
-      const char* a = (const char*)(u + ui[p + 8] * 64), *b = (const char*)(v + vi[p + 8] * 64);
-      for (int l = 0; l < 4; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T0), _mm_prefetch(b + 64 * l, _MM_HINT_T0);
-    }
-    const float* a = u + ui[p] * 64, *b = v + vi[p] * 64;
-    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-    for (int k = 16; k < 64; k += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), s);
-    out[p] = _mm512_reduce_add_ps(s);
+// ahead prefetched with HINT. Returns GB/s of row bytes.
+#define PAIR_DOTS(name, HINT)                                                                          \
+  static double name(const float* u, const float* v, const int64_t* ui, const int64_t* vi, int64_t n, \
+                     float* out) {                                                                     \
+    const double t0 = now();                                                                           \
+    _Pragma("omp parallel for schedule(static)") for (int64_t p = 0; p < n; ++p) {                    \
+      if (p + 8 < n) {                                                                                 \
+        const char *a = (const char*)(u + ui[p + 8] * 64), *b = (const char*)(v + vi[p + 8] * 64);     \
+        for (int l = 0; l < 4; ++l) _mm_prefetch(a + 64 * l, HINT), _mm_prefetch(b + 64 * l, HINT);    \
+      }                                                                                                \
+      const float *a = u + ui[p] * 64, *b = v + vi[p] * 64;                                            \
+      __m512 s = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));                                \
+      for (int k = 16; k < 64; k += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), s); \
+      out[p] = _mm512_reduce_add_ps(s);                                                                \
+    }                                                                                                  \
+    return n * 512.0 / (now() - t0) / 1e9;                                                             \
   }
-  return n * 512.0 / (now() - t0) / 1e9;
-}
+PAIR_DOTS(pair_dots_l1, _MM_HINT_T0)
+PAIR_DOTS(pair_dots_l2, _MM_HINT_T1)
 
 // Median over `rounds` calls of one of the measurements above.
 #define MEDIAN(rounds, expr)                                           \
@@ -104,14 +109,17 @@ int main(void) {
   for (int64_t i = 0; i < pairs; ++i) ui[i] = next() % rows, vi[i] = next() % rows;
   float* out = aligned_alloc(64, n_bags * 512 > pairs * 4 ? n_bags * 512 : pairs * 4);
   printf("threads %d\n", omp_get_max_threads());
-  double seq[2], bags[2], dots[2];
+  // [pages][hint]: pages 4 KB / 2 MB, rows ahead prefetched into L1 (prefetcht0) / L2 (prefetcht1)
+  double seq[2], bags[2][2], dots[2][2];
   for (int huge = 0; huge <= 1; ++huge) {
     float* t = table(rows * 512, huge);  // 1M x 128 fp32
     seq[huge] = MEDIAN(5, seq_read(t, rows * 512, &sink));
-    bags[huge] = MEDIAN(15, bag_gather(t, idx, n_bags, out));
+    bags[huge][0] = MEDIAN(15, bag_gather_l1(t, idx, n_bags, out));
+    bags[huge][1] = MEDIAN(15, bag_gather_l2(t, idx, n_bags, out));
     free(t);
     float *u = table(rows * 256, huge), *v = table(rows * 256, huge);  // two 1M x 64 fp32
-    dots[huge] = MEDIAN(9, pair_dots(u, v, ui, vi, pairs, out));
+    dots[huge][0] = MEDIAN(9, pair_dots_l1(u, v, ui, vi, pairs, out));
+    dots[huge][1] = MEDIAN(9, pair_dots_l2(u, v, ui, vi, pairs, out));
     free(u);
     free(v);
   }
@@ -119,9 +127,11 @@ int main(void) {
   // prefetcher run on across 4 KB boundaries)
   const double peak = seq[0] > seq[1] ? seq[0] : seq[1];
   for (int huge = 0; huge <= 1; ++huge)
-    printf("%s: sequential read %.1f GB/s; bags of 512-byte rows %.1f GB/s (%.0f%% of %.1f); pairs of 256-byte "
-           "rows %.1f GB/s (%.0f%%; %.1f ms for 1M pairs)\n",
-           huge ? "2 MB pages" : "4 KB pages", seq[huge], bags[huge], 100 * bags[huge] / peak, peak, dots[huge],
-           100 * dots[huge] / peak, pairs * 512.0 / dots[huge] / 1e6);
+    for (int l2 = 0; l2 <= 1; ++l2)
+      printf("%s, prefetch into %s: sequential read %.1f GB/s; bags of 512-byte rows %.1f GB/s (%.0f%% of %.1f); "
+             "pairs of 256-byte rows %.1f GB/s (%.0f%%; %.1f ms for 1M pairs)\n",
+             huge ? "2 MB pages" : "4 KB pages", l2 ? "L2" : "L1", seq[huge], bags[huge][l2],
+             100 * bags[huge][l2] / peak, peak, dots[huge][l2], 100 * dots[huge][l2] / peak,
+             pairs * 512.0 / dots[huge][l2] / 1e6);
   return sink == 12345.0f;  // keeps the sums alive
 }
