@@ -31,25 +31,30 @@ RK_AVX2_INLINE bool both_finite(U bits) {
   return (((bits & kExp) + kLow) & kSign) == 0;
 }
 
+// Prefetch the line of p. L2: into L2 only (prefetcht1), for rows that come from DRAM (see
+// embedding_bag_cpu_pool.h, Ahead), else into L1 (prefetcht0).
+template <bool L2>
+RK_AVX2_INLINE void prefetch_line(const char* p) {
+  _mm_prefetch(p, L2 ? _MM_HINT_T1 : _MM_HINT_T0);
+}
+
 // Prefetch n lines from p (one every 64 bytes), in straight-line code up to 8 lines: a switch that
 // falls through (the gathers prefetch every row ahead, and a loop over its lines per row ran
-// 1.2-1.9x slower there). L2: into L2 only (prefetcht1), for rows that come from DRAM (see
-// embedding_bag_cpu_pool.h, Ahead), else into L1.
+// 1.2-1.9x slower there). L2 as in prefetch_line.
 template <bool L2 = false>
 RK_AVX2_INLINE void prefetch_lines(const char* p, int64_t n) {
-  constexpr auto kHint = L2 ? _MM_HINT_T1 : _MM_HINT_T0;
   switch (n) {
-    case 8: _mm_prefetch(p + 448, kHint); [[fallthrough]];
-    case 7: _mm_prefetch(p + 384, kHint); [[fallthrough]];
-    case 6: _mm_prefetch(p + 320, kHint); [[fallthrough]];
-    case 5: _mm_prefetch(p + 256, kHint); [[fallthrough]];
-    case 4: _mm_prefetch(p + 192, kHint); [[fallthrough]];
-    case 3: _mm_prefetch(p + 128, kHint); [[fallthrough]];
-    case 2: _mm_prefetch(p + 64, kHint); [[fallthrough]];
-    case 1: _mm_prefetch(p, kHint); [[fallthrough]];
+    case 8: prefetch_line<L2>(p + 448); [[fallthrough]];
+    case 7: prefetch_line<L2>(p + 384); [[fallthrough]];
+    case 6: prefetch_line<L2>(p + 320); [[fallthrough]];
+    case 5: prefetch_line<L2>(p + 256); [[fallthrough]];
+    case 4: prefetch_line<L2>(p + 192); [[fallthrough]];
+    case 3: prefetch_line<L2>(p + 128); [[fallthrough]];
+    case 2: prefetch_line<L2>(p + 64); [[fallthrough]];
+    case 1: prefetch_line<L2>(p); [[fallthrough]];
     case 0: break;
     default:
-      for (int64_t l = 0; l < n; ++l) _mm_prefetch(p + 64 * l, kHint);
+      for (int64_t l = 0; l < n; ++l) prefetch_line<L2>(p + 64 * l);
   }
 }
 

@@ -44,6 +44,7 @@ RK_AVX2_INLINE Vec max_nan(Vec acc, Vec v) {
 using avx2::BF16;
 using avx2::F16;
 using avx2::F32;
+using avx2::prefetch_line;
 using avx2::prefetch_lines;
 using avx2::Q4;
 using avx2::Q8;

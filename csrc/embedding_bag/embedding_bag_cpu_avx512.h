@@ -57,6 +57,7 @@ RK_AVX512_INLINE Vec max_nan(Vec acc, Vec v) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_max_ps(v, acc), v);
 }
 
+using avx2::prefetch_line;
 using avx2::prefetch_lines;
 using avx2::RowParams;
 

@@ -3,7 +3,7 @@
 // embedding_bag_cpu_avx512.h include it inside their kernel namespace, after defining
 //   RK_POOL, RK_POOL_INLINE   the function attributes (target ISA, fp-contract=off);
 //   Vec, kLanes               the float vector type and its lane count;
-//   vzero, vset1, vadd, vmul, vdiv, vstore, max_nan (NaN-propagating max), prefetch_lines;
+//   vzero, vset1, vadd, vmul, vdiv, vstore, max_nan (NaN-propagating max), prefetch_line(s);
 //   F32, F16, BF16, Q8, Q4    the row readers: params (a RowParams, or a reader's own type
 //                             derived from it), load (kLanes columns from column c, a multiple
 //                             of kLanes), scalar, byte_of, kQuant, and Q4::load_of_4.
@@ -26,15 +26,6 @@ constexpr int64_t kPrefetch = 16;  // indices ahead (8..16 measured best on AVX2
 // ahead wait for them); the cache-resident shape B (50K x 64, 12.8 MB) lost 5% with it
 // (0.92x -> 0.87x). A prefetcht0 a few rows ahead on top of it lost on both.
 enum class Ahead { kNone, kL1, kL2 };
-
-template <Ahead A>
-RK_POOL_INLINE void prefetch_line(const char* p) {
-  if constexpr (A == Ahead::kL2) {
-    _mm_prefetch(p, _MM_HINT_T1);
-  } else {
-    _mm_prefetch(p, _MM_HINT_T0);
-  }
-}
 
 // Accumulator vectors per column block, i.e. the columns one pass over a bag's rows covers. One
 // pass per row matters on DRAM-bound gathers: while a second block walks the bag's rows again
@@ -95,11 +86,12 @@ RK_POOL_INLINE void prefetch_ahead(const PoolArgs& a, const I* idx, int64_t p, R
   const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[q]));
   const char* row =
       reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(a.table) + r * static_cast<uint64_t>(a.row_bytes));
+  constexpr bool kL2 = A == Ahead::kL2;
 #pragma GCC unroll 16
-  for (int64_t l = 0; l < KNOWN; ++l) prefetch_line<A>(row + 64 * l);
+  for (int64_t l = 0; l < KNOWN; ++l) prefetch_line<kL2>(row + 64 * l);
   if constexpr (MORE) {
-    prefetch_lines<A == Ahead::kL2>(row + 64 * KNOWN, more.extra);
-    if (more.last_byte) prefetch_line<A>(row + a.row_bytes - 1);
+    prefetch_lines<kL2>(row + 64 * KNOWN, more.extra);
+    if (more.last_byte) prefetch_line<kL2>(row + a.row_bytes - 1);
   }
 }
 

@@ -47,7 +47,7 @@ template <bool L2>
 RK_AVX2_INLINE void prefetch_row(const uint8_t* p, int64_t lines, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
   avx2::prefetch_lines<L2>(c, lines);
-  _mm_prefetch(c + bytes - 1, L2 ? _MM_HINT_T1 : _MM_HINT_T0);
+  avx2::prefetch_line<L2>(c + bytes - 1);
 }
 
 template <typename QL, typename IL, typename I, bool L2>
@@ -299,10 +299,6 @@ RK_AVX2 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out) {
   return n;
 }
 
-}  // namespace recsys_kernels::scoring_cpu
-
-namespace recsys_kernels::scoring_cpu {
-
 // One pass per row for min and max (and NaN), one for the codes, their values, the codes' norm
 // (int32 lanes: each adds at most D / 8 squares of at most 255^2, exact for any D the prefilter
 // takes) and the residual. The residual adds up in steps (r / scale in [-1/2, 1/2], so its squares
@@ -370,7 +366,7 @@ RK_AVX2 bool q8_quantize_rows_avx2(const float* x, int64_t n, int64_t dim, uint8
     }
     std::memcpy(out + dim, &scale, 4);
     std::memcpy(out + dim + 4, &mn, 4);
-    norm[i] = static_cast<float>(0.5 * std::sqrt(static_cast<double>(code_sum)) * (1.0 + 0x1p-20));  // as code_norm
+    norm[i] = q8_code_norm(code_sum);
     res_norm[i] = static_cast<float>(std::sqrt(sum) * inflate * scale) + 0x1p-149f;
     abs_max[i] = amax;
   }

@@ -19,6 +19,7 @@
 // function that the rest of the library could link against.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace recsys_kernels::scoring_cpu {
@@ -105,6 +106,12 @@ constexpr int kQ8QueryMaxVnni = 127;
 // multiplied by zero queries.
 inline int64_t q8_quads(int64_t dim) { return ((dim + 7) / 8) * 2; }
 constexpr int kQ8RescoreRows = 6;  // rows dequantized and rescored together (the fp32 tile's width)
+
+// ||code - 127.5||_2 of a row, rounded up, from the sum of the odd integers (2 code - 255)^2 (exact
+// in int64): Q8Row::norm, for packed rows (topk_scores_cpu.cpp) and quantized ones alike.
+inline float q8_code_norm(int64_t sum_sq) {
+  return static_cast<float>(0.5 * std::sqrt(static_cast<double>(sum_sq)) * (1.0 + 0x1p-20));
+}
 
 // A packed row's terms in the prefilter's bound, computed once per chunk (shared by every group
 // of queries).

@@ -98,15 +98,14 @@ Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t g
   return r;
 }
 
-// ||code - 127.5||_2 of a packed row, rounded up: the sum of the odd integers (2 code - 255)^2 is
-// exact in int64 (q8_quantize_rows_avx2 computes the same for the rows it makes).
+// q8_code_norm of a packed row (q8_quantize_rows_avx2 computes it for the rows it makes).
 float code_norm(const uint8_t* row, int64_t d) {
   int64_t sq = 0;
   for (int64_t c = 0; c < d; ++c) {
     const int64_t t = 2 * static_cast<int64_t>(row[c]) - 255;
     sq += t * t;
   }
-  return static_cast<float>(0.5 * std::sqrt(static_cast<double>(sq)) * (1.0 + 0x1p-20));
+  return q8_code_norm(sq);
 }
 
 // A packed row's terms in the prefilter's bound (Q8Row), given its code_norm.
@@ -189,14 +188,17 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
       }
       return x;
     };
-    // the prefilter's bound needs rows of moderate size (255 |scale| + |bias| <= 1e30)
+    // the prefilter's bound needs rows of moderate size (packed: 255 |scale| + |bias| <= 1e30; the
+    // quantizer checks the rows it makes)
     bool chunk_q8 = P.q8 != nullptr;
-    if (quantize_chunks)
+    if (quantize_chunks) {
       chunk_q8 = q8_quantize_rows_avx2(fp32_rows(), n, d, q8_rows.data(), norm.data(), res_norm.data(), abs_max.data());
-    for (int64_t i = 0; chunk_q8 && !quantize_chunks && i < n; ++i) {
-      float sb[2];
-      std::memcpy(sb, P.items.data + (c0 + i) * P.items.row_bytes + d, 8);
-      chunk_q8 = 255.0f * std::fabs(sb[0]) + std::fabs(sb[1]) <= 1e30f;
+    } else {
+      for (int64_t i = 0; chunk_q8 && i < n; ++i) {
+        float sb[2];
+        std::memcpy(sb, P.items.data + (c0 + i) * P.items.row_bytes + d, 8);
+        chunk_q8 = 255.0f * std::fabs(sb[0]) + std::fabs(sb[1]) <= 1e30f;
+      }
     }
     TileArgs a{};
     a.bias = P.bias != nullptr ? P.bias + c0 : nullptr;
