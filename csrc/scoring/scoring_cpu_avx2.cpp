@@ -69,6 +69,9 @@ RK_AVX2 bool dot_pairs_impl(const DotArgs& a) {
     const uint8_t* x = a.items + item * a.item_row_bytes;
     const RowParams rp = IL::params(x, d, ok);
     __m256 acc = _mm256_setzero_ps();
+    // Unrolled, so a pair is half the instructions and the reorder window holds twice as many
+    // pairs' loads in flight: with the plain loop, 2 threads ran 1.3x a fixed-D loop, unrolled 1.1x.
+#pragma GCC unroll 8
     for (int64_t c = 0; c < d8; c += 8) acc = _mm256_fmadd_ps(QL::load(q, c, {}), IL::load(x, c, rp), acc);
     float s = hsum(acc);
     for (int64_t c = d8; c < d; ++c) s = std::fma(QL::scalar(q, c, {}), IL::scalar(x, c, rp), s);
