@@ -71,7 +71,12 @@ ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not has_avx2(), 
 # embedding_bag also has an AVX-512 kernel (for D a multiple of 16); elsewhere
 # test_embedding_bag_avx512_emulated.py runs it on emulated instructions.
 AVX512_ISA = pytest.param("avx512", marks=pytest.mark.skipif(not has_cpu_feature("avx512"), reason="CPU has no AVX-512"))
-EMBEDDING_ISAS = ISAS + [AVX512_ISA]
+# ... and, from the avx512_vnni path up, a build for 4-bit rows with AVX512_VBMI
+AVX512_VBMI_ISA = pytest.param(
+    "avx512_vnni", id="avx512_vbmi",
+    marks=pytest.mark.skipif(not (has_cpu_feature("avx512_vbmi") and has_cpu_feature("avx512_vnni")),
+                             reason="CPU has no AVX512_VBMI with VNNI"))
+EMBEDDING_ISAS = ISAS + [AVX512_ISA, AVX512_VBMI_ISA]
 # The int8 GEMM also has AVX512-VNNI and AMX kernels: run them where the CPU has them (elsewhere
 # test_int8_matmul_wide_emulated.py runs them on emulated instructions).
 INT8_GEMM_ISAS = ISAS + [

@@ -24,12 +24,14 @@ def bags(lengths, n_rows, lo=0, hi=None, dtype=torch.long, generator=None):
 
 def both_paths(*args, **kwargs):
     """(scalar result, avx2 result or None), each via backend="cpu". Where the CPU has AVX-512, its
-    kernel's result must be the AVX2 result, bit for bit."""
+    kernel's result must be the AVX2 result, bit for bit; so must the VBMI build's (4-bit rows)."""
     kwargs.setdefault("backend", "cpu")
     scalar = on_isa("scalar", lambda: embedding_bag(*args, **kwargs))
     avx2 = on_isa("avx2", lambda: embedding_bag(*args, **kwargs)) if _has_avx2() else None
     if has_cpu_feature("avx512"):
         assert torch.equal(on_isa("avx512", lambda: embedding_bag(*args, **kwargs)), avx2)
+    if has_cpu_feature("avx512_vbmi") and has_cpu_feature("avx512_vnni"):
+        assert torch.equal(on_isa("avx512_vnni", lambda: embedding_bag(*args, **kwargs)), avx2)
     return scalar, avx2
 
 
@@ -153,7 +155,7 @@ def test_quantized_non_finite_scale_raises(bits, d, field, value):
     packed[2, start:start + width] = torch.tensor([value], dtype=torch.float32 if bits == 8 else torch.float16).view(
         torch.uint8)
     idx, off = torch.tensor([0, 2]), torch.tensor([0, 2])
-    for isa in ("scalar", "avx2", "avx512"):  # the cap never enables a path the CPU lacks
+    for isa in ("scalar", "avx2", "avx512", "avx512_vnni"):  # the cap never enables a path the CPU lacks
         with pytest.raises(ValueError, match="non-finite"):
             on_isa(isa, lambda: embedding_bag(packed, idx, off, bits=bits, backend="cpu"))
     with pytest.raises(ValueError, match="non-finite"):

@@ -30,6 +30,7 @@ CpuFeatures detect() {
              avx512vl = b & (1u << 31);
   f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl;
   f.avx512_vnni = f.avx512 && (c & (1u << 11));
+  f.avx512_vbmi = f.avx512 && (c & (1u << 1));
   f.amx_int8 = f.avx512 && (d & (1u << 24)) && (d & (1u << 25));
   unsigned a1, b1, c1, d1;
   if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) f.avx512_bf16 = f.avx512 && (a1 & (1u << 5));
@@ -87,6 +88,7 @@ std::map<std::string, std::string> cpu_features_dict() {
           {"avx512", yn(f.avx512)},
           {"avx512_vnni", yn(f.avx512_vnni)},
           {"avx512_bf16", yn(f.avx512_bf16)},
+          {"avx512_vbmi", yn(f.avx512_vbmi)},
           {"amx_int8", yn(f.amx_int8)},
           {"best_path", isa_name(highest_supported(f))},
           {"selected_path", isa_name(cpu_isa())}};

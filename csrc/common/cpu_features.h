@@ -16,6 +16,7 @@ struct CpuFeatures {
   bool avx512 = false;       // AVX-512 F/BW/VL/DQ with OS support for the ZMM state
   bool avx512_vnni = false;
   bool avx512_bf16 = false;
+  bool avx512_vbmi = false;  // byte permutes (vpmultishiftqb: embedding_bag's 4-bit rows, see there)
   bool amx_int8 = false;     // AMX-TILE + AMX-INT8 (the OS permission is requested by the AMX kernel)
 };
 

@@ -57,12 +57,20 @@ PoolResult pool_bags_avx2_i64(const PoolArgs& a);
 // AVX-512 kernel (the same code on 16-float vectors); call only when cpu_isa() >= kAvx512.
 PoolResult pool_bags_avx512_i32(const PoolArgs& a);
 PoolResult pool_bags_avx512_i64(const PoolArgs& a);
+// The same for 4-bit rows (kind kQ4 only) with AVX512_VBMI; call only when the CPU has it.
+PoolResult pool_bags_avx512_vbmi_q4_i32(const PoolArgs& a);
+PoolResult pool_bags_avx512_vbmi_q4_i64(const PoolArgs& a);
 
 // The vector kernel for a run on the CPU path `isa` (at least kAvx2): AVX-512 for D a multiple of
-// 16 (other D keep AVX2, whose 8-column vectors leave fewer columns to the scalar tail).
+// 16 (other D keep AVX2, whose 8-column vectors leave fewer columns to the scalar tail). 4-bit
+// rows take the VBMI build from the avx512_vnni path up where the CPU has VBMI (every CPU with
+// VBMI we know of has VNNI too), so that RECSYS_KERNELS_CPU_ISA=avx512 still reaches the other.
 inline PoolResult pool_bags_vector(CpuIsa isa, const PoolArgs& a) {
-  if (isa >= CpuIsa::kAvx512 && a.dim % 16 == 0)
+  if (isa >= CpuIsa::kAvx512 && a.dim % 16 == 0) {
+    if (a.kind == TableKind::kQ4 && isa >= CpuIsa::kAvx512Vnni && cpu_features().avx512_vbmi)
+      return a.idx_is_int64 ? pool_bags_avx512_vbmi_q4_i64(a) : pool_bags_avx512_vbmi_q4_i32(a);
     return a.idx_is_int64 ? pool_bags_avx512_i64(a) : pool_bags_avx512_i32(a);
+  }
   return a.idx_is_int64 ? pool_bags_avx2_i64(a) : pool_bags_avx2_i32(a);
 }
 
