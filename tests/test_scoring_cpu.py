@@ -306,8 +306,8 @@ def test_opcheck_native():
 
 
 # ----------------------------------------------------------------------------- pair / candidates
-# 8-column blocks 0, 1, 3, 8, 12: the unrolled loop's every entry and its remainder
-@pytest.mark.parametrize("dim", [1, 7, 8, 24, 64, 70, 100])
+# 8-column blocks 0-3, 5-8, 12, 17 (and scalar tails): every remainder of the loop unrolled by 8
+@pytest.mark.parametrize("dim", [1, 7, 8, 16, 24, 40, 48, 56, 64, 70, 100, 136])
 @pytest.mark.parametrize("item_kind", ["f32", "f16", "bf16", "int8"])
 @pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
 def test_pair_scores_paths(dim, item_kind, query_dtype):

@@ -1,5 +1,6 @@
 // A C entry point to the AVX-512 pooling kernel (csrc/embedding_bag/embedding_bag_cpu_avx512.h)
-// and its AVX512_VBMI build for 4-bit rows, for the emulated tests: one run of bags (PoolArgs) spelled out in plain arguments (ctypes).
+// and its AVX512_VBMI build for 4-bit rows, for the emulated tests: one run of bags (PoolArgs)
+// spelled out in plain arguments (ctypes).
 #include "embedding_bag/embedding_bag_cpu_kernels.h"
 
 using namespace recsys_kernels::embedding_bag_cpu;
