@@ -14,20 +14,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+
+#include "floor_timing.h"
 
 enum { kDim = 128, kRowBytes = kDim + 8, kBags = 1024, kLen = 32, kRows = 100, kRounds = 31 };
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static int cmp_double(const void* a, const void* b) {
-  const double x = *(const double*)a, y = *(const double*)b;
-  return x < y ? -1 : x > y;
-}
 
 enum Form { kExact, kBiasFma, kOneFma, kFbgemm };
 
