@@ -66,6 +66,40 @@ def test_paths_agree_with_reference(d, dtype, mode, weighted):
         torch.testing.assert_close(scalar, expected, rtol=1e-5, atol=1e-6)
 
 
+def _awkward_values():
+    """fp32 values whose fp16 / bf16 roundings are edge cases: ties either way, subnormal halves,
+    overflow, signed zeros and infinities, NaNs with payloads and signs."""
+    f16_ulp1, bf16_ulp1 = 2.0 ** -10, 2.0 ** -7
+    vals = [1 + f16_ulp1 / 2, 1 + 3 * f16_ulp1 / 2, 1 + bf16_ulp1 / 2, 1 + 3 * bf16_ulp1 / 2, -(1 + f16_ulp1 / 2),
+            2.0 ** -20, 3 * 2.0 ** -25, 2.0 ** -25, 2.0 ** -26, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 3.4e38,
+            -0.0, 0.0, float("inf"), float("-inf"), 1e-40, 0.1, -0.3]
+    bits = torch.tensor(vals, dtype=torch.float32).view(torch.int32).tolist()
+    bits += [0x7FC00000, 0x7FA00001, 0xFFC00000 - (1 << 32), 0x7F800001, 0xFFFFFFFF - (1 << 32), 0x7FE12345]  # NaNs
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [1, 7, 8, 13, 64, 129])
+def test_half_outputs_round_as_the_scalar_cast(out_dtype, d):
+    """fp32 sums written as fp16 / bf16 (vector conversion on the AVX2 path): bit for bit the scalar
+    path's c10 casts, on values that round awkwardly; one row per bag, so each output is a row value."""
+    g = torch.Generator().manual_seed(d)
+    vals = _awkward_values()
+    n_rows = (vals.numel() + d - 1) // d + 3
+    weight = torch.randn(n_rows * d, generator=g)
+    weight[:vals.numel()] = vals
+    weight = weight.view(n_rows, d)
+    indices, offsets = torch.arange(n_rows), torch.arange(n_rows + 1)
+    paths = ["scalar"] + [isa for isa in ("avx2", "avx512") if has_cpu_feature(isa)]
+    for kw in (dict(output_dtype=out_dtype), dict(output_dtype=out_dtype, bounds="zero", padding_idx=n_rows - 1)):
+        outs = [on_isa(isa, lambda: embedding_bag(weight, indices, offsets, backend="cpu", **kw)) for isa in paths]
+        for out in outs[1:]:  # NaNs included: compare the bits
+            assert torch.equal(out.view(torch.int16), outs[0].view(torch.int16))
+        finite = ~weight.isnan()
+        expected = reference(weight, indices, offsets, **kw)
+        assert torch.equal(outs[0][finite], expected[finite]) and outs[0][~finite].isnan().all()
+
+
 @pytest.mark.parametrize("d", [16, 100, 128, 200])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("aligned", [True, False])

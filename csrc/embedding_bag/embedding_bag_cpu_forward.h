@@ -19,6 +19,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "common/half_convert.h"
 #include "embedding_bag/embedding_bag_cpu_kernels.h"
 #include "embedding_bag/rowwise_common.h"
 
@@ -328,10 +329,19 @@ inline void record_bad_index(Lookup& lk, int64_t p) {
   }
 }
 
-// Writes bag b's D pooled values (src, in the accumulation type) into the output in its dtype.
+// Writes bag b's D pooled values (src, in the accumulation type) into the output in its dtype;
+// avx2: fp32 into fp16 / bf16 with F16C / AVX2 (half_convert.h: the same bits as the casts below).
 template <typename Acc>
-void store_converted(const Lookup& lk, int64_t b, const Acc* src) {
+void store_converted(const Lookup& lk, int64_t b, const Acc* src, bool avx2) {
   const int64_t d = lk.dim();
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (avx2 && (lk.out_dtype == at::kHalf || lk.out_dtype == at::kBFloat16)) {
+      uint16_t* o = reinterpret_cast<uint16_t*>(lk.out) + b * lk.out_stride + lk.col0;
+      if (lk.out_dtype == at::kHalf) f32_to_f16_avx2(src, o, d);
+      else f32_to_bf16_avx2(src, o, d);
+      return;
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lk.out_dtype, "embedding_bag_cpu_out", [&] {
     auto* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
     for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(src[col]);
@@ -395,7 +405,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, CpuIsa isa) {
       if (r.first_bad >= 0) {
         record_bad_index(lk, r.first_bad);
       } else if (!direct) {
-        for (int64_t b = b0; b < b1; ++b) store_converted(lk, b, staged.data() + (b - b0) * d);
+        for (int64_t b = b0; b < b1; ++b) store_converted(lk, b, staged.data() + (b - b0) * d, true);
       }
       return;
     }
@@ -480,7 +490,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, CpuIsa isa) {
         for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] / count;
       }
     }
-    if (!direct) store_converted(lk, b, dst);
+    if (!direct) store_converted(lk, b, dst, vector);
   }
   if (!ok) lk.bad_scale.store(true);
 }
