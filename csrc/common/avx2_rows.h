@@ -41,7 +41,7 @@ RK_AVX2_INLINE void prefetch_line(const char* p) {
 // Prefetch n lines from p (one every 64 bytes), in straight-line code up to 8 lines: a switch that
 // falls through (the gathers prefetch every row ahead, and a loop over its lines per row ran
 // 1.2-1.9x slower there). L2 as in prefetch_line.
-template <bool L2 = false>
+template <bool L2>
 RK_AVX2_INLINE void prefetch_lines(const char* p, int64_t n) {
   switch (n) {
     case 8: prefetch_line<L2>(p + 448); [[fallthrough]];

@@ -3,31 +3,25 @@
 
 #include <immintrin.h>
 
-#include <cstring>
+#include <bit>
 
 #include "common/avx2_rows.h"
 
 namespace recsys_kernels {
 namespace {
 
-RK_AVX2_INLINE uint32_t bits_of(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-
 RK_AVX2_INLINE bool is_nan(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
 
 // one value, as c10::Half(float): F16C rounds to nearest even; NaN canonical with its sign
 RK_AVX2_INLINE uint16_t f16_of(float x) {
-  const uint32_t u = bits_of(x);
+  const uint32_t u = std::bit_cast<uint32_t>(x);
   if (is_nan(u)) return static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7E00u);
   return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 // one value, as c10::BFloat16(float): round to nearest even on the bits; NaN 0x7FC0
 RK_AVX2_INLINE uint16_t bf16_of(float x) {
-  const uint32_t u = bits_of(x);
+  const uint32_t u = std::bit_cast<uint32_t>(x);
   if (is_nan(u)) return 0x7FC0u;
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }

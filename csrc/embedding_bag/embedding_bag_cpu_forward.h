@@ -405,7 +405,7 @@ void pool_bags_impl(Lookup& lk, int64_t b0, int64_t b1, CpuIsa isa) {
       if (r.first_bad >= 0) {
         record_bad_index(lk, r.first_bad);
       } else if (!direct) {
-        for (int64_t b = b0; b < b1; ++b) store_converted(lk, b, staged.data() + (b - b0) * d, true);
+        for (int64_t b = b0; b < b1; ++b) store_converted(lk, b, staged.data() + (b - b0) * d, vector);
       }
       return;
     }

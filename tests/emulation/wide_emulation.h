@@ -2,9 +2,10 @@
 // csrc/embedding_bag/embedding_bag_cpu_avx512.h, so that their code runs on CPUs without them
 // (built with -DRK_EMULATE_WIDE by tests/test_int8_matmul_wide_emulated.py and
 // tests/test_embedding_bag_avx512_emulated.py). AVX-512: SIMDe (Debian's libsimde-dev), whose
-// native aliases give the _mm512_* names, plus the few conversions (and a masked shift) it lacks. AMX: a scalar model of the tile registers and of the ops the
-// kernel uses, following the ISA reference (TILELOADD, TILESTORED, TILEZERO, TDPBSSD: int8 x int8
-// quads summed into int32, wrapping), which also checks that every op fits the loaded config.
+// native aliases give the _mm512_* names, plus the few conversions (and a masked shift) it lacks.
+// AMX: a scalar model of the tile registers and of the ops the kernel uses, following the ISA
+// reference (TILELOADD, TILESTORED, TILEZERO, TDPBSSD: int8 x int8 quads summed into int32,
+// wrapping), which also checks that every op fits the loaded config.
 #pragma once
 
 #define SIMDE_ENABLE_NATIVE_ALIASES
