@@ -8,6 +8,7 @@ import torch
 from helpers import EMBEDDING_ISAS as ISAS, has_avx2 as _has_avx2, has_cpu_feature, on_isa
 from recsys_kernels import _loader
 from recsys_kernels.ops.embedding import embedding_bag
+from recsys_kernels.ops.embedding_grouped import embedding_bag_grouped
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
 
 pytestmark = pytest.mark.skipif(
@@ -117,6 +118,34 @@ def test_every_index_contributes(d, index_dtype, aligned):
         torch.testing.assert_close(scalar, reference(weight, indices, offsets, **kw), rtol=1e-5, atol=1e-5)
         if avx2 is not None:
             assert torch.equal(scalar, avx2)
+
+
+# D = 24: 170 bags a staged block, not a divisor of the bag count; 5000: one bag a block
+@pytest.mark.parametrize("d,n_bags", [(1, 9000), (24, 1000), (64, 300), (5000, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_outputs_over_many_staged_blocks(d, n_bags, dtype):
+    """fp16 / bf16 outputs of the vector kernels are pooled in fp32 a block of bags at a time (4,096
+    floats) and converted: many blocks, a partial last one, into a whole output and into a
+    column slice of a wider one (embedding_bag_grouped's layout), and a bad index in a later block."""
+    g = torch.Generator().manual_seed(d)
+    weight = torch.randn(200, d, generator=g).to(dtype)
+    indices, offsets = bags(torch.randint(0, 9, (n_bags,), generator=g), 200, dtype=torch.int32, generator=g)
+    psw = torch.rand(indices.numel(), generator=g).to(dtype)
+    for kw in (dict(mode="max"), dict(per_sample_weights=psw), dict()):
+        scalar, avx2 = both_paths(weight, indices, offsets, **kw)
+        torch.testing.assert_close(scalar, reference(weight, indices, offsets, **kw), rtol=tol(dtype)[0],
+                                   atol=tol(dtype)[1])
+        if avx2 is not None:
+            assert torch.equal(scalar, avx2)
+    other = torch.randn(200, 3, generator=g).to(dtype)
+    for isa in ["scalar"] + [i for i in ("avx2", "avx512") if has_cpu_feature(i)]:
+        both = on_isa(isa, lambda: embedding_bag_grouped([other, weight], [indices, indices], [offsets, offsets],
+                                                         backend="cpu"))
+        assert torch.equal(both[:, 3:], scalar)  # the sums, the last case above
+    bad = indices.clone()
+    bad[-1] = 200
+    with pytest.raises(IndexError, match="index 200 "):
+        on_isa("avx2", lambda: embedding_bag(weight, bad, offsets, backend="cpu"))
 
 
 @pytest.mark.parametrize("isa", ISAS)
