@@ -57,7 +57,7 @@ def _thresholds(scores, g, quantile):
 
 
 @pytest.mark.parametrize("dim", [1, 7, 64, 100])
-@pytest.mark.parametrize("n_items", [1, 5, 12, 13, 30, 100])
+@pytest.mark.parametrize("n_items", [1, 5, 12, 13, 30, 100, 130])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_score_tile_is_the_avx2_tile(lib, dim, n_items, with_bias):
     g = torch.Generator().manual_seed(dim * 1000 + n_items)
@@ -72,6 +72,20 @@ def test_score_tile_is_the_avx2_tile(lib, dim, n_items, with_bias):
         got = score_tile(lib, True, panel, items, bias, thr, lane_mask)
         assert got == exp
         assert 0 < len(exp[0]) < n_items * LANES or n_items * LANES <= 16
+    # at most 4 queries: the few-query tile (items in the lanes) emits lane by lane, so compare
+    # each lane's (item, score) sequence
+    for lane_mask in (0x1, 0x8008, 0x1248, 0x0028):
+        exp = _per_lane(score_tile(lib, False, panel, items, bias, thr, lane_mask))
+        got = _per_lane(score_tile(lib, True, panel, items, bias, thr, lane_mask))
+        assert got == exp and len(exp) > 0
+
+
+def _per_lane(candidates):
+    items, lanes, scores = candidates
+    out = {}
+    for i, lane, s in zip(items, lanes, scores):
+        out.setdefault(lane, []).append((i, s))
+    return out
 
 
 def _q8_quads(dim):

@@ -74,6 +74,24 @@ def test_topk_paths_agree_with_reference(n_users, n_items, dim, k, dtype):
     assert_same(avx2, ref_topk(*args, **kw))
 
 
+# Groups of at most 4 queries take the few-query tile (items in the lanes, 64 a pass): chunks of
+# 1020 (D = 1), 360 (D = 17), 180 (D = 33) and 60 (D = 100) rows end in passes of 1 to 4 blocks of
+# 16, some partial; 18 and 20 queries leave a last group of 2 and 4.
+@pytest.mark.parametrize("n_users", [1, 2, 4, 5, 18, 20])
+@pytest.mark.parametrize("n_items,dim", [(2100, 1), (1000, 17), (500, 33), (250, 100), (64, 64), (7, 5)])
+def test_topk_few_queries(n_users, n_items, dim):
+    g = torch.Generator().manual_seed(n_users * 100 + dim)
+    q, items, bias = exact(n_users, dim, generator=g), exact(n_items, dim, generator=g), exact(n_items, generator=g)
+    items[n_items // 2] = float("nan")
+    lists = [torch.randint(0, n_items, (3,), generator=g).tolist() for _ in range(n_users)]
+    off, ex = csr(lists)
+    k = min(n_items, 37)
+    for kw in (dict(), dict(exclude_offsets=off, exclude_items=ex, item_bias=bias)):
+        scalar, avx2 = both_paths(lambda: cpu_topk(q, items, k, **kw))
+        assert_same(scalar, avx2)
+        assert_same(avx2, ref_topk(q, items, k, **kw))
+
+
 def test_topk_random_floats_both_paths():
     g = torch.Generator().manual_seed(0)
     q, items, bias = torch.randn(37, 64, generator=g), torch.randn(20000, 64, generator=g), torch.randn(20000, generator=g)
@@ -203,9 +221,10 @@ def test_topk_int8_prefilter_bound_is_tight_enough(k, query_max):
     gap = 0.0005 * 32 / query_max  # sum|q| grows with query_max, the bound does not
     m[50000:50000 + k] = 2.0 + gap * torch.arange(1, k + 1)  # the best, in a later chunk
     packed = quantize_rowwise(m[:, None] * sign, 8)
-    scalar, avx2 = both_paths(lambda: cpu_topk(q[None], packed, k))
+    queries = q.expand(17, dim).contiguous()  # int8 catalogs take the prefilter from 17 queries
+    scalar, avx2 = both_paths(lambda: cpu_topk(queries, packed, k))
     assert_same(scalar, avx2)
-    assert sorted(avx2[1][0].tolist()) == list(range(50000, 50000 + k))
+    assert all(sorted(ids.tolist()) == list(range(50000, 50000 + k)) for ids in avx2[1])
 
 
 def test_topk_int8_nan_query_and_huge_rows():

@@ -256,7 +256,136 @@ RK_AVX2 bool dot_pairs_avx2(const DotArgs& a) {
   return true;
 }
 
+namespace {
+
+// ----------------------------------------------------------------------------- few queries
+// As in scoring_cpu_avx512.cpp: a group of at most kFewLanes queries scores 8 items per vector
+// (the items' columns transposed 8 x 8 in registers), the same fma chain per (query, item).
+constexpr int kFewLanes = 4;
+constexpr int kFewBlocks = 8;                       // 8-item blocks per pass: 8 chains per query
+constexpr int64_t kFewAhead = 2 * kFewBlocks * 8;  // rows prefetched ahead (into L2): two passes
+
+// Columns d0 .. d0 + 7 of `rows` (<= 8) rows from x (stride dim; zero past them and past dim) into
+// xt[j * stride], j = 0 .. 7: vector j holds column d0 + j of the 8 rows.
+RK_AVX2_INLINE void transpose_8(const float* x, int64_t dim, int64_t rows, int64_t d0, float* xt, int64_t stride) {
+  const int64_t cols = dim - d0 < 8 ? dim - d0 : 8;
+  const __m256i cm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) {
+    // 64 rows read a line at a time defeat the hardware's stream prefetchers
+    if ((d0 & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(x + (i + kFewAhead) * dim + d0), _MM_HINT_T1);
+    r[i] = i >= rows ? _mm256_setzero_ps() : cols == 8 ? _mm256_loadu_ps(x + i * dim + d0)
+                                                       : _mm256_maskload_ps(x + i * dim + d0, cm);
+  }
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);          // a0 b0 c0 d0 | a4 b4 c4 d4
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);      // a1 .. | a5 ..
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);  // a2 .. | a6 ..
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);  // a3 .. | a7 ..
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_store_ps(xt + j * stride, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));        // column j
+    _mm256_store_ps(xt + (j + 4) * stride, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));  // column j + 4
+  }
+}
+
+// Items i0 .. i0 + n - 1 (n <= 8 NB) for the queries in lanes[0 .. nl): their chains kept in
+// acc_of between column blocks, then + bias, the threshold and the candidates, lane by lane.
+template <int NB>
+RK_AVX2_INLINE int64_t few_lanes_block(const TileArgs& a, int64_t i0, int64_t n, const int* lanes, int nl,
+                                       Candidate* out) {
+  alignas(32) float xt[8][NB * 8];
+  alignas(32) float acc_of[kFewLanes][NB * 8];
+  for (int l = 0; l < nl; ++l)
+    for (int b = 0; b < NB; ++b) _mm256_store_ps(acc_of[l] + b * 8, _mm256_setzero_ps());
+  const float* x = a.items + i0 * a.dim;
+  for (int64_t d0 = 0; d0 < a.dim; d0 += 8) {
+    for (int b = 0; b < NB; ++b) transpose_8(x + b * 8 * a.dim, a.dim, n - b * 8, d0, xt[0] + b * 8, NB * 8);
+    const int64_t cols = a.dim - d0 < 8 ? a.dim - d0 : 8;
+    for (int l = 0; l < nl; ++l) {
+      __m256 acc[NB];
+      for (int b = 0; b < NB; ++b) acc[b] = _mm256_load_ps(acc_of[l] + b * 8);
+      const float* q = a.panel + d0 * kLanes + lanes[l];
+      for (int64_t j = 0; j < cols; ++j) {
+        const __m256 qj = _mm256_broadcast_ss(q + j * kLanes);
+        for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(qj, _mm256_load_ps(xt[j] + b * 8), acc[b]);
+      }
+      for (int b = 0; b < NB; ++b) _mm256_store_ps(acc_of[l] + b * 8, acc[b]);
+    }
+  }
+  int64_t found = 0;
+  for (int l = 0; l < nl; ++l) {
+    const __m256 thr = _mm256_set1_ps(a.threshold[lanes[l]]);
+    for (int b = 0; b < NB; ++b) {
+      const int64_t rows = n - b * 8 < 8 ? n - b * 8 : 8;
+      __m256 s = _mm256_load_ps(acc_of[l] + b * 8);
+      if (a.bias != nullptr) {
+        const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)),
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        s = _mm256_add_ps(s, _mm256_maskload_ps(a.bias + i0 + b * 8, valid));
+      }
+      _mm256_store_ps(acc_of[l] + b * 8, s);
+      const uint32_t valid_bits = (1u << rows) - 1u;
+      for (uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, thr, _CMP_NLT_UQ))) & valid_bits;
+           m != 0; m &= m - 1) {
+        const int i = __builtin_ctz(m);
+        out[found++] = {static_cast<int32_t>(i0 + b * 8 + i), lanes[l], acc_of[l][b * 8 + i]};
+      }
+    }
+  }
+  return found;
+}
+
+template <int NB = 1>
+RK_AVX2_INLINE int64_t few_lanes_rest(int nb, const TileArgs& a, int64_t i0, int64_t n, const int* lanes, int nl,
+                                      Candidate* out) {
+  if constexpr (NB < kFewBlocks) {
+    if (nb != NB) return few_lanes_rest<NB + 1>(nb, a, i0, n, lanes, nl, out);
+  }
+  return few_lanes_block<NB>(a, i0, n, lanes, nl, out);
+}
+
+RK_AVX2_INLINE int64_t few_lanes_tile(const TileArgs& a, Candidate* out) {
+  int lanes[kFewLanes], nl = 0;
+  for (uint32_t m = a.lane_mask & 0xFFFFu; m != 0; m &= m - 1) lanes[nl++] = __builtin_ctz(m);
+  int64_t found = 0, i0 = 0;
+  constexpr int64_t kStep = kFewBlocks * 8;
+  for (; i0 + kStep <= a.n_items; i0 += kStep) found += few_lanes_block<kFewBlocks>(a, i0, kStep, lanes, nl, out + found);
+  const int64_t rest = a.n_items - i0;
+  if (rest > 0) found += few_lanes_rest(static_cast<int>((rest + 7) / 8), a, i0, rest, lanes, nl, out + found);
+  return found;
+}
+
+template <typename L>
+RK_AVX2_INLINE void rows_to_f32(const uint8_t* rows, int64_t row_bytes, int64_t dim, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* row = rows + i * row_bytes;
+    bool finite = true;  // int8 rows: the caller checked every scale and bias
+    const RowParams p = L::params(row, dim, finite);
+    float* o = out + i * dim;
+    int64_t c = 0;
+    for (; c + 8 <= dim; c += 8) _mm256_storeu_ps(o + c, L::load(row, c, p));
+    for (; c < dim; ++c) o[c] = L::scalar(row, c, p);
+  }
+}
+
+}  // namespace
+
+RK_AVX2 void rows_to_f32_avx2(Kind kind, const uint8_t* rows, int64_t row_bytes, int64_t dim, int64_t n, float* out) {
+  switch (kind) {
+    case Kind::kF32: rows_to_f32<F32>(rows, row_bytes, dim, n, out); break;
+    case Kind::kF16: rows_to_f32<F16>(rows, row_bytes, dim, n, out); break;
+    case Kind::kBF16: rows_to_f32<BF16>(rows, row_bytes, dim, n, out); break;
+    case Kind::kQ8: rows_to_f32<Q8>(rows, row_bytes, dim, n, out); break;
+  }
+}
+
 RK_AVX2 int64_t score_tile_avx2(const TileArgs& a, Candidate* out) {
+  if (__builtin_popcount(a.lane_mask & 0xFFFFu) <= kFewLanes) return few_lanes_tile(a, out);
   const __m256 thr0 = _mm256_loadu_ps(a.threshold), thr1 = _mm256_loadu_ps(a.threshold + 8);
   int64_t n = 0, i0 = 0;
   for (; i0 + 6 <= a.n_items; i0 += 6) n += tile_block<6>(a, i0, thr0, thr1, out + n);

@@ -146,6 +146,9 @@ struct Q8TileArgs {
 };
 
 int64_t score_tile_q8_avx2(const Q8TileArgs& a, Candidate* out);
+// n rows of a table (any Kind, row stride row_bytes) as fp32 [n][dim]: the scalar conversions'
+// values (int8: code * scale + bias, two roundings), 8 columns at a time.
+void rows_to_f32_avx2(Kind kind, const uint8_t* rows, int64_t row_bytes, int64_t dim, int64_t n, float* out);
 // The rescoring step both prefilters share (scoring_cpu_avx2.cpp): the n listed items' rows
 // dequantized into a.scratch (code * scale + bias, two roundings) and their biases into bias[n];
 // returns the fp32 tile's arguments over them (Candidate::item then indexes `items`).

@@ -14,8 +14,9 @@
 // dropped when they are offered: a query's candidates come in increasing item order, so a cursor
 // walks its sorted list once. Units over different item ranges are merged per query at the end.
 // On the AVX2 and VNNI paths, catalogs of 65536 items or more go through the integer prefilter
-// (scoring_cpu_kernels.h) instead of the tile: int8 catalogs as they are, float catalogs (for 64
-// queries or more) quantized chunk by chunk; what it lets through is rescored exactly.
+// (scoring_cpu_kernels.h) instead of the tile: int8 catalogs as they are (for 17 queries or more),
+// float catalogs (for 64 queries or more) quantized chunk by chunk; what it lets through is
+// rescored exactly. Other catalogs' chunks are converted to fp32 rows for the tile.
 #include <algorithm>
 #include <atomic>
 #include <limits>
@@ -37,6 +38,7 @@ constexpr int64_t kChunkBytes = 24 << 10;  // fp32 item rows per chunk: L1-sized
 constexpr int64_t kMinRangeItems = 2048;
 constexpr int64_t kPrefilterMinItems = 65536;  // the integer prefilter from this catalog size
 constexpr int64_t kFloatPrefilterMinUsers = 64;   // float catalogs: and this many queries (see there)
+constexpr int64_t kInt8PrefilterMinUsers = kLanes + 1;  // int8 catalogs: more than one group (see there)
 
 float threshold_of(int64_t floor_key) {
   const int64_t ord = floor_key >> 32;
@@ -142,6 +144,7 @@ struct Problem {
   const int64_t* ex_sorted;  // each user's exclusions, sorted
   int64_t (*tile)(const TileArgs&, Candidate*);       // the fp32 tile of the CPU's path
   int64_t (*tile_q8)(const Q8TileArgs&, Candidate*);  // the int8 prefilter (with q8)
+  bool avx2;  // chunks of other dtypes converted to fp32 by rows_to_f32_avx2
 };
 
 // One unit: queries [u0, u1) (whole groups from g0) against items [i0, i1). Writes each query's
@@ -181,6 +184,9 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
       if (x == nullptr) {
         if (P.items.kind == Kind::kF32) {
           x = reinterpret_cast<const float*>(P.items.data + c0 * P.items.row_bytes);
+        } else if (P.avx2) {
+          rows_to_f32_avx2(P.items.kind, P.items.data + c0 * P.items.row_bytes, P.items.row_bytes, d, n, rows.data());
+          x = rows.data();
         } else {
           for (int64_t i = 0; i < n; ++i) row_to_f32(P.items, c0 + i, rows.data() + i * d);
           x = rows.data();
@@ -340,6 +346,7 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
   P.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const CpuIsa isa = cpu_isa();
   P.tile = isa >= CpuIsa::kAvx512 ? score_tile_avx512 : isa >= CpuIsa::kAvx2 ? score_tile_avx2 : score_tile_scalar;
+  P.avx2 = isa >= CpuIsa::kAvx2;
   const bool vnni = isa >= CpuIsa::kAvx512Vnni;  // the prefilter's kernel and its query range
   P.tile_q8 = vnni ? score_tile_q8_vnni : score_tile_q8_avx2;
   Q8Queries q8;
@@ -347,10 +354,13 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
   // first chunks passes it (the thresholds start empty) and is rescored one by one, measured 3x
   // slower than dequantizing each chunk once for the fp32 tiles (1500 items, 256 queries, k=10).
   // A float catalog's chunks are quantized once per slab of queries, which must be large enough
-  // to repay it. The int32 sums stay exact while D * 255 * query_max < 2^31.
+  // to repay it; an int8 catalog's row terms (Q8Row) are computed once per chunk for all groups,
+  // which one group does not repay: 1 query over 1M int8 rows 17.9 ms through the prefilter, 11.2
+  // ms dequantized for the fp32 tile (8 and 16 queries even, 32 queries 22.7 against 27.7 ms).
+  // The int32 sums stay exact while D * 255 * query_max < 2^31.
   const auto exact_sums = [d](int query_max) { return d * 255 * query_max < (int64_t{1} << 31); };
   if (isa >= CpuIsa::kAvx2 && d > 0 && n_items >= kPrefilterMinItems && exact_sums(kQ8QueryMax) &&
-      (P.items.kind == Kind::kQ8 || n_users >= kFloatPrefilterMinUsers)) {
+      n_users >= (P.items.kind == Kind::kQ8 ? kInt8PrefilterMinUsers : kFloatPrefilterMinUsers)) {
     const int query_max = vnni && exact_sums(kQ8QueryMaxVnni) ? kQ8QueryMaxVnni : kQ8QueryMax;
     q8 = quantize_queries(qf.const_data_ptr<float>(), n_users, d, groups, query_max);
     P.q8 = &q8;

@@ -50,12 +50,23 @@ inline simde__m512 cvtph_ps(simde__m256i a) {
   return r;
 }
 
+// the lanes of k from p (the others zero; their memory is not read)
+inline simde__m512 maskz_loadu_ps(uint32_t k, const void* p) {
+  float out[16];
+  for (int i = 0; i < 16; ++i) out[i] = (k >> i) & 1u ? static_cast<const float*>(p)[i] : 0.0f;
+  simde__m512 r;
+  std::memcpy(&r, out, 64);
+  return r;
+}
+
 }  // namespace rk_avx512_emulation
 
 #define _mm512_cvtepi32_ps(a) rk_avx512_emulation::cvtepi32_ps(a)
 #define _mm512_cvtepu8_epi32(a) rk_avx512_emulation::widen16<uint8_t>(a)
 #define _mm512_cvtepu16_epi32(a) rk_avx512_emulation::widen16<uint16_t>(a)
 #define _mm512_cvtph_ps(a) rk_avx512_emulation::cvtph_ps(a)
+#define _mm512_maskz_loadu_ps(k, p) rk_avx512_emulation::maskz_loadu_ps((k), (p))
+#define _mm512_shuffle_f32x4(a, b, imm) simde_mm512_shuffle_f32x4((a), (b), (imm))
 // masked shift: the lanes of k shifted, the others from src
 #define _mm512_mask_srli_epi32(src, k, a, imm) simde_mm512_mask_blend_epi32((k), (src), simde_mm512_srli_epi32((a), (imm)))
 
