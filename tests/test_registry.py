@@ -126,6 +126,11 @@ def test_tensors_on_two_devices_raise():
         rk.embedding_bag(weight, idx.to("meta"), off)
     with pytest.raises(ValueError, match=r"one device, got .*per_sample_weights on meta"):
         rk.embedding_bag(weight, idx, off, per_sample_weights=torch.ones(2, device="meta"))
+    with pytest.raises(ValueError, match=r"one device, got weights\[0\] on cpu, .*offsets\[1\] on meta"):
+        rk.embedding_bag_grouped([weight, weight], [idx, idx], [off, off.to("meta")])
+    with pytest.raises(ValueError, match=r"one device, got .*per_sample_weights\[0\] on meta"):
+        rk.embedding_bag_grouped([weight, weight], [idx, idx], [off, off],
+                                 per_sample_weights=[torch.ones(2, device="meta"), torch.ones(2)])
 
 
 def _run(code: str, env=None) -> subprocess.CompletedProcess:

@@ -142,10 +142,9 @@ def check_tensor(t, name: str, *, dtypes=None, dim=None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
-    if dim is not None:
+    if dim is not None and (t.dim() != dim if type(dim) is int else t.dim() not in dim):  # every call: no tuple
         allowed = (dim,) if isinstance(dim, int) else tuple(dim)
-        if t.dim() not in allowed:
-            raise ValueError(f"{name} must be {' or '.join(f'{d}-D' for d in allowed)}, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be {' or '.join(f'{d}-D' for d in allowed)}, got shape {tuple(t.shape)}")
 
 
 def check_same_device(**tensors) -> torch.device:
