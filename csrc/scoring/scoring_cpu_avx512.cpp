@@ -88,8 +88,8 @@ RK_AVX512_INLINE int64_t tile_rest(int ni, const TileArgs& a, int64_t i0, __m512
 
 // ----------------------------------------------------------------------------- few queries
 // A group with at most kFewLanes queries (one user's retrieval, the tail of a batch) would leave
-// most of the tile's 16 lanes idle: 1 query scored 16x slower than the catalog's rows arrive,
-// 0.73-0.89x torch's mv + topk on 10k-100k items. Here the items take the lanes instead: 16 rows'
+// most of the tile's 16 lanes idle: 1 query used 1 lane in 16 and ran at 0.73-0.89x torch's
+// mv + topk on 10k-100k items. Here the items take the lanes instead: 16 rows'
 // columns d0 .. d0 + 15 transposed in registers (a 16 x 16 shuffle network), then per query and
 // column one broadcast and one FMA per 16 items. The fma chain of each (query, item) is the
 // tile's, in the same order (d = 0 .. D-1 from 0, then + bias), so the scores are the same bits.
