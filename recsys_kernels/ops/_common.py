@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -147,17 +147,19 @@ def check_tensor(t, name: str, *, dtypes=None, dim=None) -> None:
         raise ValueError(f"{name} must be {' or '.join(f'{d}-D' for d in allowed)}, got shape {tuple(t.shape)}")
 
 
-def check_same_device(**tensors) -> torch.device:
-    """ValueError unless all the given (non-None) tensors are on one device; returns it. (A plain
-    loop: it runs on every call, and the dict and set it used to build cost 0.6 us.)"""
+def check_same_device(tensors: Sequence, names) -> torch.device | None:
+    """ValueError unless all the given (non-None) tensors are on one device; returns it. names:
+    the tensors' names for the message, or a function returning them (built only on error). A
+    plain loop over a tuple: it runs on every call (a keyword dict cost 0.1 us more)."""
     device = None
-    for t in tensors.values():
+    for t in tensors:
         if t is None:
             continue
         if device is None:
             device = t.device
         elif t.device != device:
-            listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+            listing = ", ".join(f"{k} on {v.device}" for k, v in zip(names() if callable(names) else names, tensors)
+                                if v is not None)
             raise ValueError(f"all tensors must be on one device, got {listing}")
     return device
 

@@ -249,11 +249,8 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
         raise TypeError(f"output_dtype must be float32, float16, bfloat16 or float64, got {output_dtype}")
     weight, indices, offsets, per_sample_weights, padding_idx = prepare_lookup(
         weight, indices, offsets, lengths, per_sample_weights, mode, padding_idx, bits, sparse)
-    device = weight.device
-    if indices.device != device or offsets.device != device or (  # (the keywords' dict: 0.3 us a call)
-            per_sample_weights is not None and per_sample_weights.device != device):
-        _common.check_same_device(weight=weight, indices=indices, offsets=offsets,
-                                  per_sample_weights=per_sample_weights)
+    device = _common.check_same_device((weight, indices, offsets, per_sample_weights),
+                                       ("weight", "indices", "offsets", "per_sample_weights"))
     return _common.call("embedding_bag", device, backend, weight.contiguous(), indices.contiguous(),
                         offsets.contiguous(), None if per_sample_weights is None else per_sample_weights.contiguous(),
                         mode, padding_idx, bounds, bits, output_dtype, sparse)

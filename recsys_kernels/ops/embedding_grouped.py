@@ -184,12 +184,9 @@ def embedding_bag_grouped(weights: Sequence[Tensor], indices: Sequence[Tensor],
         if off.shape[0] - 1 != n_bags:
             raise ValueError(f"lookup {f}: every lookup needs the same number of bags; lookup {f} has "
                              f"{off.shape[0] - 1}, lookup 0 has {n_bags}")
-    device = lookups[0][0].device
-    if any(t is not None and t.device != device for lk in lookups for t in lk[:4]):  # then name them all
-        tensors = {}
-        for f, (w, i, o, p, _) in enumerate(lookups):
-            tensors.update({f"weights[{f}]": w, f"indices[{f}]": i, f"offsets[{f}]": o, f"per_sample_weights[{f}]": p})
-        _common.check_same_device(**tensors)
+    device = _common.check_same_device(
+        [t for lk in lookups for t in lk[:4]],
+        lambda: [f"{name}[{f}]" for f in range(n) for name in ("weights", "indices", "offsets", "per_sample_weights")])
     if output_dtype is None:
         output_dtype = functools.reduce(torch.promote_types, {result_dtype(lk[0]) for lk in lookups})
 

@@ -280,7 +280,7 @@ def int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor | None = None, b_scale
         bias = _check_bias(bias, n)
         _check_out_dtype(out_dtype, _common.FLOAT_DTYPES, " with scales")
         a_scale, b_scale = a_scale.contiguous(), b_scale.contiguous()
-    device = _common.check_same_device(a_q=a_q, b_q=b_q, a_scale=a_scale, b_scale=b_scale, bias=bias)
+    device = _common.check_same_device((a_q, b_q, a_scale, b_scale, bias), ("a_q", "b_q", "a_scale", "b_scale", "bias"))
     return _common.call("int8_matmul", device, backend, a_q.contiguous(), b_q.contiguous(),
                         a_scale, b_scale, bias, activation, out_dtype)
 
@@ -310,7 +310,7 @@ def int8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor 
     _common.check_choice(activation, "activation", ACTIVATIONS)
     _common.check_choice(act_quant, "act_quant", ACT_QUANTS)
     _check_out_dtype(out_dtype, _common.FLOAT_DTYPES, "")
-    device = _common.check_same_device(x=x, weight_q=weight_q, weight_scale=weight_scale, bias=bias)
+    device = _common.check_same_device((x, weight_q, weight_scale, bias), ("x", "weight_q", "weight_scale", "bias"))
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), k).contiguous()  # not reshape(-1, k): ambiguous when K = 0
     y = _common.call("int8_linear", device, backend, x2, weight_q.contiguous(), weight_scale.contiguous(),
@@ -341,7 +341,8 @@ def int8_linear_packed(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, b
     _common.check_choice(activation, "activation", ACTIVATIONS)
     _common.check_choice(act_quant, "act_quant", ACT_QUANTS)
     _check_out_dtype(out_dtype, _common.FLOAT_DTYPES, "")
-    device = _common.check_same_device(x=x, packed_weight=packed_weight, weight_scale=weight_scale, bias=bias)
+    device = _common.check_same_device((x, packed_weight, weight_scale, bias),
+                                       ("x", "packed_weight", "weight_scale", "bias"))
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), k).contiguous()
     y = _common.call("int8_linear_packed", device, backend, x2, packed_weight.contiguous(), weight_scale.contiguous(),

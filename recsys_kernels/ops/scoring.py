@@ -386,8 +386,8 @@ def pair_scores(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, item_idx: 
         raise ValueError(f"user_idx and item_idx must have the same length, got {user_idx.shape[0]} "
                          f"and {item_idx.shape[0]}")
     _check_bias(item_bias, item_emb.shape[0])
-    device = _common.check_same_device(user_emb=user_emb, item_emb=item_emb, user_idx=user_idx,
-                                       item_idx=item_idx, item_bias=item_bias)
+    device = _common.check_same_device((user_emb, item_emb, user_idx, item_idx, item_bias),
+                                       ("user_emb", "item_emb", "user_idx", "item_idx", "item_bias"))
     return _common.call("pair_scores", device, backend, user_emb.contiguous(), item_emb.contiguous(),
                         user_idx, item_idx, _opt(item_bias))
 
@@ -400,8 +400,8 @@ def _check_candidates(queries, items, cand_offsets, cand_items, item_bias):
         raise ValueError(f"cand_offsets must have U + 1 = {queries.shape[0] + 1} elements, "
                          f"got {cand_offsets.shape[0]}")
     _check_bias(item_bias, items.shape[0])
-    device = _common.check_same_device(queries=queries, items=items, cand_offsets=cand_offsets,
-                                       cand_items=cand_items, item_bias=item_bias)
+    device = _common.check_same_device((queries, items, cand_offsets, cand_items, item_bias),
+                                       ("queries", "items", "cand_offsets", "cand_items", "item_bias"))
     return device, cand_offsets, cand_items
 
 
@@ -442,7 +442,7 @@ def topk_scores(queries: Tensor, items: Tensor, k: int, *, exclude_offsets: Opti
             raise ValueError(f"exclude_offsets must have U + 1 = {queries.shape[0] + 1} elements, "
                              f"got {exclude_offsets.shape[0]}")
     _check_bias(item_bias, items.shape[0])
-    device = _common.check_same_device(queries=queries, items=items, exclude_offsets=exclude_offsets,
-                                       exclude_items=exclude_items, item_bias=item_bias)
+    device = _common.check_same_device((queries, items, exclude_offsets, exclude_items, item_bias),
+                                       ("queries", "items", "exclude_offsets", "exclude_items", "item_bias"))
     return _common.call("topk_scores", device, backend, queries.contiguous(), items.contiguous(), k,
                         exclude_offsets, exclude_items, _opt(item_bias))
