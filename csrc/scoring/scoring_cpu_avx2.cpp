@@ -222,6 +222,20 @@ RK_AVX2_INLINE int64_t q8_rescore(const Q8TileArgs& a, const int32_t* items, Can
   return n;
 }
 
+// n rows of a table as fp32 (see rows_to_f32_avx2; also the int8 rescoring's dequantization)
+template <typename L>
+RK_AVX2_INLINE void rows_to_f32(const uint8_t* rows, int64_t row_bytes, int64_t dim, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* row = rows + i * row_bytes;
+    bool finite = true;  // int8 rows: the caller checked every scale and bias
+    const RowParams p = L::params(row, dim, finite);
+    float* o = out + i * dim;
+    int64_t c = 0;
+    for (; c + 8 <= dim; c += 8) _mm256_storeu_ps(o + c, L::load(row, c, p));
+    for (; c < dim; ++c) o[c] = L::scalar(row, c, p);
+  }
+}
+
 }  // namespace
 
 RK_AVX2 TileArgs q8_rescore_args(const Q8TileArgs& a, const int32_t* items, int n, float* bias) {
@@ -230,9 +244,7 @@ RK_AVX2 TileArgs q8_rescore_args(const Q8TileArgs& a, const int32_t* items, int 
     if (a.exact_rows != nullptr) {  // a float catalog: its own row
       std::memcpy(x, a.exact_rows + items[i] * a.dim, 4 * a.dim);
     } else {
-      const uint8_t* row = a.rows + items[i] * a.row_bytes;
-      const float scale = a.row_info[items[i]].scale, rbias = a.row_info[items[i]].row_bias;
-      for (int64_t d = 0; d < a.dim; ++d) x[d] = static_cast<float>(row[d]) * scale + rbias;
+      rows_to_f32<Q8>(a.rows + items[i] * a.row_bytes, a.row_bytes, a.dim, 1, x);
     }
     bias[i] = a.bias != nullptr ? a.bias[items[i]] : 0.0f;
   }
@@ -259,9 +271,8 @@ RK_AVX2 bool dot_pairs_avx2(const DotArgs& a) {
 namespace {
 
 // ----------------------------------------------------------------------------- few queries
-// As in scoring_cpu_avx512.cpp: a group of at most kFewLanes queries scores 8 items per vector
+// As in scoring_cpu_avx512.cpp: a group of at most kFewQueries queries scores 8 items per vector
 // (the items' columns transposed 8 x 8 in registers), the same fma chain per (query, item).
-constexpr int kFewLanes = 4;
 constexpr int kFewBlocks = 8;                       // 8-item blocks per pass: 8 chains per query
 constexpr int64_t kFewAhead = 2 * kFewBlocks * 8;  // rows prefetched ahead (into L2): two passes
 
@@ -299,7 +310,7 @@ template <int NB>
 RK_AVX2_INLINE int64_t few_lanes_block(const TileArgs& a, int64_t i0, int64_t n, const int* lanes, int nl,
                                        Candidate* out) {
   alignas(32) float xt[8][NB * 8];
-  alignas(32) float acc_of[kFewLanes][NB * 8];
+  alignas(32) float acc_of[kFewQueries][NB * 8];
   for (int l = 0; l < nl; ++l)
     for (int b = 0; b < NB; ++b) _mm256_store_ps(acc_of[l] + b * 8, _mm256_setzero_ps());
   const float* x = a.items + i0 * a.dim;
@@ -350,7 +361,7 @@ RK_AVX2_INLINE int64_t few_lanes_rest(int nb, const TileArgs& a, int64_t i0, int
 }
 
 RK_AVX2_INLINE int64_t few_lanes_tile(const TileArgs& a, Candidate* out) {
-  int lanes[kFewLanes], nl = 0;
+  int lanes[kFewQueries], nl = 0;
   for (uint32_t m = a.lane_mask & 0xFFFFu; m != 0; m &= m - 1) lanes[nl++] = __builtin_ctz(m);
   int64_t found = 0, i0 = 0;
   constexpr int64_t kStep = kFewBlocks * 8;
@@ -358,19 +369,6 @@ RK_AVX2_INLINE int64_t few_lanes_tile(const TileArgs& a, Candidate* out) {
   const int64_t rest = a.n_items - i0;
   if (rest > 0) found += few_lanes_rest(static_cast<int>((rest + 7) / 8), a, i0, rest, lanes, nl, out + found);
   return found;
-}
-
-template <typename L>
-RK_AVX2_INLINE void rows_to_f32(const uint8_t* rows, int64_t row_bytes, int64_t dim, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* row = rows + i * row_bytes;
-    bool finite = true;  // int8 rows: the caller checked every scale and bias
-    const RowParams p = L::params(row, dim, finite);
-    float* o = out + i * dim;
-    int64_t c = 0;
-    for (; c + 8 <= dim; c += 8) _mm256_storeu_ps(o + c, L::load(row, c, p));
-    for (; c < dim; ++c) o[c] = L::scalar(row, c, p);
-  }
 }
 
 }  // namespace
@@ -385,7 +383,7 @@ RK_AVX2 void rows_to_f32_avx2(Kind kind, const uint8_t* rows, int64_t row_bytes,
 }
 
 RK_AVX2 int64_t score_tile_avx2(const TileArgs& a, Candidate* out) {
-  if (__builtin_popcount(a.lane_mask & 0xFFFFu) <= kFewLanes) return few_lanes_tile(a, out);
+  if (few_queries(a.lane_mask)) return few_lanes_tile(a, out);
   const __m256 thr0 = _mm256_loadu_ps(a.threshold), thr1 = _mm256_loadu_ps(a.threshold + 8);
   int64_t n = 0, i0 = 0;
   for (; i0 + 6 <= a.n_items; i0 += 6) n += tile_block<6>(a, i0, thr0, thr1, out + n);

@@ -87,13 +87,12 @@ RK_AVX512_INLINE int64_t tile_rest(int ni, const TileArgs& a, int64_t i0, __m512
 }
 
 // ----------------------------------------------------------------------------- few queries
-// A group with at most kFewLanes queries (one user's retrieval, the tail of a batch) would leave
+// A group with at most kFewQueries queries (one user's retrieval, the tail of a batch) would leave
 // most of the tile's 16 lanes idle: 1 query used 1 lane in 16 and ran at 0.73-0.89x torch's
 // mv + topk on 10k-100k items. Here the items take the lanes instead: 16 rows'
 // columns d0 .. d0 + 15 transposed in registers (a 16 x 16 shuffle network), then per query and
 // column one broadcast and one FMA per 16 items. The fma chain of each (query, item) is the
 // tile's, in the same order (d = 0 .. D-1 from 0, then + bias), so the scores are the same bits.
-constexpr int kFewLanes = 4;
 constexpr int kFewBlocks = 4;  // 16-item blocks per pass: 4 independent chains per query
 constexpr int64_t kFewAhead = 2 * kFewBlocks * kLanes;  // rows prefetched ahead: two passes
 
@@ -143,7 +142,7 @@ template <int NB>
 RK_AVX512_INLINE int64_t few_lanes_block(const TileArgs& a, int64_t i0, int64_t n, const int* lanes, int nl,
                                          Candidate* out) {
   alignas(64) float xt[16][NB * kLanes];
-  alignas(64) float acc_of[kFewLanes][NB * kLanes];
+  alignas(64) float acc_of[kFewQueries][NB * kLanes];
   for (int l = 0; l < nl; ++l)
     #pragma GCC unroll 4
     for (int b = 0; b < NB; ++b) _mm512_store_ps(acc_of[l] + b * kLanes, _mm512_setzero_ps());
@@ -186,25 +185,31 @@ RK_AVX512_INLINE int64_t few_lanes_block(const TileArgs& a, int64_t i0, int64_t 
   return found;
 }
 
+template <int NB = 1>
+RK_AVX512_INLINE int64_t few_lanes_rest(int nb, const TileArgs& a, int64_t i0, int64_t n, const int* lanes, int nl,
+                                        Candidate* out) {
+  if constexpr (NB < kFewBlocks) {
+    if (nb != NB) return few_lanes_rest<NB + 1>(nb, a, i0, n, lanes, nl, out);
+  }
+  return few_lanes_block<NB>(a, i0, n, lanes, nl, out);
+}
+
 RK_AVX512_INLINE int64_t few_lanes_tile(const TileArgs& a, Candidate* out) {
-  int lanes[kFewLanes], nl = 0;
+  int lanes[kFewQueries], nl = 0;
   for (uint32_t m = a.lane_mask & 0xFFFFu; m != 0; m &= m - 1) lanes[nl++] = __builtin_ctz(m);
   int64_t found = 0, i0 = 0;
   constexpr int64_t kStep = kFewBlocks * kLanes;
-  static_assert(kFewBlocks == 4, "the tail below takes 1 to 4 blocks");
   for (; i0 + kStep <= a.n_items; i0 += kStep) found += few_lanes_block<kFewBlocks>(a, i0, kStep, lanes, nl, out + found);
   const int64_t rest = a.n_items - i0;
-  if (rest > 3 * kLanes) found += few_lanes_block<4>(a, i0, rest, lanes, nl, out + found);
-  else if (rest > 2 * kLanes) found += few_lanes_block<3>(a, i0, rest, lanes, nl, out + found);
-  else if (rest > kLanes) found += few_lanes_block<2>(a, i0, rest, lanes, nl, out + found);
-  else if (rest > 0) found += few_lanes_block<1>(a, i0, rest, lanes, nl, out + found);
+  const int blocks = static_cast<int>((rest + kLanes - 1) / kLanes);
+  if (rest > 0) found += few_lanes_rest(blocks, a, i0, rest, lanes, nl, out + found);
   return found;
 }
 
 }  // namespace
 
 RK_AVX512 int64_t score_tile_avx512(const TileArgs& a, Candidate* out) {
-  if (__builtin_popcount(a.lane_mask & 0xFFFFu) <= kFewLanes) return few_lanes_tile(a, out);
+  if (few_queries(a.lane_mask)) return few_lanes_tile(a, out);
   const __m512 thr = _mm512_loadu_ps(a.threshold);
   int64_t n = 0, i0 = 0;
   for (; i0 + kTileItems <= a.n_items; i0 += kTileItems) n += tile_block<kTileItems>(a, i0, thr, out + n);

@@ -69,6 +69,11 @@ struct Candidate {
   float score;
 };
 
+// A group with at most kFewQueries queries in lane_mask is scored with the items in the lanes
+// instead (few_lanes_tile in the AVX2 and AVX-512 units: the same fma chains, so the same scores).
+constexpr int kFewQueries = 4;
+inline bool few_queries(uint32_t lane_mask) { return __builtin_popcount(lane_mask & 0xFFFFu) <= kFewQueries; }
+
 // Writes at most 16 * n_items candidates, per lane in increasing item order; returns the count.
 int64_t score_tile_avx2(const TileArgs& a, Candidate* out);
 int64_t score_tile_scalar(const TileArgs& a, Candidate* out);
