@@ -171,11 +171,14 @@ std::vector<int64_t> split_bags(const I* off, int64_t n_bags, int64_t n_tasks) {
   return bounds;
 }
 
+// Tasks for `work` units: one per thread, each of at least min_work units (at least one task).
+inline int64_t tasks_for_work(int64_t work, int64_t min_work) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / min_work));
+}
+
 template <typename I>
 int64_t n_tasks_for(const I* off, int64_t n_bags, int64_t min_work = 4096) {
-  const int64_t work = static_cast<int64_t>(off[n_bags]) + n_bags;
-  const int64_t threads = at::get_num_threads();
-  return std::max<int64_t>(1, std::min<int64_t>(threads, work / min_work));
+  return tasks_for_work(static_cast<int64_t>(off[n_bags]) + n_bags, min_work);
 }
 
 // Runs fn(bag_begin, bag_end) over balanced chunks of bags, in parallel.
@@ -553,7 +556,7 @@ constexpr int64_t kMinTaskWork = 512;
 inline void pool_lookups(std::vector<Lookup*> lookups) {
   int64_t total = 0;
   for (const Lookup* lk : lookups) total += lk->work();
-  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinTaskWork));
+  const int64_t n_tasks = tasks_for_work(total, kMinTaskWork);
   const CpuIsa isa = cpu_isa();
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
