@@ -273,6 +273,19 @@ def test_bad_input(kwargs, exc, match):
         embedding_bag_grouped(args.pop("weights"), args.pop("indices"), args.pop("offsets"), **args)
 
 
+@pytest.mark.parametrize("short", range(1, 8))
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag_grouped", include_reference=False))
+def test_raw_op_checks_every_list_length(device, backend, short):
+    """The op called directly (no front door): a per-lookup list one entry short raises."""
+    args = [[W, W], [I, I], [O, O], [None, None], ["sum", "sum"], [-1, -1], [8, 8], [False, False]]
+    args[short] = args[short][:1]
+    args = [[t.to(device) if isinstance(t, torch.Tensor) else t for t in a] for a in args]
+    op = torch.ops.recsys_kernels.embedding_bag_grouped_triton if backend == "triton" else \
+        torch.ops.recsys_kernels.embedding_bag_grouped
+    with pytest.raises(ValueError, match="every per-lookup list"):
+        op(*args, "raise", torch.float32)
+
+
 def test_quantized_table_has_no_gradient():
     packed = quantize_rowwise(torch.randn(5, 8))
     with pytest.raises(NotImplementedError, match="lookup 1: .*inference only"):

@@ -22,11 +22,11 @@ at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indi
                                      at::IntArrayRef bits, const c10::List<bool>& sparse, c10::string_view bounds,
                                      at::ScalarType output_dtype) {
   // (the signature must be the CUDA kernel's to the letter: one op, one C++ signature)
-  (void)sparse;  // only the backward reads it
+  // (sparse: only the backward reads it, but its length is checked like the others')
   const size_t n = weights.size();
   TORCH_CHECK_VALUE(n >= 1, "embedding_bag_grouped needs at least one lookup");
   TORCH_CHECK_VALUE(indices.size() == n && offsets.size() == n && per_sample_weights.size() == n && modes.size() == n &&
-                        padding_idx.size() == n && bits.size() == n,
+                        padding_idx.size() == n && bits.size() == n && sparse.size() == n,
                     "embedding_bag_grouped: every per-lookup list must have ", n, " entries");
   TORCH_CHECK_TYPE(is_float_dtype(output_dtype), "output_dtype must be float32, float16 or bfloat16, got ",
                    dtype_name(output_dtype));

@@ -256,6 +256,19 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
                         mode, padding_idx, bounds, bits, output_dtype, sparse)
 
 
+def check_raw_lookup(weight, indices, offsets, per_sample_weights, mode, padding_idx, bounds, bits, sparse):
+    """prepare_lookup's checks for a lookup already in the ops' normal form (1-D indices, CSR
+    offsets), raising the same errors, for the Triton ops called directly: their kernels trust
+    the shapes (the C++ kernels check them themselves). padding_idx keeps the ops' meaning (a
+    negative one names no row). Returns (indices, offsets, per_sample_weights) in one index dtype."""
+    _, indices, offsets, per_sample_weights, _ = prepare_lookup(weight, indices, offsets, None, per_sample_weights,
+                                                                mode, None, bits, sparse)
+    _common.check_choice(bounds, "bounds", BOUNDS)
+    if padding_idx is not None and (not isinstance(padding_idx, int) or isinstance(padding_idx, bool)):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    return indices, offsets, per_sample_weights
+
+
 def prepare_lookup(weight, indices, offsets, lengths, per_sample_weights, mode, padding_idx, bits, sparse):
     """The metadata checks of one lookup (embedding_bag's and embedding_bag_grouped's front doors)
     and its normal form: (weight, 1-D indices, CSR offsets of the indices' dtype, 1-D

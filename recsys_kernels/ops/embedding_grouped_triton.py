@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _common, embedding_triton
-from .embedding import BACKWARD
+from .embedding import BACKWARD, BOUNDS, check_raw_lookup
 from .embedding_grouped import (NAME, SCHEMA, _embedding_bag_grouped_fake, _make_backward, _setup_context,
                                 lookup_dim)
 
@@ -73,11 +73,20 @@ def _embedding_bag_grouped_triton(weights: list[Tensor], indices: list[Tensor], 
     if any(o.shape[0] - 1 != n_bags for o in offsets):
         raise ValueError("embedding_bag_grouped: every offsets[f] needs the same number of entries (B + 1)")
     # the front door already gives this form; the op called directly may not
+    _common.check_choice(bounds, "bounds", BOUNDS)
+    if output_dtype not in _common.FLOAT_DTYPES:
+        raise TypeError(f"output_dtype must be float32, float16 or bfloat16, got {output_dtype}")
+    lookups = []
+    for f in range(n):
+        try:
+            lookups.append(check_raw_lookup(weights[f], indices[f], offsets[f], per_sample_weights[f], modes[f],
+                                            padding_idx[f], bounds, bits[f], sparse[f]))
+        except (TypeError, ValueError, NotImplementedError) as e:
+            raise type(e)(f"lookup {f}: {e}") from None
     weights = [w.contiguous() for w in weights]
-    pairs = [(i, o) if i.dtype == o.dtype else (i.long(), o.long()) for i, o in zip(indices, offsets)]
-    indices = [i.contiguous() for i, _ in pairs]
-    offsets = [o.contiguous() for _, o in pairs]
-    psws = [None if p is None else p.to(torch.float32).contiguous() for p in per_sample_weights]
+    indices = [i.contiguous() for i, _, _ in lookups]
+    offsets = [o.contiguous() for _, o, _ in lookups]
+    psws = [None if p is None else p.to(torch.float32).contiguous() for _, _, p in lookups]
 
     _check_values(weights, indices, offsets, bounds, bits)
     dims = [lookup_dim(w, b) for w, b in zip(weights, bits)]

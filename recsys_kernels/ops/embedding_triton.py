@@ -33,8 +33,8 @@ from torch import Tensor
 
 from .. import _backend
 from . import _common
-from .embedding import (BACKWARD, _acc_dtype, _check_offsets, _embedding_bag_backward_fake, _embedding_bag_fake,
-                        _make_backward, _setup_context)
+from .embedding import (BACKWARD, TABLE_DTYPES, _acc_dtype, _check_offsets, _embedding_bag_backward_fake,
+                        _embedding_bag_fake, _make_backward, _setup_context, check_raw_lookup)
 from .rowwise import unpacked_dim
 
 _k, _REASON = _common.triton_kernels("embedding_bag")
@@ -116,6 +116,10 @@ CHECK.register_fake(_embedding_bag_triton_check_fake)
 def _embedding_bag_triton(weight: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
                           mode: str, padding_idx: Optional[int], bounds: str, bits: int,
                           output_dtype: Optional[torch.dtype], sparse: bool) -> Tensor:
+    indices, offsets, per_sample_weights = check_raw_lookup(weight, indices, offsets, per_sample_weights, mode,
+                                                            padding_idx, bounds, bits, sparse)
+    if output_dtype is not None and output_dtype not in TABLE_DTYPES:
+        raise TypeError(f"output_dtype must be float32, float16, bfloat16 or float64, got {output_dtype}")
     quantized = weight.dtype == torch.uint8
     dim = unpacked_dim(weight.shape[1], bits) if quantized else weight.shape[1]
     n_rows = weight.shape[0]
@@ -144,7 +148,15 @@ def _embedding_bag_triton(weight: Tensor, indices: Tensor, offsets: Tensor, per_
 def _embedding_bag_backward_triton(grad_output: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor,
                                    per_sample_weights: Optional[Tensor], mode: str, padding_idx: Optional[int],
                                    bounds: str, sparse: bool) -> tuple[Tensor, Tensor]:
+    indices, offsets, per_sample_weights = check_raw_lookup(weight, indices, offsets, per_sample_weights, mode,
+                                                            padding_idx, bounds, 8, sparse)
+    if weight.dtype == torch.uint8:
+        raise TypeError("embedding_bag_backward: the gradient is for float tables, got a uint8 row-wise table")
     n_rows, dim = weight.shape
+    _common.check_tensor(grad_output, "grad_output", dtypes=TABLE_DTYPES, dim=2)
+    if tuple(grad_output.shape) != (offsets.shape[0] - 1, dim):
+        raise ValueError(f"grad_output must have shape [B, D] = [{offsets.shape[0] - 1}, {dim}], "
+                         f"got {tuple(grad_output.shape)}")
     nnz = indices.shape[0]
     n_bags = offsets.shape[0] - 1
     acc = _acc_dtype(weight)

@@ -245,16 +245,10 @@ def quantize_weight_int8(weight: Tensor, *, backend: str | None = None) -> tuple
     return _quantize_front(weight, "weight", backend)
 
 
-def int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor | None = None, b_scale: Tensor | None = None,
-                bias: Tensor | None = None, *, activation: str = "none",
-                out_dtype: torch.dtype | None = None, backend: str | None = None) -> Tensor:
-    """a_q [M, K] int8 @ b_q [N, K] int8 .T -> [M, N].
-
-    Without scales: the exact int32 result (out_dtype None or torch.int32; no bias/activation).
-    With a_scale [M] and b_scale [N] (fp32, both or neither): y = acc * a_scale[m] * b_scale[n]
-    + bias[n], then `activation` ("none" | "relu" | "gelu" (erf) | "silu"), as out_dtype
-    (float32 default, float16, bfloat16). `bias` may be any float dtype; it is read as fp32.
-    Inference only (no backward)."""
+def check_int8_matmul_args(a_q, b_q, a_scale, b_scale, bias, activation, out_dtype):
+    """int8_matmul's metadata checks (its front door's, and the Triton op's called directly, whose
+    kernels trust the shapes); returns (device, a_scale, b_scale, bias, out_dtype) as the kernels
+    take them."""
     _common.check_tensor(a_q, "a_q", dtypes=(torch.int8,), dim=2)
     _common.check_tensor(b_q, "b_q", dtypes=(torch.int8,), dim=2)
     m, k = a_q.shape
@@ -281,21 +275,28 @@ def int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor | None = None, b_scale
         _check_out_dtype(out_dtype, _common.FLOAT_DTYPES, " with scales")
         a_scale, b_scale = a_scale.contiguous(), b_scale.contiguous()
     device = _common.check_same_device((a_q, b_q, a_scale, b_scale, bias), ("a_q", "b_q", "a_scale", "b_scale", "bias"))
+    return device, a_scale, b_scale, bias, out_dtype
+
+
+def int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor | None = None, b_scale: Tensor | None = None,
+                bias: Tensor | None = None, *, activation: str = "none",
+                out_dtype: torch.dtype | None = None, backend: str | None = None) -> Tensor:
+    """a_q [M, K] int8 @ b_q [N, K] int8 .T -> [M, N].
+
+    Without scales: the exact int32 result (out_dtype None or torch.int32; no bias/activation).
+    With a_scale [M] and b_scale [N] (fp32, both or neither): y = acc * a_scale[m] * b_scale[n]
+    + bias[n], then `activation` ("none" | "relu" | "gelu" (erf) | "silu"), as out_dtype
+    (float32 default, float16, bfloat16). `bias` may be any float dtype; it is read as fp32.
+    Inference only (no backward)."""
+    device, a_scale, b_scale, bias, out_dtype = check_int8_matmul_args(a_q, b_q, a_scale, b_scale, bias, activation,
+                                                                       out_dtype)
     return _common.call("int8_matmul", device, backend, a_q.contiguous(), b_q.contiguous(),
                         a_scale, b_scale, bias, activation, out_dtype)
 
 
-def int8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None = None, *,
-                activation: str = "none", act_quant: str = "dynamic", out_dtype: torch.dtype | None = None,
-                backend: str | None = None) -> Tensor:
-    """y = activation(x @ dequant(weight_q).T + bias) with int8 weights, for x float [..., K]
-    (any leading dims, M may be 0) -> [..., N].
-
-    weight_q [N, K] int8 and weight_scale [N] fp32 come from `quantize_weight_int8`.
-    act_quant="dynamic" quantizes x per row inside the op and runs the int8 GEMM with the fused
-    dequant + bias + activation epilogue; act_quant="none" is weight-only (fp32 math).
-    activation: "none" | "relu" | "gelu" (erf) | "silu". out_dtype: default x's dtype.
-    Inference only (no backward)."""
+def check_int8_linear_args(x, weight_q, weight_scale, bias, activation, act_quant, out_dtype):
+    """int8_linear's metadata checks (front door and Triton op), x [..., K]; returns (device, bias
+    as contiguous fp32 or None)."""
     _common.check_tensor(x, "x", dtypes=_common.FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dim ([..., K]), got shape {tuple(x.shape)}")
@@ -311,6 +312,22 @@ def int8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor 
     _common.check_choice(act_quant, "act_quant", ACT_QUANTS)
     _check_out_dtype(out_dtype, _common.FLOAT_DTYPES, "")
     device = _common.check_same_device((x, weight_q, weight_scale, bias), ("x", "weight_q", "weight_scale", "bias"))
+    return device, bias
+
+
+def int8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None = None, *,
+                activation: str = "none", act_quant: str = "dynamic", out_dtype: torch.dtype | None = None,
+                backend: str | None = None) -> Tensor:
+    """y = activation(x @ dequant(weight_q).T + bias) with int8 weights, for x float [..., K]
+    (any leading dims, M may be 0) -> [..., N].
+
+    weight_q [N, K] int8 and weight_scale [N] fp32 come from `quantize_weight_int8`.
+    act_quant="dynamic" quantizes x per row inside the op and runs the int8 GEMM with the fused
+    dequant + bias + activation epilogue; act_quant="none" is weight-only (fp32 math).
+    activation: "none" | "relu" | "gelu" (erf) | "silu". out_dtype: default x's dtype.
+    Inference only (no backward)."""
+    device, bias = check_int8_linear_args(x, weight_q, weight_scale, bias, activation, act_quant, out_dtype)
+    n, k = weight_q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), k).contiguous()  # not reshape(-1, k): ambiguous when K = 0
     y = _common.call("int8_linear", device, backend, x2, weight_q.contiguous(), weight_scale.contiguous(),

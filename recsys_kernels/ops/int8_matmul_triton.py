@@ -24,8 +24,8 @@ from torch import Tensor
 
 from .. import _backend
 from . import _common
-from .int8_matmul import (ACT_QUANTS, ACTIVATIONS, _int8_linear_fake, _int8_matmul_fake, _no_backward,
-                          _quantize_rows_int8_fake, _setup_nothing)
+from .int8_matmul import (_int8_linear_fake, _int8_matmul_fake, _no_backward, _quantize_rows_int8_fake,
+                          _setup_nothing, check_int8_linear_args, check_int8_matmul_args)
 
 _k, _REASON = _common.triton_kernels("int8_matmul")
 
@@ -131,45 +131,30 @@ def _launch_weight_only(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Te
     return c
 
 
-def _as_fp32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.float().contiguous()
-
-
 # ----------------------------------------------------------------------------- the ops
 def _quantize_rows_int8_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    _common.check_tensor(x, "x", dtypes=_common.FLOAT_DTYPES, dim=2)  # the kernel trusts the shape
     token = CHECK_FINITE([x], _X_NAME)
     return _launch_quantize(x.contiguous(), token)
 
 
 def _int8_matmul_triton(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor],
                         bias: Optional[Tensor], activation: str, out_dtype: Optional[torch.dtype]) -> Tensor:
-    # the reference's metadata rules, for direct calls of the op (the front door checks them too)
-    if (a_scale is None) != (b_scale is None):
-        raise ValueError("int8_matmul: give both a_scale and b_scale, or neither")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"int8_matmul: a is [M, {a.shape[1]}] but b is [N, {b.shape[1]}] (K must match)")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    # the front door's metadata rules, for direct calls of the op (the kernels trust the shapes)
+    _, a_scale, b_scale, bias, out_dtype = check_int8_matmul_args(a, b, a_scale, b_scale, bias, activation, out_dtype)
     a, b = a.contiguous(), b.contiguous()
     if a_scale is None:
-        if bias is not None or activation != "none":
-            raise ValueError("int8_matmul: bias and activation need a_scale and b_scale")
-        if out_dtype not in (None, torch.int32):
-            raise ValueError(f"int8_matmul: without scales the output is int32, got out_dtype={out_dtype}")
         return _launch_gemm(a, b, None, None, None, "none", torch.int32, a.new_empty(0))
-    a_scale, b_scale = _as_fp32(a_scale), _as_fp32(b_scale)
     token = CHECK_FINITE([a_scale, b_scale], "a_scale;b_scale")
-    return _launch_gemm(a, b, a_scale, b_scale, _as_fp32(bias), activation, out_dtype or torch.float32, token)
+    return _launch_gemm(a, b, a_scale, b_scale, bias, activation, out_dtype or torch.float32, token)
 
 
 def _int8_linear_triton(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                         activation: str, act_quant: str, out_dtype: Optional[torch.dtype]) -> Tensor:
-    if act_quant not in ACT_QUANTS:
-        raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _common.check_tensor(x, "x", dtypes=_common.FLOAT_DTYPES, dim=2)  # the op's x is [M, K]
+    _, bias = check_int8_linear_args(x, weight_q, weight_scale, bias, activation, act_quant, out_dtype)
     out_dtype = out_dtype or x.dtype
-    x, weight_q, weight_scale, bias = x.contiguous(), weight_q.contiguous(), _as_fp32(weight_scale), _as_fp32(bias)
+    x, weight_q, weight_scale = x.contiguous(), weight_q.contiguous(), weight_scale.contiguous()
     if act_quant == "none":
         token = CHECK_FINITE([weight_scale], "weight_scale")
         return _launch_weight_only(x, weight_q, weight_scale, bias, activation, out_dtype, token)

@@ -375,10 +375,9 @@ def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def pair_scores(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, item_idx: Tensor,
-                item_bias: Optional[Tensor] = None, *, backend: str | None = None) -> Tensor:
-    """scores[p] = <user_emb[user_idx[p]], item_emb[item_idx[p]]> (+ item_bias[item_idx[p]]),
-    fp32 [P]. Differentiable in user_emb, item_emb (float tables) and item_bias."""
+def check_pair_args(user_emb, item_emb, user_idx, item_idx, item_bias):
+    """pair_scores' metadata checks (its front door's, and the Triton ops' called directly, whose
+    kernels trust the shapes); returns (device, user_idx, item_idx) in one index dtype."""
     dim = _check_items(item_emb, "item_emb")
     _check_queries(user_emb, "user_emb", dim, "item_emb")
     user_idx, item_idx = _check_index_pair(user_idx, "user_idx", item_idx, "item_idx")
@@ -388,11 +387,21 @@ def pair_scores(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, item_idx: 
     _check_bias(item_bias, item_emb.shape[0])
     device = _common.check_same_device((user_emb, item_emb, user_idx, item_idx, item_bias),
                                        ("user_emb", "item_emb", "user_idx", "item_idx", "item_bias"))
+    return device, user_idx, item_idx
+
+
+def pair_scores(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, item_idx: Tensor,
+                item_bias: Optional[Tensor] = None, *, backend: str | None = None) -> Tensor:
+    """scores[p] = <user_emb[user_idx[p]], item_emb[item_idx[p]]> (+ item_bias[item_idx[p]]),
+    fp32 [P]. Differentiable in user_emb, item_emb (float tables) and item_bias."""
+    device, user_idx, item_idx = check_pair_args(user_emb, item_emb, user_idx, item_idx, item_bias)
     return _common.call("pair_scores", device, backend, user_emb.contiguous(), item_emb.contiguous(),
                         user_idx, item_idx, _opt(item_bias))
 
 
-def _check_candidates(queries, items, cand_offsets, cand_items, item_bias):
+def check_candidate_args(queries, items, cand_offsets, cand_items, item_bias):
+    """candidate_scores' / candidate_topk's metadata checks (front doors and Triton ops); returns
+    (device, cand_offsets, cand_items) in one index dtype."""
     dim = _check_items(items, "items")
     _check_queries(queries, "queries", dim, "items")
     cand_offsets, cand_items = _check_index_pair(cand_offsets, "cand_offsets", cand_items, "cand_items")
@@ -409,7 +418,7 @@ def candidate_scores(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_
                      item_bias: Optional[Tensor] = None, *, backend: str | None = None) -> Tensor:
     """Score of every candidate in a CSR list: user u's candidates are
     cand_items[cand_offsets[u]:cand_offsets[u + 1]]. Returns fp32 [nnz], aligned with cand_items."""
-    device, cand_offsets, cand_items = _check_candidates(queries, items, cand_offsets, cand_items, item_bias)
+    device, cand_offsets, cand_items = check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     return _common.call("candidate_scores", device, backend, queries.contiguous(), items.contiguous(),
                         cand_offsets, cand_items, _opt(item_bias))
 
@@ -419,17 +428,14 @@ def candidate_topk(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_it
     """Per-user top-k of its candidate list: (values fp32 [U, k], item ids int64 [U, k]), ranked
     by the module's rule; padded with -inf / -1 when a user has fewer than k candidates."""
     _check_k(k)
-    device, cand_offsets, cand_items = _check_candidates(queries, items, cand_offsets, cand_items, item_bias)
+    device, cand_offsets, cand_items = check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     return _common.call("candidate_topk", device, backend, queries.contiguous(), items.contiguous(),
                         cand_offsets, cand_items, k, _opt(item_bias))
 
 
-def topk_scores(queries: Tensor, items: Tensor, k: int, *, exclude_offsets: Optional[Tensor] = None,
-                exclude_items: Optional[Tensor] = None, item_bias: Optional[Tensor] = None,
-                backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """Top-k items of the whole catalog for every query, without materialising [U, I]:
-    (values fp32 [U, k], item ids int64 [U, k]). exclude_offsets [U + 1] / exclude_items: CSR
-    lists of item ids to leave out per user. Padded with -inf / -1 when fewer than k remain."""
+def check_topk_args(queries, items, k, exclude_offsets, exclude_items, item_bias):
+    """topk_scores' metadata checks (front door and Triton op); returns (device, exclude_offsets,
+    exclude_items) in one index dtype."""
     dim = _check_items(items, "items")
     _check_queries(queries, "queries", dim, "items")
     _check_k(k, items.shape[0])
@@ -444,5 +450,16 @@ def topk_scores(queries: Tensor, items: Tensor, k: int, *, exclude_offsets: Opti
     _check_bias(item_bias, items.shape[0])
     device = _common.check_same_device((queries, items, exclude_offsets, exclude_items, item_bias),
                                        ("queries", "items", "exclude_offsets", "exclude_items", "item_bias"))
+    return device, exclude_offsets, exclude_items
+
+
+def topk_scores(queries: Tensor, items: Tensor, k: int, *, exclude_offsets: Optional[Tensor] = None,
+                exclude_items: Optional[Tensor] = None, item_bias: Optional[Tensor] = None,
+                backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k items of the whole catalog for every query, without materialising [U, I]:
+    (values fp32 [U, k], item ids int64 [U, k]). exclude_offsets [U + 1] / exclude_items: CSR
+    lists of item ids to leave out per user. Padded with -inf / -1 when fewer than k remain."""
+    device, exclude_offsets, exclude_items = check_topk_args(queries, items, k, exclude_offsets, exclude_items,
+                                                             item_bias)
     return _common.call("topk_scores", device, backend, queries.contiguous(), items.contiguous(), k,
                         exclude_offsets, exclude_items, _opt(item_bias))

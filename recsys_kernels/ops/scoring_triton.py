@@ -200,6 +200,7 @@ def _segment_grad(grad_output: Tensor, other: Tensor, other_idx: Tensor, row_idx
 # ----------------------------------------------------------------------------- the ops
 def _pair_scores_triton(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, item_idx: Tensor,
                         item_bias: Optional[Tensor]) -> Tensor:
+    _, user_idx, item_idx = _s.check_pair_args(user_emb, item_emb, user_idx, item_idx, item_bias)
     token = CHECK_PAIR(user_emb, item_emb, user_idx, item_idx)
     user_emb, item_emb = user_emb.contiguous(), item_emb.contiguous()
     bias = None if item_bias is None else item_bias.contiguous()
@@ -208,6 +209,11 @@ def _pair_scores_triton(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, it
 
 def _pair_scores_backward_triton(grad_output: Tensor, user_emb: Tensor, item_emb: Tensor, user_idx: Tensor,
                                  item_idx: Tensor, item_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    _, user_idx, item_idx = _s.check_pair_args(user_emb, item_emb, user_idx, item_idx, item_bias)
+    _common.check_tensor(grad_output, "grad_output", dtypes=_common.FLOAT_DTYPES, dim=1)
+    if grad_output.shape[0] != user_idx.shape[0]:
+        raise ValueError(f"grad_output must have one value per pair ({user_idx.shape[0]}), "
+                         f"got shape {tuple(grad_output.shape)}")
     token = CHECK_PAIR(user_emb, item_emb, user_idx, item_idx)
     grad_output = grad_output.contiguous()
     user_emb, item_emb = user_emb.contiguous(), item_emb.contiguous()
@@ -245,6 +251,7 @@ def _segment_of(offsets: Tensor, nnz: int) -> Tensor:
 
 def _candidate_scores_triton(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_items: Tensor,
                              item_bias: Optional[Tensor]) -> Tensor:
+    _, cand_offsets, cand_items = _s.check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     token = CHECK_CANDIDATES(items, cand_offsets, cand_items)
     rows = _segment_of(cand_offsets, cand_items.shape[0])
     bias = None if item_bias is None else item_bias.contiguous()
@@ -253,8 +260,8 @@ def _candidate_scores_triton(queries: Tensor, items: Tensor, cand_offsets: Tenso
 
 def _candidate_topk_triton(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_items: Tensor, k: int,
                            item_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+    _s._check_k(k)
+    _, cand_offsets, cand_items = _s.check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     _s._check_item_count(items)
     token = CHECK_CANDIDATES(items, cand_offsets, cand_items)
     n_users, nnz = queries.shape[0], cand_items.shape[0]
@@ -279,12 +286,10 @@ def _candidate_topk_triton(queries: Tensor, items: Tensor, cand_offsets: Tensor,
 
 def _topk_scores_triton(queries: Tensor, items: Tensor, k: int, exclude_offsets: Optional[Tensor],
                         exclude_items: Optional[Tensor], item_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    _, exclude_offsets, exclude_items = _s.check_topk_args(queries, items, k, exclude_offsets, exclude_items,
+                                                           item_bias)
     n_users, n_items = queries.shape[0], items.shape[0]
-    if k < 0 or k > n_items:
-        raise ValueError(f"k must be in [0, {n_items}] (the number of items), got {k}")
     _s._check_item_count(items)
-    if (exclude_offsets is None) != (exclude_items is None):
-        raise ValueError("exclude_offsets and exclude_items must be given together")
     token = CHECK_TOPK(queries, items, exclude_offsets, exclude_items)
     device = queries.device
     queries, items = queries.contiguous(), items.contiguous()
