@@ -102,6 +102,7 @@ def _embedding_bag_fwd_kernel(
     else:
         acc = tl.zeros([BLOCK_D], ACC)
     count = tl.zeros([BLOCK_L], tl.int32)
+    nan_seen = tl.zeros([BLOCK_D], tl.int32)  # max: a NaN wins (tl.max / tl.maximum drop it)
 
     for p0 in range(start, end, BLOCK_L):
         pos = p0 + lanes
@@ -121,6 +122,7 @@ def _embedding_bag_fwd_kernel(
         if MODE == 2:
             vals = tl.where(m2, vals, float("-inf"))
             acc = tl.maximum(acc, tl.max(vals, axis=0))
+            nan_seen = tl.maximum(nan_seen, tl.max((vals != vals).to(tl.int32), axis=0))
         else:
             if HAS_PSW:
                 # like the reference: skipped rows are 0 and still multiplied by their weight
@@ -132,6 +134,7 @@ def _embedding_bag_fwd_kernel(
     if MODE == 1:
         acc = acc / tl.maximum(n, 1).to(ACC)
     elif MODE == 2:
+        acc = tl.where(nan_seen > 0, float("nan"), acc)
         acc = tl.where(n > 0, acc, 0.0)
     tl.store(OUT + bag * D + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
 
@@ -167,6 +170,9 @@ def _embedding_bag_bwd_rows_kernel(
     if MODE == 2:
         best = tl.full([BLOCK_D], float("-inf"), ACC)
         first = tl.full([BLOCK_D], -1, tl.int64)
+        # a column whose max is NaN routes its gradient nowhere (the reference compares with the
+        # max, and NaN equals nothing); tl.max drops NaN, so they are counted apart
+        nan_seen = tl.zeros([BLOCK_D], tl.int32)
         for p0 in range(start, end, BLOCK_L):
             pos = p0 + lanes
             pmask = pos < end
@@ -176,13 +182,14 @@ def _embedding_bag_bwd_rows_kernel(
             m2 = keep[:, None] & cmask[None, :]
             vals = tl.load(W + row[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
             vals = tl.where(m2, vals, float("-inf"))
+            nan_seen = tl.maximum(nan_seen, tl.max((vals != vals).to(tl.int32), axis=0))
             cmax = tl.max(vals, axis=0)
             is_best = (vals == cmax[None, :]) & m2
             lane = tl.min(tl.where(is_best, lanes[:, None], BLOCK_L), axis=0)
             better = (lane < BLOCK_L) & ((cmax > best) | (first < 0))
             best = tl.where(better, cmax, best)
             first = tl.where(better, p0 + lane, first)
-        has = first >= 0
+        has = (first >= 0) & (nan_seen == 0)
         at = tl.where(has, first, 0)
         tl.store(G + at * D + cols, g.to(G.dtype.element_ty), mask=has & cmask)
     else:

@@ -116,6 +116,7 @@ def _embedding_bag_grouped_fwd_kernel(
         if mode == 2:
             acc = tl.full([BLOCK_D], float("-inf"), tl.float32)
         count = tl.zeros([BLOCK_L], tl.int32)
+        nan_seen = tl.zeros([BLOCK_D], tl.int32)  # max: a NaN wins (tl.max / tl.maximum drop it)
         for p0 in range(start, end, BLOCK_L):
             pos = p0 + lanes
             pmask = pos < end
@@ -131,7 +132,9 @@ def _embedding_bag_grouped_fwd_kernel(
             m2 = keep[:, None] & cmask[None, :]
             vals = _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, BLOCK_L, BLOCK_D)
             if mode == 2:
-                acc = tl.maximum(acc, tl.max(tl.where(m2, vals, float("-inf")), axis=0))
+                vals = tl.where(m2, vals, float("-inf"))
+                acc = tl.maximum(acc, tl.max(vals, axis=0))
+                nan_seen = tl.maximum(nan_seen, tl.max((vals != vals).to(tl.int32), axis=0))
             else:
                 if has_psw != 0:
                     # like the reference: skipped rows are 0 and still multiplied by their weight
@@ -142,6 +145,7 @@ def _embedding_bag_grouped_fwd_kernel(
         if mode == 1:
             acc = acc / tl.maximum(n, 1).to(tl.float32)
         elif mode == 2:
+            acc = tl.where(nan_seen > 0, float("nan"), acc)
             acc = tl.where(n > 0, acc, 0.0)
         tl.store(OUT + bag * out_stride + out_col + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
 

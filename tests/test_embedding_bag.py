@@ -412,6 +412,33 @@ def test_max_ties_route_gradient_to_first_index():
     torch.testing.assert_close(grads[1], expected)  # torch's CPU kernel agrees
 
 
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
+def test_max_with_nan_rows(device, backend):
+    """max pooling: a NaN value wins its column wherever it sits in the bag (torch's amax), and
+    that column's gradient goes to no index (the reference compares with the max; NaN equals
+    nothing). Triton's tl.max drops NaN: its kernels track it apart."""
+    n, d = 12, 40  # columns over more than one Triton column block at BLOCK_D = 32
+    weight = torch.randn(n, d)
+    weight[3, 0] = weight[3, 33] = float("nan")  # row 3: mid-bag, first, last and alone below
+    weight[7, 5] = float("nan")
+    indices = torch.tensor([1, 3, 2, 3, 0, 4, 5, 6, 8, 9, 10, 11, 2, 7, 3, 7])
+    offsets = torch.tensor([0, 3, 5, 12, 14, 15, 16])
+    grad_out = torch.randn(6, d)
+    outs, grads = [], []
+    for be, dev in (("reference", "cpu"), (backend, device)):
+        w = weight.to(dev).requires_grad_()
+        out = embedding_bag(w, indices.to(dev), offsets.to(dev), mode="max", backend=be)
+        out.backward(grad_out.to(dev))
+        outs.append(out.detach().cpu())
+        grads.append(w.grad.cpu())
+    assert outs[0][0, 0].isnan() and outs[0][3, 5].isnan() and not outs[0][2, 0].isnan()
+    torch.testing.assert_close(outs[1], outs[0], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    grouped = rk.embedding_bag_grouped([weight.to(device)] * 2, [indices.to(device)] * 2, [offsets.to(device)] * 2,
+                                       modes=["max", "sum"], backend=backend)
+    torch.testing.assert_close(grouped[:, :d].cpu(), outs[0], equal_nan=True, rtol=0, atol=0)
+
+
 def test_grad_with_output_dtype_and_fp16_table():
     w = torch.randn(6, 3, dtype=torch.float16, requires_grad=True)
     idx, off = torch.tensor([0, 1, 1, 5]), torch.tensor([0, 3, 4])
