@@ -100,6 +100,7 @@ CASES = {
         "bits of a packed table": lambda: _embedding_bag(weight=rk.quantize_rowwise(_w(), 8), bits=5),
         "output_dtype": lambda: _embedding_bag(output_dtype=torch.int32),
         "integer table": lambda: _embedding_bag(weight=_w().long()),
+        "padding_idx = N": lambda: _embedding_bag(padding_idx=N),
     },
     "embedding_bag_backward": {
         "grad_output rows": lambda: _embedding_bag_backward(grad_output=torch.randn(B - 1, D)),
@@ -108,12 +109,14 @@ CASES = {
         "one bag more than grad_output": lambda: _embedding_bag_backward(offsets=torch.tensor([0, 3, 6, 9, 12, 12])),
         "per_sample_weights one short": lambda: _embedding_bag_backward(per_sample_weights=torch.randn(B * L - 1)),
         "wider table": lambda: _embedding_bag_backward(weight=torch.randn(N, D + 1)),
+        "padding_idx = N": lambda: _embedding_bag_backward(padding_idx=N),
     },
     "embedding_bag_grouped": {
         "per_sample_weights[1] short": lambda: _grouped(per_sample_weights=[torch.randn(B * L),
                                                                             torch.randn(3)]),
         "per_sample_weights[0] 0-d": lambda: _grouped(per_sample_weights=[torch.tensor(1.0), torch.randn(B * L)]),
         "modes[1]": lambda: _grouped(modes=["sum", "median"]),
+        "padding_idx[1] = N": lambda: _grouped(padding_idx=[-1, N]),
         "output_dtype": lambda: _grouped(output_dtype=torch.int64),
     },
     "pair_scores": {
@@ -186,3 +189,18 @@ def test_raw_op_rejects_bad_metadata(op, case, device, backend):
     fn = getattr(OPS, op + ("_triton" if backend == "triton" else ""))
     with pytest.raises((TypeError, ValueError, IndexError)):
         fn(*args)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
+def test_raw_op_negative_padding_idx_names_no_row(device, backend):
+    """The ops' own padding_idx (the front door passes None or [0, N)): a negative one names no
+    row on every backend, as in the reference (the CUDA op once read -1 as row N - 1)."""
+    args = _embedding_bag(mode="mean")
+    args[1][0] = N - 1  # row N - 1 is looked up: it must count
+    fn = getattr(OPS, "embedding_bag" + ({"triton": "_triton", "reference": "_reference"}.get(backend, "")))
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    expected = OPS.embedding_bag_reference(*args)
+    for pad in (-1, -N):
+        moved[5] = pad
+        torch.testing.assert_close(fn(*moved).cpu(), expected)
+

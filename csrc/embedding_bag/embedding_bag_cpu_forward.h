@@ -91,6 +91,9 @@ inline Common check_common(const at::Tensor& weight, const at::Tensor& indices_i
                    "), got shape ", p.sizes());
     c.psw = p.contiguous();
   }
+  // the ops' rule on every device (the front door passes None or [0, N)): < N, a negative one names no row
+  RK_CHECK_VALUE(!padding_idx.has_value() || *padding_idx < c.n_rows, "padding_idx", "must be < ", c.n_rows,
+                 " for a table of ", c.n_rows, " rows (or negative: none), got ", *padding_idx);
   c.padding = padding_idx.has_value() && *padding_idx >= 0 ? *padding_idx : -1;
   return c;
 }

@@ -318,9 +318,11 @@ Args check_args(const at::Tensor& weight, const at::Tensor& indices, const at::T
   a.padding_idx = -1;
   if (padding_idx.has_value()) {
     const int64_t p = *padding_idx;
-    RK_CHECK_VALUE(-a.n_rows <= p && p < a.n_rows, "padding_idx", "must be within [-", a.n_rows, ", ", a.n_rows,
-                   ") for a table of ", a.n_rows, " rows, got ", p);
-    a.padding_idx = p < 0 ? p + a.n_rows : p;
+    // the ops' rule on every device, the reference's meaning (the front door passes None or [0, N)):
+    // < N, a negative one names no row
+    RK_CHECK_VALUE(p < a.n_rows, "padding_idx", "must be < ", a.n_rows, " for a table of ", a.n_rows,
+                   " rows (or negative: none), got ", p);
+    a.padding_idx = p < 0 ? -1 : p;
   }
   return a;
 }

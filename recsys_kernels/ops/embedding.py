@@ -264,8 +264,12 @@ def check_raw_lookup(weight, indices, offsets, per_sample_weights, mode, padding
     _, indices, offsets, per_sample_weights, _ = prepare_lookup(weight, indices, offsets, None, per_sample_weights,
                                                                 mode, None, bits, sparse)
     _common.check_choice(bounds, "bounds", BOUNDS)
-    if padding_idx is not None and (not isinstance(padding_idx, int) or isinstance(padding_idx, bool)):
-        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    if padding_idx is not None:
+        if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
+            raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        if padding_idx >= weight.shape[0]:  # the C++ ops' rule
+            raise ValueError(f"padding_idx must be < {weight.shape[0]} for a table of {weight.shape[0]} rows "
+                             f"(or negative: none), got {padding_idx}")
     return indices, offsets, per_sample_weights
 
 
