@@ -8,7 +8,6 @@ import torch
 
 import recsys_kernels as rk
 from helpers import backend_params
-from recsys_kernels.ops.int8_matmul import pack_weight_int8  # noqa: F401  (registers the int8 ops)
 
 OPS = torch.ops.recsys_kernels
 N, D, B, L = 20, 16, 4, 3
