@@ -135,6 +135,13 @@ def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def check_output_dtype(output_dtype, allowed) -> None:
+    """TypeError unless output_dtype is None or one of the float dtypes `allowed`."""
+    if output_dtype is not None and output_dtype not in allowed:
+        names = " or ".join(_dtype_names(allowed).rsplit(", ", 1))
+        raise TypeError(f"output_dtype must be {names}, got {output_dtype}")
+
+
 def check_tensor(t, name: str, *, dtypes=None, dim=None) -> None:
     """TypeError unless `t` is a tensor of one of `dtypes`; ValueError unless it has `dim` dims
     (an int or a tuple of allowed ranks)."""

@@ -245,8 +245,7 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
     sparse: the weight gradient is a sparse COO tensor (one row per index).
     """
     _common.check_choice(bounds, "bounds", BOUNDS)
-    if output_dtype is not None and output_dtype not in TABLE_DTYPES:
-        raise TypeError(f"output_dtype must be float32, float16, bfloat16 or float64, got {output_dtype}")
+    _common.check_output_dtype(output_dtype, TABLE_DTYPES)
     weight, indices, offsets, per_sample_weights, padding_idx = prepare_lookup(
         weight, indices, offsets, lengths, per_sample_weights, mode, padding_idx, bits, sparse)
     device = _common.check_same_device((weight, indices, offsets, per_sample_weights),
@@ -254,6 +253,11 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
     return _common.call("embedding_bag", device, backend, weight.contiguous(), indices.contiguous(),
                         offsets.contiguous(), None if per_sample_weights is None else per_sample_weights.contiguous(),
                         mode, padding_idx, bounds, bits, output_dtype, sparse)
+
+
+def _check_padding_type(padding_idx) -> None:
+    if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
 
 
 def check_raw_lookup(weight, indices, offsets, per_sample_weights, mode, padding_idx, bounds, bits, sparse):
@@ -265,8 +269,7 @@ def check_raw_lookup(weight, indices, offsets, per_sample_weights, mode, padding
                                                                 mode, None, bits, sparse)
     _common.check_choice(bounds, "bounds", BOUNDS)
     if padding_idx is not None:
-        if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
-            raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        _check_padding_type(padding_idx)
         if padding_idx >= weight.shape[0]:  # the C++ ops' rule
             raise ValueError(f"padding_idx must be < {weight.shape[0]} for a table of {weight.shape[0]} rows "
                              f"(or negative: none), got {padding_idx}")
@@ -324,8 +327,7 @@ def prepare_lookup(weight, indices, offsets, lengths, per_sample_weights, mode, 
             raise NotImplementedError("embedding_bag: quantized (uint8) tables are inference only; "
                                       "per_sample_weights must not require grad with them")
     if padding_idx is not None:
-        if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
-            raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        _check_padding_type(padding_idx)
         n_rows = weight.shape[0]
         if not -n_rows <= padding_idx < n_rows:
             raise ValueError(f"padding_idx must be within [-{n_rows}, {n_rows}) for a table of {n_rows} rows, "

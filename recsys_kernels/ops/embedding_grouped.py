@@ -165,8 +165,7 @@ def embedding_bag_grouped(weights: Sequence[Tensor], indices: Sequence[Tensor],
     bits = _per_lookup(bits, "bits", n, int)
     sparse = _per_lookup(sparse, "sparse", n, bool)
     _common.check_choice(bounds, "bounds", BOUNDS)
-    if output_dtype is not None and output_dtype not in _common.FLOAT_DTYPES:
-        raise TypeError(f"output_dtype must be float32, float16 or bfloat16, got {output_dtype}")
+    _common.check_output_dtype(output_dtype, _common.FLOAT_DTYPES)
 
     lookups = []
     for f in range(n):

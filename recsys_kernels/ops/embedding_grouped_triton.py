@@ -74,8 +74,7 @@ def _embedding_bag_grouped_triton(weights: list[Tensor], indices: list[Tensor], 
         raise ValueError("embedding_bag_grouped: every offsets[f] needs the same number of entries (B + 1)")
     # the front door already gives this form; the op called directly may not
     _common.check_choice(bounds, "bounds", BOUNDS)
-    if output_dtype not in _common.FLOAT_DTYPES:
-        raise TypeError(f"output_dtype must be float32, float16 or bfloat16, got {output_dtype}")
+    _common.check_output_dtype(output_dtype, _common.FLOAT_DTYPES)
     lookups = []
     for f in range(n):
         try:

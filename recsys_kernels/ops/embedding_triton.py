@@ -118,8 +118,7 @@ def _embedding_bag_triton(weight: Tensor, indices: Tensor, offsets: Tensor, per_
                           output_dtype: Optional[torch.dtype], sparse: bool) -> Tensor:
     indices, offsets, per_sample_weights = check_raw_lookup(weight, indices, offsets, per_sample_weights, mode,
                                                             padding_idx, bounds, bits, sparse)
-    if output_dtype is not None and output_dtype not in TABLE_DTYPES:
-        raise TypeError(f"output_dtype must be float32, float16, bfloat16 or float64, got {output_dtype}")
+    _common.check_output_dtype(output_dtype, TABLE_DTYPES)
     quantized = weight.dtype == torch.uint8
     dim = unpacked_dim(weight.shape[1], bits) if quantized else weight.shape[1]
     n_rows = weight.shape[0]

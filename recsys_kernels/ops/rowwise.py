@@ -129,6 +129,5 @@ def dequantize_rowwise(packed: Tensor, bits: int = 8, *, output_dtype: torch.dty
                        backend: str | None = None) -> Tensor:
     """The float table [N, D] that a fused row-wise table stands for."""
     check_packed_table(packed, bits, "packed")
-    if output_dtype is not None and output_dtype not in _common.FLOAT_DTYPES:
-        raise TypeError(f"output_dtype must be float32, float16 or bfloat16, got {output_dtype}")
+    _common.check_output_dtype(output_dtype, _common.FLOAT_DTYPES)
     return _common.call("dequantize_rowwise", packed.device, backend, packed.contiguous(), bits, output_dtype)
