@@ -274,3 +274,32 @@ def test_eager_fast_path_matches_the_dispatched_op():
         assert torch.ops.recsys_kernels.int8_linear_packed.default in rec.ops
         assert fast.shape == (*x.shape[:-1], 17) and torch.equal(fast, slow)
         assert torch.equal(fast, int8_linear(x, q.weight_q, q.weight_scale, q.bias, activation="relu"))
+
+
+def test_jit_trace_records_the_op():
+    # torch.jit.trace records what reaches the dispatcher's Tracer key: the eager fast path must
+    # not skip it (it did, and the traced module returned an uninitialised tensor).
+    q = Int8Linear.from_float(nn.Linear(16, 8), activation="relu")
+    with torch.no_grad():
+        traced = torch.jit.trace(q, torch.randn(4, 16), check_trace=False)
+        for x in (torch.randn(4, 16), torch.randn(4, 16) * 3):
+            assert torch.equal(traced(x), q(x))
+    assert "recsys_kernels::int8_linear" in str(traced.graph)
+
+
+def test_vmap_matches_a_loop():
+    # Under torch.vmap the inputs are batched tensors of the plain Tensor type: the fast path must
+    # leave them to the dispatcher (it fed them to the kernel: "tensor that doesn't have storage").
+    q = Int8Linear.from_float(nn.Linear(16, 8))
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(torch.vmap(q)(x), torch.stack([q(xi) for xi in x]))
+
+
+def test_under_a_device_context():
+    q = Int8Linear.from_float(nn.Linear(16, 8))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = q(x)
+        with torch.device("cpu"):  # a torch-function mode: the call goes through the dispatcher
+            assert torch.equal(q(x), expected)

@@ -7,24 +7,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import _backend
-from ..ops._common import FLOAT_DTYPES as _FLOAT_DTYPES
+from ..ops import _common
 from ..ops.int8_matmul import (ACT_QUANTS, ACTIVATIONS, PACKED_CPU_KERNEL, int8_linear, int8_linear_packed,
                                pack_weight_int8, quantize_weight_int8)
 
 
 # the op behind Int8Linear's CPU fast path (it exists only with the C++ extension)
 _PACKED_OP = torch.ops.recsys_kernels.int8_linear_packed.default if PACKED_CPU_KERNEL else None
-_CPU_KERNEL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-
-
-def _plain_eager_inference(x: Tensor) -> bool:
-    """Whether Int8Linear may call the C++ CPU kernel below the op's Python autograd wrapper
-    (`redispatch` to the CPU key): ~10 us of a ~15 us call at M = 1. Only for a plain tensor,
-    no gradient to track (the wrapper raises the op's "inference-only" error), no dispatch mode
-    (FakeTensorMode, FlopCounterMode, ... must see the op) and not under torch.compile (tested
-    first: Dynamo must not trace the other checks)."""
-    return (not torch.compiler.is_compiling() and type(x) is Tensor
-            and not (x.requires_grad and torch.is_grad_enabled()) and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def _normalize_activation(activation) -> str:
@@ -113,7 +102,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._packed_path(x):
-            if isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.in_features:
+            if isinstance(x, Tensor) and x.dtype in _common.FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.in_features:
                 # Straight to the C++ op (which checks its arguments again): the generic front door
                 # costs ~20 us, as much as the whole GEMM at M = 1.
                 buffers = self._buffers  # plain dict reads: nn.Module.__getattr__ costs ~1 us each
@@ -123,10 +112,9 @@ class Int8Linear(nn.Module):
                 x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)  # -1: not if empty
                 args = (x2, buffers["weight_packed"], scale, buffers["bias"], self.activation, self.act_quant,
                         self.out_dtype)
-                if _plain_eager_inference(x):
-                    y = _PACKED_OP.redispatch(_CPU_KERNEL_KEYS, *args)
-                else:
-                    y = _PACKED_OP(*args)
+                # below the op's Python autograd wrapper when nothing above the kernel would act:
+                # ~10 us of a ~15 us call at M = 1
+                y = _common.redispatch_cpu(_PACKED_OP, *args) if _common.plain_eager(*args) else _PACKED_OP(*args)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
             return int8_linear_packed(x, self.weight_packed, self.weight_scale.float(), self.bias,  # raises clearly
                                       in_features=self.in_features, activation=self.activation,
