@@ -5,7 +5,7 @@ specification). Selection, most specific first: the op's `backend=` argument, th
 `set_backend()` (whose default comes from the env var RECSYS_KERNELS_BACKEND, read at import),
 then "auto": on CUDA tensors cuda -> triton -> reference, on CPU tensors cpu -> reference.
 A backend asked for by name that cannot run raises BackendUnavailableError with the reason;
-"auto" falls back silently. Availability is read from what is really registered or importable.
+"auto" falls back silently. Meta tensors take the reference op (shapes only). Availability is read from what is really registered or importable.
 """
 from __future__ import annotations
 
@@ -61,9 +61,13 @@ def register(op: str, backend: str, fn: Callable, devices, reason: str | None = 
 
 
 def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
-    """The (backend name, callable) that runs `op` on tensors of `device_type`."""
+    """The (backend name, callable) that runs `op` on tensors of `device_type`. Meta tensors (a
+    model built under `torch.device("meta")` to be materialised later) take the reference op
+    whatever the selection: on them every variant runs the op's one fake kernel (shapes only)."""
     name = _check_name(backend or _selected)
     impls = _REGISTRY[op]
+    if device_type == "meta":
+        return "reference", impls["reference"].fn
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
             impl = impls.get(candidate)

@@ -118,7 +118,9 @@ class Recommender(nn.Module):
         if item_attr.shape != (num_items,) or item_feat.shape != (num_items, feat_dim):
             raise ValueError(f"item_attr must be [{num_items}] and item_feat [{num_items}, {feat_dim}], "
                              f"got {tuple(item_attr.shape)} and {tuple(item_feat.shape)}")
-        if item_attr.numel() and not (0 <= int(item_attr.min()) and int(item_attr.max()) < num_item_attrs):
+        # (values are unknown on the meta device, where a model is built to be loaded later)
+        if item_attr.numel() and not item_attr.is_meta and not (
+                0 <= int(item_attr.min()) and int(item_attr.max()) < num_item_attrs):
             raise IndexError(f"item_attr values must be in [0, {num_item_attrs})")
         self.register_buffer("item_attr", item_attr.long().clone())
         self.register_buffer("item_feat", item_feat.float().clone())
