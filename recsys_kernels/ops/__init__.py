@@ -9,3 +9,4 @@ from . import int8_matmul_triton  # noqa: F401,E402  (registers the triton backe
 from .rowwise import dequantize_rowwise, quantize_rowwise  # noqa: F401
 from .scoring import candidate_scores, candidate_topk, pair_scores, topk_scores  # noqa: F401
 from . import scoring_triton  # noqa: F401,E402  (registers the triton backend of the scoring ops)
+from . import flops  # noqa: F401,E402  (FLOP formulas of every variant, for FlopCounterMode)
