@@ -159,12 +159,28 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     return None
 
 
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """An activation node as the report names it: its module class, function or method."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    owner = "torch" if node.target is torch.relu else "F"
+    return f"{owner}.{node.target.__name__}"
+
+
 def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
                    filter_fn: Optional[FilterFn] = None) -> PassReport:
     """nn.Linear call -> Int8Linear; when the Linear's only user is a ReLU / GELU (erf) / SiLU
     taking it as its one input, that activation is fused into the Int8Linear epilogue and its
-    node removed. filter_fn(module, target) picks the layers (default: all)."""
+    node removed. A Linear called at several places (shared weights) becomes one Int8Linear
+    without a fused activation: a fused one would apply at every place. filter_fn(module,
+    target) picks the layers (default: all)."""
     report = PassReport()
+    call_sites: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            call_sites[node.target] = call_sites.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -172,15 +188,15 @@ def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
         if type(mod) is not nn.Linear or (filter_fn is not None and not filter_fn(mod, node.target)):
             continue
         users = list(node.users)
-        act = _activation_of(gm, users[0]) if len(users) == 1 and users[0].args[:1] == (node,) else None
+        act = None
+        if call_sites[node.target] == 1 and len(users) == 1 and users[0].args[:1] == (node,):
+            act = _activation_of(gm, users[0])
         _set_submodule(gm, node.target, Int8Linear.from_float(mod, activation=act, act_quant=act_quant))
         what = "nn.Linear"
         if act is not None:
-            act_node = users[0]
-            what += f" + {act_node.target if act_node.op != 'call_module' else type(gm.get_submodule(act_node.target)).__name__}"
-            act_node.replace_all_uses_with(node)
-            gm.graph.erase_node(act_node)
-            what = what.replace("<built-in method relu of type object at", "torch.relu").split(" at 0x")[0]
+            what += f" + {_describe(gm, users[0])}"
+            users[0].replace_all_uses_with(node)
+            gm.graph.erase_node(users[0])
         report.changes.append(("linear_to_int8", node.target, what, f"Int8Linear(activation={act or 'none'!r})"))
     gm.delete_all_unused_submodules()  # the fused activation modules
     _finish(gm)

@@ -177,3 +177,41 @@ def test_graph_of_compressed_modules_traces(rec):
 def test_trace_rejects_non_modules():
     with pytest.raises(TypeError):
         G.trace(lambda x: x)
+
+
+def test_linear_called_twice_is_not_fused():
+    """A Linear called at two places (shared weights), one of them followed by a ReLU: fusing
+    the ReLU into the shared module would apply it at the other place too (it did: the other
+    branch lost its negative values)."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x, y):
+            return F.relu(self.fc(x)) + self.fc(y)
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    gm = G.trace(model)
+    report = G.linear_to_int8(gm)
+    assert [c[3] for c in report.changes] == ["Int8Linear(activation='none')"]
+    assert any(n.target is F.relu for n in gm.graph.nodes)
+    x, y = torch.randn(4, 16), torch.randn(4, 16) * 10
+    fc = Int8Linear.from_float(model.fc)
+    with torch.no_grad():
+        assert torch.equal(gm(x, y), F.relu(fc(x)) + fc(y))
+
+
+def test_fusion_report_names_the_activation():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.a(x)) + F.silu(self.b(x)) + self.c(x).relu()
+
+    report = G.linear_to_int8(G.trace(Block()))
+    assert [c[2] for c in report.changes] == ["nn.Linear + torch.relu", "nn.Linear + F.silu",
+                                              "nn.Linear + Tensor.relu"]
