@@ -7,7 +7,7 @@
 //   one_fma  acc + fma(code, scale, bias): one rounding fewer (4 ops)
 //   fbgemm   fma(code, scale, acc + bias): FBGEMM's form (4 ops)
 // and, for fp32 D = 64 rows, a plain sum with and without the prefetch of the row 16 ahead.
-// docs/design.md ("What an int8 row costs") compares the ns per row with our op's.
+// docs/performance.md ("What an int8 row costs") compares the ns per row with our op's.
 // Build and run it with `bash bench/dequant_floor.sh`.
 #include <immintrin.h>
 #include <stdint.h>

@@ -2,7 +2,7 @@
 // the sequential read bandwidth, and the best rate we could get out of random row gathers written
 // as simply as possible (all accumulators in registers, every line of the row a few rows ahead
 // prefetched, into L1 or into L2 only), on 4 KB pages and on 2 MB pages. embedding_bag at shape A and pair_scores are
-// compared with these figures in docs/design.md ("The memory floor"). Build and run it with
+// compared with these figures in docs/performance.md ("The memory floor"). Build and run it with
 // `bash bench/gather_floor.sh` (OMP_NUM_THREADS sets the threads, 2 by default).
 #include <immintrin.h>
 #include <omp.h>

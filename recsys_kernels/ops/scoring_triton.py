@@ -245,7 +245,7 @@ def _segment_of(offsets: Tensor, nnz: int) -> Tensor:
     positions = torch.arange(nnz, device=offsets.device)
     # over the whole offsets (offsets[0] = 0 <= p always), not the view offsets[1:]: under torch
     # 2.11's Inductor on a GPU candidate_scores came out wrong (eager and aot_eager were right), and
-    # searchsorted over that view is the suspect (docs/design.md, "First GPU check")
+    # searchsorted over that view is the suspect (docs/performance.md, "First GPU check")
     return torch.searchsorted(offsets.long(), positions, right=True) - 1
 
 
