@@ -163,6 +163,14 @@ CASES = {
         "K": lambda: _linear(x=torch.randn(7, 31)),
         "act_quant": lambda: _linear(act_quant="static"),
     },
+    "quantize_rowwise": {
+        "D = 0": lambda: [torch.randn(N, 0), 8],
+        "D = 0, 4-bit": lambda: [torch.randn(N, 0), 4],
+    },
+    "dequantize_rowwise": {
+        "8-byte rows": lambda: [torch.zeros(N, 8, dtype=torch.uint8), 8, None],
+        "4-byte rows, 4-bit": lambda: [torch.zeros(N, 4, dtype=torch.uint8), 4, None],
+    },
     "quantize_rows_int8": {
         "x 1-D": lambda: [torch.randn(32)],
         "x 3-D": lambda: [torch.randn(2, 3, 4)],

@@ -67,6 +67,9 @@ def test_constant_rows_and_zero_rows():
     (lambda: rk.quantize_rowwise(torch.randn(4, 5), 4), ValueError),
     (lambda: rk.quantize_rowwise(torch.randint(0, 3, (4, 4)), 8), TypeError),
     (lambda: rk.quantize_rowwise(torch.randn(4), 8), ValueError),
+    (lambda: rk.quantize_rowwise(torch.randn(4, 0), 8), ValueError),  # a table no reader takes
+    (lambda: rk.quantize_rowwise(torch.randn(4, 0), 4), ValueError),
+    (lambda: rk.dequantize_rowwise(torch.zeros(4, 4, dtype=torch.uint8), 4), ValueError),
     (lambda: rk.quantize_rowwise(torch.tensor([[1.0, float("nan")]]), 8), ValueError),
     (lambda: rk.dequantize_rowwise(torch.zeros(4, 8, dtype=torch.uint8), 8), ValueError),
     (lambda: rk.dequantize_rowwise(torch.zeros(4, 12), 8), TypeError),

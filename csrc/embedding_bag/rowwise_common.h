@@ -149,6 +149,8 @@ inline int64_t check_quantize_args(const at::Tensor& weight, int64_t bits) {
   check_bits(bits);
   check_float_dtype(weight, "weight");
   check_dim(weight, "weight", 2);
+  // no reader takes a row of only the scale and bias (torch's neither)
+  RK_CHECK_VALUE(weight.size(1) >= 1, "weight", "must have an embedding dim >= 1 for row-wise tables, got 0");
   RK_CHECK_VALUE(bits == 8 || weight.size(1) % 2 == 0, "weight",
                  "must have an even embedding dim for 4-bit row-wise tables, got ", weight.size(1));
   return packed_width(weight.size(1), bits);
@@ -163,9 +165,9 @@ inline std::pair<int64_t, at::ScalarType> check_dequantize_args(const at::Tensor
   const at::ScalarType out_dtype = output_dtype.value_or(at::kFloat);
   TORCH_CHECK_TYPE(is_float_dtype(out_dtype), "output_dtype must be float32, float16 or bfloat16, got ",
                    dtype_name(out_dtype));
-  const int64_t cols = packed.size(1), min_cols = bits == 8 ? 8 : 4;
-  RK_CHECK_VALUE(cols >= min_cols, "packed", "needs at least ", min_cols, " bytes per row (the scale and bias of a ",
-                 bits, "-bit table), got ", cols);
+  const int64_t cols = packed.size(1), min_cols = bits == 8 ? 9 : 5;  // D >= 1 (4-bit: D even)
+  RK_CHECK_VALUE(cols >= min_cols, "packed:", "a ", bits, "-bit row-wise table needs at least ", min_cols,
+                 " bytes per row, got ", cols);
   return {unpacked_dim(cols, bits), out_dtype};
 }
 

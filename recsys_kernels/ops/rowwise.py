@@ -8,7 +8,8 @@ row-wise formats:
   value = code * scale + bias, with bias = the row minimum.
 
 4-bit tables need an even D: the packed width cannot tell D from D - 1, so PyTorch's own
-readers assume 2 * bytes; we refuse an odd D rather than return a padded column.
+readers assume 2 * bytes; we refuse an odd D rather than return a padded column. D = 0 is
+refused too: every reader needs at least one code per row.
 """
 from __future__ import annotations
 
@@ -120,6 +121,8 @@ def quantize_rowwise(weight: Tensor, bits: int = 8, *, backend: str | None = Non
     """Quantize a float table [N, D] to the fused row-wise format (see the module docstring)."""
     _common.check_bits(bits)
     _common.check_tensor(weight, "weight", dtypes=_common.FLOAT_DTYPES, dim=2)
+    if weight.shape[1] == 0:  # no reader takes a row of only the scale and bias (torch's neither)
+        raise ValueError("weight must have an embedding dim >= 1 for row-wise tables, got 0")
     if bits == 4 and weight.shape[1] % 2:
         raise ValueError(f"weight: 4-bit row-wise tables need an even embedding dim, got {weight.shape[1]}")
     return _common.call("quantize_rowwise", weight.device, backend, weight.contiguous(), bits)
