@@ -384,6 +384,69 @@ def test_pair_scores_grad_int8_table(device, backend):
     assert bias.grad.cpu().tolist() == [0.0, 0.0, 1.0, 0.0, 2.0]
 
 
+def _pair_grads(q, items, bias, users, picks, grad_out):
+    """(grad q, grad items, grad bias) of sum(grad_out * score(users[p], picks[p])) by torch
+    autograd of the dense formula, in fp32."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, items, bias)]
+    (gather_dot(leaves[0], leaves[1], users, picks, leaves[2]) * grad_out).sum().backward()
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("candidate_scores"))
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_candidate_and_topk_grads_match_torch_autograd(device, backend, dtype):
+    """candidate_scores and the values of candidate_topk / topk_scores are scores of (user, item)
+    pairs: their gradients are those pairs' (padding slots none), whatever the backend."""
+    q, items, bias = torch.randn(4, 6).to(dtype), torch.randn(12, 6).to(dtype), torch.randn(12).to(dtype)
+    lists = [[1, 2, 2], [], [11, 0, 3, 3, 7], [5]]  # a user without candidates, duplicates
+    off, cand = csr(lists)
+    users_of = torch.repeat_interleave(torch.arange(4), off[1:] - off[:-1])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+    def check(run, users, picks, grad_out, valid):
+        leaves = [t.to(device).clone().requires_grad_() for t in (q, items, bias)]
+        out = run(*leaves)
+        out.backward(grad_out.to(device))
+        expected = _pair_grads(q, items, bias, users[valid], picks[valid], grad_out[valid])
+        for leaf, e in zip(leaves, expected):
+            assert leaf.grad.dtype == dtype
+            torch.testing.assert_close(leaf.grad.cpu().float(), e.to(dtype).float(), **tol)
+
+    check(lambda a, b, c: scoring.candidate_scores(a, b, off.to(device), cand.to(device), c, backend=backend),
+          users_of, cand, torch.randn(cand.numel()), torch.ones(cand.numel(), dtype=torch.bool))
+    k = 4  # more than users 1 and 3 have: padding slots, whose gradient (even a NaN) goes nowhere
+    grad_out = torch.randn(4, k).index_put_((torch.tensor([1, 3]), torch.tensor([0, 2])), torch.tensor(float("nan")))
+    _, ids = scoring.candidate_topk(q, items, off, cand, k, bias, backend="reference")
+    rows = torch.arange(4)[:, None].expand(4, k)
+    check(lambda a, b, c: scoring.candidate_topk(a, b, off.to(device), cand.to(device), k, c, backend=backend)[0],
+          rows, ids.clamp(min=0), grad_out, ids >= 0)
+    ex_off, ex_items = csr([list(range(10)), [], [3], []])  # user 0 keeps 2 items of 12: 2 padding slots
+    _, ids = scoring.topk_scores(q, items, k, exclude_offsets=ex_off, exclude_items=ex_items, item_bias=bias,
+                                 backend="reference")
+    grad_out = torch.randn(4, k).index_put_((torch.tensor([0]), torch.tensor([3])), torch.tensor(float("nan")))
+    check(lambda a, b, c: scoring.topk_scores(a, b, k, exclude_offsets=ex_off.to(device),
+                                              exclude_items=ex_items.to(device), item_bias=c, backend=backend)[0],
+          rows, ids.clamp(min=0), grad_out, ids >= 0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("candidate_scores"))
+def test_candidate_and_topk_grads_int8_catalog(device, backend):
+    """With an int8 row-wise catalog the queries and the bias get gradients (the table has none)."""
+    q, bias = torch.randn(3, 8, device=device, requires_grad=True), torch.randn(5, device=device, requires_grad=True)
+    packed = quantize_rowwise(torch.randn(5, 8), 8).to(device)
+    deq = dequantize_rowwise(packed.cpu(), 8)
+    off, cand = csr([[4, 4], [2], []])
+    scoring.candidate_scores(q, packed, off.to(device), cand.to(device), bias, backend=backend).sum().backward()
+    torch.testing.assert_close(q.grad.cpu(), torch.stack([2 * deq[4], deq[2], torch.zeros(8)]), rtol=1e-5, atol=1e-6)
+    assert bias.grad.cpu().tolist() == [0.0, 0.0, 1.0, 0.0, 2.0]
+    q.grad = bias.grad = None
+    values, ids = scoring.topk_scores(q, packed, 2, item_bias=bias, backend=backend)
+    values.sum().backward()
+    ids = ids.cpu()
+    torch.testing.assert_close(q.grad.cpu(), deq[ids].sum(1), rtol=1e-5, atol=1e-6)
+    assert bias.grad.cpu().tolist() == torch.bincount(ids.reshape(-1), minlength=5).float().tolist()
+
+
 # ----------------------------------------------------------------------------- hypothesis
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), n_users=st.integers(0, 4), n_items=st.integers(0, 12), dim=st.integers(0, 3),
@@ -427,10 +490,13 @@ def _opcheck_cases():
         (ops.candidate_topk_reference, (q, items, off, cand, 2, bias)),
         (ops.topk_scores_reference, (q, items, 3, off, cand, None)),
         (ops.topk_scores_reference, (q, packed, 0, None, None, bias)),
+        (ops.candidate_scores_reference, (grad(q), grad(items), off, cand, grad(bias))),
+        (ops.candidate_topk_reference, (grad(q), packed, off, cand, 4, grad(bias))),
+        (ops.topk_scores_reference, (grad(q), grad(items), 3, off, cand, grad(bias))),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck_reference(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -462,6 +528,30 @@ def test_compile_fullgraph_backward():
     torch.compile(lambda a, b: scoring.pair_scores(a, b, ui, ii, backend="reference").sum(),
                   fullgraph=True, backend="aot_eager")(u, v).backward()
     torch.testing.assert_close(u.grad, torch.zeros(4, 3).index_add_(0, ui, v.detach()[ii]))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_backward_of_candidate_and_topk_ops(compile_backend):
+    """Training through the candidate and top-k ops under torch.compile, dynamic sizes: the
+    gradients are eager mode's."""
+    q0, v0, b0 = torch.randn(3, 4), torch.randn(7, 4), torch.randn(7)
+
+    def loss(q, v, b, off, cand):
+        values, _ = scoring.topk_scores(q, v, 2, item_bias=b, backend="reference")
+        cand_values, _ = scoring.candidate_topk(q, v, off, cand, 2, item_bias=b, backend="reference")
+        scores = scoring.candidate_scores(q, v, off, cand, item_bias=b, backend="reference")
+        return values.sum() + cand_values.masked_fill(cand_values == float("-inf"), 0).sum() + scores.square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=compile_backend)
+    for lists in ([[1, 2], [], [6, 0, 0]], [[3], [4, 5, 6, 1], [2], ]):
+        off, cand = csr(lists)
+        grads = []
+        for fn in (loss, compiled):
+            leaves = [t.clone().requires_grad_() for t in (q0, v0, b0)]
+            fn(*leaves, off, cand).backward()
+            grads.append([t.grad for t in leaves])
+        for e, g in zip(*grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -327,10 +327,13 @@ def _opcheck_cases():
         (ops.topk_scores_triton, (*dev(q, packed), 0, None, None, dev(bias)[0])),
         (ops.topk_scores_triton, (*dev(q.half(), items.bfloat16()), 9, None, None, dev(bias)[0])),
         (ops.scoring_triton_check_topk, (*dev(q, packed, off, cand),)),
+        (ops.candidate_scores_triton, dev(grad(q), grad(items), off, cand, grad(bias))),
+        (ops.candidate_topk_triton, (*dev(grad(q), packed, off, cand), 4, dev(grad(bias))[0])),
+        (ops.topk_scores_triton, (*dev(grad(q), grad(items)), 3, *dev(off, cand), dev(grad(bias))[0])),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

@@ -26,7 +26,10 @@ already seen; excluded items never appear; duplicates in a list are harmless.
 
 Autograd: pair_scores has grads for user_emb, item_emb (float tables only) and item_bias, dense,
 in the input dtypes, duplicated indices accumulating. The backward calls pair_scores_backward of
-the same backend as the forward. The candidate and top-k ops are inference ops.
+the same backend as the forward. candidate_scores, and the values of candidate_topk and
+topk_scores, have the same gradients: each is the score of a (user, item) pair, and their
+backward is pair_scores' over those pairs (the ranking itself is piecewise constant, as in
+torch.topk; padding slots carry no gradient).
 """
 from __future__ import annotations
 
@@ -259,8 +262,8 @@ def _candidate_topk_fake(queries, items, cand_offsets, cand_items, k, item_bias)
     return _topk_outputs(queries, k)
 
 
-_common.define_op("candidate_scores", _candidate_scores_ref, _candidate_scores_fake)
-_common.define_op("candidate_topk", _candidate_topk_ref, _candidate_topk_fake)
+_CANDIDATE_VARIANTS = _common.define_op("candidate_scores", _candidate_scores_ref, _candidate_scores_fake)
+_CANDIDATE_TOPK_VARIANTS = _common.define_op("candidate_topk", _candidate_topk_ref, _candidate_topk_fake)
 
 
 # ----------------------------------------------------------------------------- topk_scores
@@ -327,7 +330,74 @@ def _topk_scores_fake(queries, items, k, exclude_offsets, exclude_items, item_bi
     return _topk_outputs(queries, k)
 
 
-_common.define_op("topk_scores", _topk_scores_ref, _topk_scores_fake)
+_TOPK_VARIANTS = _common.define_op("topk_scores", _topk_scores_ref, _topk_scores_fake)
+
+
+# ----------------------------------------------------------------------------- autograd of the other ops
+# Every scoring op returns scores of (user, item) pairs, so each backward is pair_scores' backward
+# over its pairs: candidate_scores' are (the user of each CSR entry, cand_items); the top-k ops'
+# are (user, returned id) for every slot, where a padding slot (id -1) carries no gradient (its
+# pair is pointed at item 0 with a zero gradient). The ranking itself is piecewise constant, as in
+# torch.topk, whose values are differentiable the same way.
+def _candidate_setup_context(ctx, inputs, output):
+    queries, items, cand_offsets, cand_items, item_bias = inputs
+    ctx.save_for_backward(queries, items, cand_offsets, cand_items, item_bias)
+
+
+def _topk_setup_context(ctx, inputs, output):
+    queries, items, *_, item_bias = inputs  # candidate_topk and topk_scores: the bias comes last
+    ctx.save_for_backward(queries, items, item_bias, output[1])
+
+
+def _scores_backward(ctx, pick, grad, queries, items, item_bias, user_idx, item_idx):
+    """The (grad queries, grad items, grad bias) of scores of the pairs (user_idx, item_idx)."""
+    grad_user, grad_item, grad_bias = pick(queries.is_cuda)(grad.contiguous(), queries, items, user_idx, item_idx,
+                                                            item_bias)
+    needs = ctx.needs_input_grad
+    return (grad_user if needs[0] else None, grad_item if needs[1] and items.dtype != torch.uint8 else None,
+            grad_bias if item_bias is not None and needs[-1] else None)
+
+
+def _make_candidate_backward(pick):
+    def backward(ctx, grad):
+        queries, items, cand_offsets, cand_items, item_bias = ctx.saved_tensors
+        offsets = cand_offsets.long()
+        users = torch.repeat_interleave(torch.arange(queries.shape[0], device=offsets.device),
+                                        offsets[1:] - offsets[:-1], output_size=cand_items.shape[0])
+        g_q, g_i, g_b = _scores_backward(ctx, pick, grad, queries, items, item_bias, users, cand_items.long())
+        return g_q, g_i, None, None, g_b
+    return backward
+
+
+def _make_topk_backward(pick, n_middle: int):
+    """For candidate_topk (n_middle = 3: cand_offsets, cand_items, k) and topk_scores (3: k and
+    the exclusion list)."""
+    def backward(ctx, grad_values, grad_ids):
+        queries, items, item_bias, ids = ctx.saved_tensors
+        n_users, k = ids.shape
+        users = torch.arange(n_users, device=ids.device).repeat_interleave(k)
+        padding = ids < 0
+        g_q, g_i, g_b = _scores_backward(ctx, pick, grad_values.float().masked_fill(padding, 0.0).reshape(-1),
+                                         queries, items, item_bias, users, ids.clamp(min=0).reshape(-1))
+        return (g_q, g_i) + (None,) * n_middle + (g_b,)
+    return backward
+
+
+def register_scoring_autograd(forward_variants: dict, backward_variants: dict) -> None:
+    """The autograd formulas of candidate_scores, candidate_topk and topk_scores on the given
+    variants of each ({backend: op} per op name), calling pair_scores_backward of the same
+    backend (here for the native and reference ops; scoring_triton.py for its own)."""
+    formulas = {"candidate_scores": (_make_candidate_backward, _candidate_setup_context),
+                "candidate_topk": (lambda pick: _make_topk_backward(pick, 3), _topk_setup_context),
+                "topk_scores": (lambda pick: _make_topk_backward(pick, 3), _topk_setup_context)}
+    for name, variants in forward_variants.items():
+        make_backward, setup_context = formulas[name]
+        _common.register_autograd_with_backward_op(variants, backward_variants, "pair_scores_backward",
+                                                   make_backward, setup_context)
+
+
+register_scoring_autograd({"candidate_scores": _CANDIDATE_VARIANTS, "candidate_topk": _CANDIDATE_TOPK_VARIANTS,
+                           "topk_scores": _TOPK_VARIANTS}, _PAIR_BACKWARD_VARIANTS)
 
 
 # ----------------------------------------------------------------------------- front doors
