@@ -276,6 +276,8 @@ def test_eager_fast_path_matches_the_dispatched_op():
         assert torch.equal(fast, int8_linear(x, q.weight_q, q.weight_scale, q.bias, activation="relu"))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated, still in use
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_jit_trace_records_the_op():
     # torch.jit.trace records what reaches the dispatcher's Tracer key: the eager fast path must
     # not skip it (it did, and the traced module returned an uninitialised tensor).
