@@ -5,7 +5,8 @@ specification). Selection, most specific first: the op's `backend=` argument, th
 `set_backend()` (whose default comes from the env var RECSYS_KERNELS_BACKEND, read at import),
 then "auto": on CUDA tensors cuda -> triton -> reference, on CPU tensors cpu -> reference.
 A backend asked for by name that cannot run raises BackendUnavailableError with the reason;
-"auto" falls back silently. Meta tensors take the reference op (shapes only). Availability is read from what is really registered or importable.
+"auto" falls back silently. Meta tensors take the reference op (shapes only). Availability is
+read from what is really registered or importable.
 """
 from __future__ import annotations
 

@@ -447,6 +447,20 @@ def test_candidate_and_topk_grads_int8_catalog(device, backend):
     assert bias.grad.cpu().tolist() == torch.bincount(ids.reshape(-1), minlength=5).float().tolist()
 
 
+@pytest.mark.parametrize("device,backend", backend_params("candidate_topk"))
+def test_topk_grads_with_an_empty_catalog(device, backend):
+    """Every slot is padding: zero gradients (there is no item to point the padding pairs at)."""
+    q = torch.randn(2, 4, device=device, requires_grad=True)
+    items = torch.randn(0, 4, device=device, requires_grad=True)
+    bias = torch.randn(0, device=device, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    values, ids = scoring.candidate_topk(q, items, torch.zeros(3, dtype=torch.long, device=device), empty, 3, bias,
+                                         backend=backend)
+    assert (ids == -1).all()
+    values.masked_fill(ids < 0, 0).sum().backward()
+    assert q.grad.abs().sum() == 0 and items.grad.shape == (0, 4) and bias.grad.shape == (0,)
+
+
 # ----------------------------------------------------------------------------- hypothesis
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), n_users=st.integers(0, 4), n_items=st.integers(0, 12), dim=st.integers(0, 3),

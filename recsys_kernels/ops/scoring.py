@@ -369,17 +369,20 @@ def _make_candidate_backward(pick):
     return backward
 
 
-def _make_topk_backward(pick, n_middle: int):
-    """For candidate_topk (n_middle = 3: cand_offsets, cand_items, k) and topk_scores (3: k and
-    the exclusion list)."""
+def _make_topk_backward(pick):
+    """candidate_topk and topk_scores: three inputs between the items and the bias (the candidate
+    list and k; k and the exclusion list), none of them differentiable."""
     def backward(ctx, grad_values, grad_ids):
         queries, items, item_bias, ids = ctx.saved_tensors
+        if items.shape[0] == 0:  # every slot is padding, and there is no item 0 to point it at
+            zero_bias = None if item_bias is None else torch.zeros_like(item_bias)
+            return (torch.zeros_like(queries), torch.zeros_like(items), None, None, None, zero_bias)
         n_users, k = ids.shape
         users = torch.arange(n_users, device=ids.device).repeat_interleave(k)
         padding = ids < 0
         g_q, g_i, g_b = _scores_backward(ctx, pick, grad_values.float().masked_fill(padding, 0.0).reshape(-1),
                                          queries, items, item_bias, users, ids.clamp(min=0).reshape(-1))
-        return (g_q, g_i) + (None,) * n_middle + (g_b,)
+        return g_q, g_i, None, None, None, g_b
     return backward
 
 
@@ -388,8 +391,8 @@ def register_scoring_autograd(forward_variants: dict, backward_variants: dict) -
     variants of each ({backend: op} per op name), calling pair_scores_backward of the same
     backend (here for the native and reference ops; scoring_triton.py for its own)."""
     formulas = {"candidate_scores": (_make_candidate_backward, _candidate_setup_context),
-                "candidate_topk": (lambda pick: _make_topk_backward(pick, 3), _topk_setup_context),
-                "topk_scores": (lambda pick: _make_topk_backward(pick, 3), _topk_setup_context)}
+                "candidate_topk": (_make_topk_backward, _topk_setup_context),
+                "topk_scores": (_make_topk_backward, _topk_setup_context)}
     for name, variants in forward_variants.items():
         make_backward, setup_context = formulas[name]
         _common.register_autograd_with_backward_op(variants, backward_variants, "pair_scores_backward",
