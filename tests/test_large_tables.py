@@ -62,3 +62,23 @@ def test_scoring_rows_past_2_31(device, backend):
     offsets = torch.tensor([0, 13, 13, 40], device=device)  # the candidate lists of 3 users
     got = rk.candidate_scores(users, table, offsets, indices, backend=backend)
     assert torch.equal(got, rk.candidate_scores(users, compact, offsets, compact_idx, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("topk_scores", include_reference=False))
+def test_topk_scores_over_rows_past_2_31(device, backend):
+    """The whole-catalog scan reads every row: a zero table (all scores 0) but for three rows,
+    two of them past element 2^31, which must come first, scored as on a compact table."""
+    if device == "cpu" and backend == "triton":
+        pytest.skip("16M rows through the Triton interpreter take too long; on a GPU this runs")
+    try:
+        table = torch.zeros(ROWS, DIM + 8, dtype=torch.uint8, device=device)  # scale 0, bias 0: zero rows
+    except RuntimeError as e:
+        pytest.skip(f"cannot allocate a {ROWS} x {DIM + 8} table: {e}")
+    rows = torch.tensor([ROWS - 1, 1 << 24, 5])
+    queries = torch.rand(2, DIM, device=device) + 0.5
+    compact = rk.quantize_rowwise(torch.rand(3, DIM) + 0.5, 8).to(device)  # positive scores
+    table[rows.to(device)] = compact
+    values, ids = rk.topk_scores(queries, table, 4, backend=backend)
+    c_values, c_ids = rk.topk_scores(queries, compact, 3, backend=backend)
+    assert torch.equal(values[:, :3], c_values) and torch.equal(ids[:, :3].cpu(), rows[c_ids.cpu()])
+    assert (values[:, 3] == 0).all() and (ids[:, 3] == 0).all()  # then the lowest id among the zeros
