@@ -82,3 +82,24 @@ def test_topk_scores_over_rows_past_2_31(device, backend):
     c_values, c_ids = rk.topk_scores(queries, compact, 3, backend=backend)
     assert torch.equal(values[:, :3], c_values) and torch.equal(ids[:, :3].cpu(), rows[c_ids.cpu()])
     assert (values[:, 3] == 0).all() and (ids[:, 3] == 0).all()  # then the lowest id among the zeros
+
+
+@pytest.mark.parametrize("device,backend", backend_params("int8_matmul", include_reference=False))
+def test_int8_matmul_rows_past_2_31(device, backend):
+    """a [2^24 + 8, 128] int8: its last rows start past element 2^31 (and so do their outputs'
+    rows in bytes): exact int32 results there."""
+    if device == "cpu" and backend == "triton":
+        pytest.skip("16M rows through the Triton interpreter take too long; on a GPU this runs")
+    try:
+        a = torch.zeros(ROWS, DIM, dtype=torch.int8, device=device)
+    except RuntimeError as e:
+        pytest.skip(f"cannot allocate a {ROWS} x {DIM} matrix: {e}")
+    g = torch.Generator().manual_seed(1)
+    rows = torch.tensor([0, (1 << 24) - 1, 1 << 24, ROWS - 1])
+    a_rows = torch.randint(-127, 128, (len(rows), DIM), dtype=torch.int8, generator=g)
+    a[rows.to(device)] = a_rows.to(device)
+    b = torch.randint(-127, 128, (8, DIM), dtype=torch.int8, generator=g)
+    out = rk.int8_matmul(a, b.to(device), backend=backend)
+    assert out.dtype == torch.int32 and out.shape == (ROWS, 8)
+    assert torch.equal(out[rows.to(device)].cpu(), a_rows.int() @ b.int().t())
+    assert not out[1 << 23].any()
