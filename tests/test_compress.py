@@ -132,6 +132,29 @@ def test_structured_skips_non_zero_preserving_activation():
     assert report.layers == [] and model[0].out_features == 8
 
 
+def test_structured_skips_shared_layers():
+    """A layer registered twice (weights shared with another part of the model) keeps its
+    shape: shrinking it broke the other user (a shape error at the next forward)."""
+    shared = nn.Linear(16, 4)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), shared, nn.ReLU(), nn.Linear(4, 3))
+            self.head = shared
+
+        def forward(self, x, y):
+            return self.block(x).sum(1) + self.head(y).sum(1)
+
+    model = Model()
+    x, y = torch.randn(2, 8), torch.randn(2, 16)
+    expected = model(x, y)
+    report = C.structured_prune_(model, 0.5)
+    assert [name for name, _ in report.skipped] == ["block.0", "block.2"]
+    assert report.removed_params == 0 and shared.in_features == 16
+    torch.testing.assert_close(model(x, y), expected)
+
+
 def test_structured_recommender_mlp_still_trains():
     model = _mlp()
     C.structured_prune_(model, 0.5)

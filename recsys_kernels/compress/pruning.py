@@ -8,6 +8,7 @@ already had zeros counts them in the report, but the amount is taken from all en
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
@@ -193,16 +194,23 @@ def prune_linear_outputs_(linear: nn.Linear, next_linear: nn.Linear, keep: Tenso
     return before - sum(p.numel() for p in (*linear.parameters(), *next_linear.parameters()))
 
 
-def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn] = None):
+def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn], report: SparsityReport):
     """(qualified name, linear, next linear) of every _linear_pairs pair in the model's
-    nn.Sequential blocks that filter_fn (if given) accepts."""
+    nn.Sequential blocks that filter_fn (if given) accepts. A pair whose layers are registered
+    anywhere else too (shared weights) is left out, in report.skipped: resizing them would give
+    their other users the wrong widths."""
+    registrations = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
         for name, lin, nxt in _linear_pairs(seq):
             fqn = f"{seq_name}.{name}" if seq_name else name
-            if filter_fn is None or filter_fn(lin, fqn):
-                yield fqn, lin, nxt
+            if filter_fn is not None and not filter_fn(lin, fqn):
+                continue
+            if registrations[id(lin)] > 1 or registrations[id(nxt)] > 1:
+                report.skipped.append((fqn, "shared: this layer or the next is registered elsewhere too"))
+                continue
+            yield fqn, lin, nxt
 
 
 def _linear_pairs(seq: nn.Sequential) -> list[tuple[str, nn.Linear, nn.Linear]]:
@@ -233,7 +241,7 @@ def structured_prune_(model: nn.Module, amount: float, *, criterion: str = "l2",
     counts what went away; the layers list has the new shapes, 0 zeros added)."""
     _check_amount(amount)
     report = SparsityReport(f"structured neurons ({criterion}, {amount:g})")
-    for fqn, lin, nxt in _model_linear_pairs(model, filter_fn):
+    for fqn, lin, nxt in _model_linear_pairs(model, filter_fn, report):
         report.removed_params += prune_linear_outputs_(lin, nxt, kept_neurons(lin, amount, criterion))
         report.layers.append(_layer(fqn, lin.weight))
     return report
@@ -246,7 +254,7 @@ def structured_mask_(model: nn.Module, amount: float, *, criterion: str = "l2",
     instead of removing them (same shapes). Used to check that structured pruning is exact."""
     _check_amount(amount)
     report = SparsityReport(f"structured mask ({criterion}, {amount:g})")
-    for fqn, lin, nxt in _model_linear_pairs(model, filter_fn):
+    for fqn, lin, nxt in _model_linear_pairs(model, filter_fn, report):
         drop = torch.ones(lin.out_features, dtype=torch.bool)
         drop[kept_neurons(lin, amount, criterion)] = False
         lin.weight[drop] = 0
@@ -279,4 +287,4 @@ def keep_zeros(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Iterat
 
 def sequential_linears(model: nn.Module) -> Sequence[str]:
     """Names of the nn.Linear layers structured pruning would shrink (for reports)."""
-    return [fqn for fqn, _, _ in _model_linear_pairs(model)]
+    return [fqn for fqn, _, _ in _model_linear_pairs(model, None, SparsityReport("names"))]
