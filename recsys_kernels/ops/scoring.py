@@ -195,30 +195,9 @@ def _pair_scores_backward_fake(grad_output, user_emb, item_emb, user_idx, item_i
     return grad_user, grad_item, grad_bias
 
 
-def _pair_setup_context(ctx, inputs, output):
-    user_emb, item_emb, user_idx, item_idx, item_bias = inputs
-    ctx.save_for_backward(user_emb, item_emb, user_idx, item_idx, item_bias)
-
-
-def _make_pair_backward(pick):
-    """The autograd formula of pair_scores; pick(is_cuda) gives the backward op to call."""
-    def backward(ctx, grad_output):
-        user_emb, item_emb, user_idx, item_idx, item_bias = ctx.saved_tensors
-        grad_user, grad_item, grad_bias = pick(user_emb.is_cuda)(
-            grad_output.contiguous(), user_emb, item_emb, user_idx, item_idx, item_bias)
-        needs = ctx.needs_input_grad
-        return (grad_user if needs[0] else None,
-                grad_item if needs[1] and item_emb.dtype != torch.uint8 else None,
-                None, None,
-                grad_bias if item_bias is not None and needs[4] else None)
-    return backward
-
-
 _PAIR_VARIANTS = _common.define_op("pair_scores", _pair_scores_ref, _pair_scores_fake)
 _PAIR_BACKWARD_VARIANTS = _common.define_op(
     "pair_scores_backward", _pair_scores_backward_ref, _pair_scores_backward_fake)
-_common.register_autograd_with_backward_op(_PAIR_VARIANTS, _PAIR_BACKWARD_VARIANTS, "pair_scores_backward",
-                                           _make_pair_backward, _pair_setup_context)
 
 
 # ----------------------------------------------------------------------------- candidate ops
@@ -333,12 +312,17 @@ def _topk_scores_fake(queries, items, k, exclude_offsets, exclude_items, item_bi
 _TOPK_VARIANTS = _common.define_op("topk_scores", _topk_scores_ref, _topk_scores_fake)
 
 
-# ----------------------------------------------------------------------------- autograd of the other ops
+# ----------------------------------------------------------------------------- autograd
 # Every scoring op returns scores of (user, item) pairs, so each backward is pair_scores' backward
-# over its pairs: candidate_scores' are (the user of each CSR entry, cand_items); the top-k ops'
-# are (user, returned id) for every slot, where a padding slot (id -1) carries no gradient (its
-# pair is pointed at item 0 with a zero gradient). The ranking itself is piecewise constant, as in
-# torch.topk, whose values are differentiable the same way.
+# over its pairs: pair_scores' own; candidate_scores' are (the user of each CSR entry, cand_items);
+# the top-k ops' are (user, returned id) for every slot, where a padding slot (id -1) carries no
+# gradient (its pair is pointed at item 0 with a zero gradient). The ranking itself is piecewise
+# constant, as in torch.topk, whose values are differentiable the same way.
+def _pair_setup_context(ctx, inputs, output):
+    user_emb, item_emb, user_idx, item_idx, item_bias = inputs
+    ctx.save_for_backward(user_emb, item_emb, user_idx, item_idx, item_bias)
+
+
 def _candidate_setup_context(ctx, inputs, output):
     queries, items, cand_offsets, cand_items, item_bias = inputs
     ctx.save_for_backward(queries, items, cand_offsets, cand_items, item_bias)
@@ -356,6 +340,15 @@ def _scores_backward(ctx, pick, grad, queries, items, item_bias, user_idx, item_
     needs = ctx.needs_input_grad
     return (grad_user if needs[0] else None, grad_item if needs[1] and items.dtype != torch.uint8 else None,
             grad_bias if item_bias is not None and needs[-1] else None)
+
+
+def _make_pair_backward(pick):
+    """pick(is_cuda) gives the pair_scores_backward op to call (that of the forward's backend)."""
+    def backward(ctx, grad_output):
+        user_emb, item_emb, user_idx, item_idx, item_bias = ctx.saved_tensors
+        g_u, g_i, g_b = _scores_backward(ctx, pick, grad_output, user_emb, item_emb, item_bias, user_idx, item_idx)
+        return g_u, g_i, None, None, g_b
+    return backward
 
 
 def _make_candidate_backward(pick):
@@ -387,10 +380,11 @@ def _make_topk_backward(pick):
 
 
 def register_scoring_autograd(forward_variants: dict, backward_variants: dict) -> None:
-    """The autograd formulas of candidate_scores, candidate_topk and topk_scores on the given
-    variants of each ({backend: op} per op name), calling pair_scores_backward of the same
-    backend (here for the native and reference ops; scoring_triton.py for its own)."""
-    formulas = {"candidate_scores": (_make_candidate_backward, _candidate_setup_context),
+    """The autograd formulas of the scoring ops on the given variants of each ({backend: op} per
+    op name), calling pair_scores_backward of the same backend (here for the native and
+    reference ops; scoring_triton.py for its own)."""
+    formulas = {"pair_scores": (_make_pair_backward, _pair_setup_context),
+                "candidate_scores": (_make_candidate_backward, _candidate_setup_context),
                 "candidate_topk": (_make_topk_backward, _topk_setup_context),
                 "topk_scores": (_make_topk_backward, _topk_setup_context)}
     for name, variants in forward_variants.items():
@@ -399,8 +393,9 @@ def register_scoring_autograd(forward_variants: dict, backward_variants: dict) -
                                                    make_backward, setup_context)
 
 
-register_scoring_autograd({"candidate_scores": _CANDIDATE_VARIANTS, "candidate_topk": _CANDIDATE_TOPK_VARIANTS,
-                           "topk_scores": _TOPK_VARIANTS}, _PAIR_BACKWARD_VARIANTS)
+register_scoring_autograd({"pair_scores": _PAIR_VARIANTS, "candidate_scores": _CANDIDATE_VARIANTS,
+                           "candidate_topk": _CANDIDATE_TOPK_VARIANTS, "topk_scores": _TOPK_VARIANTS},
+                          _PAIR_BACKWARD_VARIANTS)
 
 
 # ----------------------------------------------------------------------------- front doors

@@ -355,8 +355,6 @@ for _name, _fn, _fake in _OPS:
 
 if _k is not None:
     # the autograd formulas, calling the Triton pair_scores backward
-    _backward_variants = {**_s._PAIR_BACKWARD_VARIANTS, "triton": OPS["pair_scores_backward"]}
-    _common.register_autograd_with_backward_op({"triton": OPS["pair_scores"]}, _backward_variants,
-                                               "pair_scores_backward", _s._make_pair_backward, _s._pair_setup_context)
-    _s.register_scoring_autograd({name: {"triton": OPS[name]} for name in ("candidate_scores", "candidate_topk",
-                                                                          "topk_scores")}, _backward_variants)
+    _s.register_scoring_autograd({name: {"triton": OPS[name]} for name in ("pair_scores", "candidate_scores",
+                                                                          "candidate_topk", "topk_scores")},
+                                 {**_s._PAIR_BACKWARD_VARIANTS, "triton": OPS["pair_scores_backward"]})
