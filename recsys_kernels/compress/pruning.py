@@ -194,11 +194,12 @@ def prune_linear_outputs_(linear: nn.Linear, next_linear: nn.Linear, keep: Tenso
     return before - sum(p.numel() for p in (*linear.parameters(), *next_linear.parameters()))
 
 
-def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn], report: SparsityReport):
+def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn] = None,
+                        report: Optional[SparsityReport] = None):
     """(qualified name, linear, next linear) of every _linear_pairs pair in the model's
     nn.Sequential blocks that filter_fn (if given) accepts. A pair whose layers are registered
-    anywhere else too (shared weights) is left out, in report.skipped: resizing them would give
-    their other users the wrong widths."""
+    anywhere else too (shared weights) is left out, and listed in report.skipped if a report is
+    given: resizing them would give their other users the wrong widths."""
     registrations = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
@@ -208,7 +209,8 @@ def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn], report:
             if filter_fn is not None and not filter_fn(lin, fqn):
                 continue
             if registrations[id(lin)] > 1 or registrations[id(nxt)] > 1:
-                report.skipped.append((fqn, "shared: this layer or the next is registered elsewhere too"))
+                if report is not None:
+                    report.skipped.append((fqn, "shared: this layer or the next is registered elsewhere too"))
                 continue
             yield fqn, lin, nxt
 
@@ -287,4 +289,4 @@ def keep_zeros(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Iterat
 
 def sequential_linears(model: nn.Module) -> Sequence[str]:
     """Names of the nn.Linear layers structured pruning would shrink (for reports)."""
-    return [fqn for fqn, _, _ in _model_linear_pairs(model, None, SparsityReport("names"))]
+    return [fqn for fqn, _, _ in _model_linear_pairs(model)]
