@@ -12,34 +12,38 @@ ROWS = (1 << 24) + 8  # x 128 columns: the last rows start past element 2^31
 DIM = 128
 
 
-def _big(dtype, cols, device):
-    """An uninitialised [ROWS, cols] table of `dtype` (the test writes the rows it reads)."""
+def _big(dtype, cols, device, alloc=torch.empty):
+    """A [ROWS, cols] table of `dtype` made by `alloc` (by default uninitialised: the tests write
+    the rows they read)."""
     try:
-        table = torch.empty(ROWS, cols, dtype=dtype, device=device)
+        return alloc(ROWS, cols, dtype=dtype, device=device)
     except RuntimeError as e:  # no address space for it
         pytest.skip(f"cannot allocate a {ROWS} x {cols} table: {e}")
-    return table
 
 
-def _lookups():
+def _lookups(device):
+    """(rows, indices into the big table, the same indices into a compact table of `rows`)."""
     g = torch.Generator().manual_seed(0)
     rows = torch.tensor([0, 1, (1 << 24) - 1, 1 << 24, ROWS - 2, ROWS - 1])  # both sides of element 2^31
-    indices = rows[torch.randint(0, len(rows), (40,), generator=g)]
-    return rows, indices, torch.tensor([0, 7, 7, 20, 40])
+    compact_idx = torch.randint(0, len(rows), (40,), generator=g)
+    return rows.to(device), rows[compact_idx].to(device), compact_idx.to(device)
+
+
+def _skip_full_scan_under_interpreter(device, backend):
+    if device == "cpu" and backend == "triton":
+        pytest.skip("16M rows through the Triton interpreter take too long; on a GPU this runs")
 
 
 @pytest.mark.parametrize("device,backend", backend_params("embedding_bag", include_reference=False))
 @pytest.mark.parametrize("fmt", ["fp16", "int8"])
 def test_embedding_bag_rows_past_2_31(device, backend, fmt):
-    rows, indices, offsets = _lookups()
+    rows, indices, compact_idx = _lookups(device)
+    offsets = torch.tensor([0, 7, 7, 20, 40], device=device)
     values = torch.randn(len(rows), DIM)
     compact = (values.half() if fmt == "fp16" else rk.quantize_rowwise(values, 8)).to(device)
     table = _big(compact.dtype, compact.shape[1], device)
-    table[rows.to(device)] = compact
+    table[rows] = compact
     assert table.numel() > 2 ** 31
-    remap = {int(r): i for i, r in enumerate(rows)}
-    compact_idx = torch.tensor([remap[int(i)] for i in indices])
-    indices, offsets, compact_idx = indices.to(device), offsets.to(device), compact_idx.to(device)
     got = rk.embedding_bag(table, indices, offsets, mode="sum", backend=backend)
     expected = rk.embedding_bag(compact, compact_idx, offsets, mode="sum", backend=backend)
     assert torch.equal(got, expected)
@@ -47,16 +51,12 @@ def test_embedding_bag_rows_past_2_31(device, backend, fmt):
 
 @pytest.mark.parametrize("device,backend", backend_params("pair_scores", include_reference=False))
 def test_scoring_rows_past_2_31(device, backend):
-    rows, indices, _ = _lookups()
-    values = torch.randn(len(rows), DIM)
-    compact = rk.quantize_rowwise(values, 8).to(device)
+    rows, indices, compact_idx = _lookups(device)
+    compact = rk.quantize_rowwise(torch.randn(len(rows), DIM), 8).to(device)
     table = _big(torch.uint8, compact.shape[1], device)
-    table[rows.to(device)] = compact
+    table[rows] = compact
     users = torch.randn(3, DIM, device=device)
     user_idx = torch.arange(len(indices), device=device) % 3
-    remap = {int(r): i for i, r in enumerate(rows)}
-    compact_idx = torch.tensor([remap[int(i)] for i in indices], device=device)
-    indices = indices.to(device)
     got = rk.pair_scores(users, table, user_idx, indices, backend=backend)
     assert torch.equal(got, rk.pair_scores(users, compact, user_idx, compact_idx, backend=backend))
     offsets = torch.tensor([0, 13, 13, 40], device=device)  # the candidate lists of 3 users
@@ -68,12 +68,8 @@ def test_scoring_rows_past_2_31(device, backend):
 def test_topk_scores_over_rows_past_2_31(device, backend):
     """The whole-catalog scan reads every row: a zero table (all scores 0) but for three rows,
     two of them past element 2^31, which must come first, scored as on a compact table."""
-    if device == "cpu" and backend == "triton":
-        pytest.skip("16M rows through the Triton interpreter take too long; on a GPU this runs")
-    try:
-        table = torch.zeros(ROWS, DIM + 8, dtype=torch.uint8, device=device)  # scale 0, bias 0: zero rows
-    except RuntimeError as e:
-        pytest.skip(f"cannot allocate a {ROWS} x {DIM + 8} table: {e}")
+    _skip_full_scan_under_interpreter(device, backend)
+    table = _big(torch.uint8, DIM + 8, device, torch.zeros)  # scale 0, bias 0: zero rows
     rows = torch.tensor([ROWS - 1, 1 << 24, 5])
     queries = torch.rand(2, DIM, device=device) + 0.5
     compact = rk.quantize_rowwise(torch.rand(3, DIM) + 0.5, 8).to(device)  # positive scores
@@ -88,12 +84,8 @@ def test_topk_scores_over_rows_past_2_31(device, backend):
 def test_int8_matmul_rows_past_2_31(device, backend):
     """a [2^24 + 8, 128] int8: its last rows start past element 2^31 (and so do their outputs'
     rows in bytes): exact int32 results there."""
-    if device == "cpu" and backend == "triton":
-        pytest.skip("16M rows through the Triton interpreter take too long; on a GPU this runs")
-    try:
-        a = torch.zeros(ROWS, DIM, dtype=torch.int8, device=device)
-    except RuntimeError as e:
-        pytest.skip(f"cannot allocate a {ROWS} x {DIM} matrix: {e}")
+    _skip_full_scan_under_interpreter(device, backend)
+    a = _big(torch.int8, DIM, device, torch.zeros)
     g = torch.Generator().manual_seed(1)
     rows = torch.tensor([0, (1 << 24) - 1, 1 << 24, ROWS - 1])
     a_rows = torch.randint(-127, 128, (len(rows), DIM), dtype=torch.int8, generator=g)
