@@ -91,7 +91,60 @@ def keep_opaque_under_interpreter(op) -> None:
 def register_autograd(variants: dict, backward: Callable, setup_context: Callable) -> None:
     """One autograd formula for every variant op (native, reference, triton)."""
     for op in {id(op): op for op in variants.values()}.values():
+        _register_autograd(op, backward, setup_context)
+
+
+_AFTER_AUTOGRAD_KEYS = torch._C._after_autograd_keyset
+_AUTOGRAD_LIB = torch.library.Library(LIB, "FRAGMENT")
+
+
+def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """torch.library.register_autograd(op, backward, setup_context), without its per-call cost for
+    the C++ ops: torch's autograd kernel first puts back any argument the dispatcher dropped for
+    equalling its default, by rebuilding the schema's argument list (pybind objects) once per
+    argument, ~25 us a call for a 10-argument op, while the kernel of a 20-row embedding_bag takes
+    4. Our schemas (csrc/ops.cpp) give no defaults, so there is nothing to put back. Kept on
+    torch's registration: the ops made by torch.library.custom_op (reference, Triton), where it is
+    built in, and ops with Tensor[] arguments (embedding_bag_grouped, one call for many tables),
+    which need torch's flattening of the lists into autograd inputs."""
+    arguments = op._schema.arguments if isinstance(op, torch._ops.OpOverload) else None
+    if arguments is None or any(torch._library.utils.is_tensorlist_like_type(a.type) for a in arguments):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
+        return
+    if any(a.kwarg_only or a.has_default_value() for a in arguments):
+        raise AssertionError(f"{op}: the autograd kernel below expects every argument positional, without default")
+
+    def below_autograd(keyset, args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _AFTER_AUTOGRAD_KEYS, *args)
+
+    class Function(torch.autograd.Function):
+        # inputs: the op's arguments, then the dispatch key set (which needs no gradient). One
+        # forward with the context, as torch's: a separate setup_context staticmethod makes apply
+        # bind the arguments to forward's signature with inspect, ~15 us a call.
+        @staticmethod
+        def forward(ctx, *inputs):
+            args = inputs[:-1]
+            output = below_autograd(inputs[-1], args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            needs = ctx.needs_input_grad
+            ctx.needs_input_grad = needs[:-1]  # the formula sees the op's arguments only
+            try:
+                result = backward(ctx, *grads)
+            finally:
+                ctx.needs_input_grad = needs
+            return (*result, None) if isinstance(result, tuple) else (result, None)
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return Function.apply(*args, keyset)
+        return below_autograd(keyset, args)
+
+    _AUTOGRAD_LIB.impl(op.__name__.split(".")[0], autograd_kernel, "Autograd", with_keyset=True)
 
 
 def register_autograd_with_backward_op(forward_variants: dict, backward_variants: dict, backward_name: str,
@@ -111,7 +164,7 @@ def register_autograd_with_backward_op(forward_variants: dict, backward_variants
                 return reference
             return own
 
-        torch.library.register_autograd(fwd, make_backward(pick), setup_context=setup_context)
+        _register_autograd(fwd, make_backward(pick), setup_context)
 
 
 _CPU_KERNEL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -152,8 +205,8 @@ def call(name: str, device: torch.device, backend: str | None, *args):
     _, fn = _backend.resolve(name, device.type, backend)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
         # No gradient to record: go straight below the Autograd key, which is all the op's
-        # autograd kernel (torch.library.register_autograd's, Python) would do here; it cost ~4 us
-        # a call (a 32-row embedding_bag: 8.1 -> 4.1 us). Under torch.compile the op stays as traced.
+        # autograd kernel (Python: _register_autograd's or torch's) would do here; torch's cost
+        # ~4 us a call (a 32-row embedding_bag: 8.1 -> 4.1 us). Under torch.compile the op stays as traced.
         # (Further down, straight to the CPU kernel as Int8Linear does, measured 0.2-0.5 us less
         # at 20-row bags: plain_eager's own checks cost most of what it skips.)
         with torch._C._AutoDispatchBelowAutograd():
