@@ -103,20 +103,22 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     the C++ ops: torch's autograd kernel first puts back any argument the dispatcher dropped for
     equalling its default, by rebuilding the schema's argument list (pybind objects) once per
     argument, ~25 us a call for a 10-argument op, while the kernel of a 20-row embedding_bag takes
-    4. Our schemas (csrc/ops.cpp) give no defaults, so there is nothing to put back. Kept on
-    torch's registration: the ops made by torch.library.custom_op (reference, Triton), where it is
-    built in, and ops with Tensor[] arguments (embedding_bag_grouped, one call for many tables),
-    which need torch's flattening of the lists into autograd inputs."""
-    arguments = op._schema.arguments if isinstance(op, torch._ops.OpOverload) else None
-    if arguments is None or any(torch._library.utils.is_tensorlist_like_type(a.type) for a in arguments):
+    4. Our schemas (csrc/ops.cpp) give no defaults, so there is nothing to put back. It replaces
+    the kernel torch.library.custom_op installs on the reference and Triton ops too. Kept on
+    torch's registration: ops with Tensor[] arguments (embedding_bag_grouped, one call for many
+    tables), which need torch's flattening of the lists into autograd inputs."""
+    overload = op if isinstance(op, torch._ops.OpOverload) else op._opoverload  # a CustomOpDef's
+    arguments = overload._schema.arguments
+    if any(torch._library.utils.is_tensorlist_like_type(a.type) for a in arguments):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
         return
     if any(a.kwarg_only or a.has_default_value() for a in arguments):
-        raise AssertionError(f"{op}: the autograd kernel below expects every argument positional, without default")
+        raise AssertionError(f"{overload}: the autograd kernel below expects every argument positional, "
+                             "without default")
 
     def below_autograd(keyset, args):
         with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & _AFTER_AUTOGRAD_KEYS, *args)
+            return overload.redispatch(keyset & _AFTER_AUTOGRAD_KEYS, *args)
 
     class Function(torch.autograd.Function):
         # inputs: the op's arguments, then the dispatch key set (which needs no gradient). One
@@ -144,7 +146,7 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
             return Function.apply(*args, keyset)
         return below_autograd(keyset, args)
 
-    _AUTOGRAD_LIB.impl(op.__name__.split(".")[0], autograd_kernel, "Autograd", with_keyset=True)
+    _AUTOGRAD_LIB.impl(overload.__name__.split(".")[0], autograd_kernel, "Autograd", with_keyset=True)
 
 
 def register_autograd_with_backward_op(forward_variants: dict, backward_variants: dict, backward_name: str,
