@@ -203,6 +203,23 @@ def test_paired_serving_batches(paired_ratio, n_bags):
                      {"ours": lambda: rk.embedding_bag(w, idx, off, backend="cpu")}, rounds=200)
 
 
+@pytest.mark.parametrize("n_bags", [1, 64])
+def test_paired_trainable_table(paired_ratio, n_bags):
+    """The per-call cost with a gradient to record (a training step's lookup, or serving without
+    no_grad): n_bags bags of 20 from a trainable 100,000 x 64 fp32 table, forward only, against
+    F.embedding_bag. Here the op's autograd layer (Python) is the difference, not the kernel."""
+    _skip_unless_ours("ours")
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(100_000, 64, generator=g).requires_grad_()
+    idx = torch.randint(0, 100_000, (n_bags * 20,), generator=g)
+    off = torch.arange(n_bags + 1) * 20
+    torch.testing.assert_close(rk.embedding_bag(weight, idx, off, backend="cpu"),
+                               F.embedding_bag(idx, weight, off, mode="sum", include_last_offset=True))
+    paired_ratio(f"embedding_bag trainable 100000x64 B={n_bags} L=20 vs F.embedding_bag",
+                 lambda: F.embedding_bag(idx, weight, off, mode="sum", include_last_offset=True),
+                 {"ours": lambda: rk.embedding_bag(weight, idx, off, backend="cpu")}, rounds=400)
+
+
 @functools.cache
 def _grad_output(d):
     return torch.randn(B, d, generator=torch.Generator().manual_seed(2))

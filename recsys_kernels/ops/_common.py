@@ -12,7 +12,9 @@ index bounds, finite scales) run inside every kernel, where they are opaque to t
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -96,6 +98,8 @@ def register_autograd(variants: dict, backward: Callable, setup_context: Callabl
 
 _AFTER_AUTOGRAD_KEYS = torch._C._after_autograd_keyset
 _AUTOGRAD_LIB = torch.library.Library(LIB, "FRAGMENT")
+# torch versions before Library.impl(allow_override=...) cannot replace a registered kernel
+_CAN_REPLACE_KERNELS = "allow_override" in inspect.signature(torch.library.Library.impl).parameters
 
 
 def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
@@ -104,12 +108,13 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     equalling its default, by rebuilding the schema's argument list (pybind objects) once per
     argument, ~25 us a call for a 10-argument op, while the kernel of a 20-row embedding_bag takes
     4. Our schemas (csrc/ops.cpp) give no defaults, so there is nothing to put back. It replaces
-    the kernel torch.library.custom_op installs on the reference and Triton ops too. Kept on
-    torch's registration: ops with Tensor[] arguments (embedding_bag_grouped, one call for many
-    tables), which need torch's flattening of the lists into autograd inputs."""
+    the kernel torch.library.custom_op installs on the reference and Triton ops too (where torch
+    allows it). Kept on torch's registration: ops with Tensor[] arguments (embedding_bag_grouped,
+    one call for many tables), which need torch's flattening of the lists into autograd inputs."""
     overload = op if isinstance(op, torch._ops.OpOverload) else op._opoverload  # a CustomOpDef's
     arguments = overload._schema.arguments
-    if any(torch._library.utils.is_tensorlist_like_type(a.type) for a in arguments):
+    if (any(torch._library.utils.is_tensorlist_like_type(a.type) for a in arguments)
+            or (overload is not op and not _CAN_REPLACE_KERNELS)):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
         return
     if any(a.kwarg_only or a.has_default_value() for a in arguments):
@@ -146,7 +151,12 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
             return Function.apply(*args, keyset)
         return below_autograd(keyset, args)
 
-    _AUTOGRAD_LIB.impl(overload.__name__.split(".")[0], autograd_kernel, "Autograd", with_keyset=True)
+    # a CustomOpDef's kernel is replaced on purpose: torch 2.11 refuses without allow_override and
+    # warns with it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        _AUTOGRAD_LIB.impl(overload.__name__.split(".")[0], autograd_kernel, "Autograd", with_keyset=True,
+                           allow_override=True)
 
 
 def register_autograd_with_backward_op(forward_variants: dict, backward_variants: dict, backward_name: str,
