@@ -119,19 +119,15 @@ def test_gradient_recorded_exactly_when_needed(backend):
     assert rk.embedding_bag_grouped([weight, weight], [idx, idx], [off, off], backend=backend).grad_fn is None
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_autograd_kernel_is_ours(monkeypatch, backend):
-    """The ops' autograd kernel is _common's, not torch.library.register_autograd's, whose
-    per-call argument filling cost ~25 us (a 20-row embedding_bag with a trainable table: 40 ->
-    18 us): with torch's filling disabled, every single-lookup op with a differentiable input
-    still records its gradient, and the gradients are the reference's."""
-    if backend not in _backend.available_backends("pair_scores", "cpu"):
-        pytest.skip(f"no {backend} backend on CPU tensors here")
+def _differentiable_calls():
+    """(inputs, {op: fn(user-side tensor, item-side tensor, item bias, backend) -> float output}):
+    every single-lookup op with a gradient, on inputs (queries or per-sample weights, items or
+    table, item bias) that the caller makes require grad."""
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(5, 8, generator=g), torch.randn(9, 8, generator=g), torch.randn(9, generator=g))
     user_idx, item_idx = torch.randint(0, 5, (11,), generator=g), torch.randint(0, 9, (11,), generator=g)
     offsets = torch.tensor([0, 2, 2, 5, 9, 11])
-    calls = {  # (queries or per-sample weights, items or table, item bias) -> a float output
+    return inputs, {
         "embedding_bag": lambda u, i, b, be: rk.embedding_bag(i, user_idx, offsets, backend=be,
                                                               per_sample_weights=u[0, :1].expand(11)),
         "pair_scores": lambda u, i, b, be: rk.pair_scores(u, i, user_idx, item_idx, item_bias=b, backend=be),
@@ -140,6 +136,21 @@ def test_autograd_kernel_is_ours(monkeypatch, backend):
                                                                 backend=be)[0],
         "topk_scores": lambda u, i, b, be: rk.topk_scores(u, i, 3, item_bias=b, backend=be)[0],
     }
+
+
+def _skip_unless_backend(backend):
+    if backend not in _backend.available_backends("pair_scores", "cpu"):
+        pytest.skip(f"no {backend} backend on CPU tensors here")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_autograd_kernel_is_ours(monkeypatch, backend):
+    """The ops' autograd kernel is _common's, not torch.library.register_autograd's, whose
+    per-call argument filling cost ~25 us (a 20-row embedding_bag with a trainable table: 40 ->
+    18 us): with torch's filling disabled, every single-lookup op with a differentiable input
+    still records its gradient, and the gradients are the reference's."""
+    _skip_unless_backend(backend)
+    inputs, calls = _differentiable_calls()
 
     def grads(fn, be):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -154,6 +165,23 @@ def test_autograd_kernel_is_ours(monkeypatch, backend):
             assert (ours is None) == (ref is None), name
             if ours is not None:
                 torch.testing.assert_close(ours, ref, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_double_backward_raises(backend):
+    """A gradient of a gradient through any op raises, naming the backward op: the native ops
+    fell through torch's fallback and returned wrong second derivatives (a deprecation warning
+    only). The first-order gradients under create_graph=True stay right."""
+    _skip_unless_backend(backend)
+    inputs, calls = _differentiable_calls()
+    for name, fn in calls.items():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        first = torch.autograd.grad(fn(*leaves, backend).pow(2).sum(), leaves[:2], create_graph=True)
+        ref_leaves = [t.detach().requires_grad_() for t in leaves]
+        expected = torch.autograd.grad(fn(*ref_leaves, "reference").pow(2).sum(), ref_leaves[:2])
+        torch.testing.assert_close(first, expected, msg=name)
+        with pytest.raises(RuntimeError, match=r"_backward: a gradient of a gradient"):
+            torch.autograd.grad(sum(g.sum() for g in first), leaves)
 
 
 def test_tensors_on_two_devices_raise():

@@ -177,6 +177,29 @@ def register_autograd_with_backward_op(forward_variants: dict, backward_variants
             return own
 
         _register_autograd(fwd, make_backward(pick), setup_context)
+    # The backward ops have no formula of their own. Without one, the native ops fell through
+    # torch's "autograd kernel was not registered" fallback: a second backward through them (after
+    # create_graph=True) returned wrong second derivatives with only a deprecation warning.
+    for op in {id(op): op for op in backward_variants.values()}.values():
+        if id(op) not in _WITHOUT_DOUBLE_BACKWARD:
+            _WITHOUT_DOUBLE_BACKWARD.add(id(op))
+            _register_autograd(op, raising_backward(
+                f"recsys_kernels.{backward_name}: a gradient of a gradient (double backward, after "
+                f"create_graph=True) is not supported through recsys_kernels' ops"), setup_nothing)
+
+
+_WITHOUT_DOUBLE_BACKWARD: set[int] = set()  # ids of the backward ops given raising_backward
+
+
+def raising_backward(message: str) -> Callable:
+    """An autograd formula that raises RuntimeError(message): for ops without a gradient."""
+    def backward(ctx, *grads):
+        raise RuntimeError(message)
+    return backward
+
+
+def setup_nothing(ctx, inputs, output) -> None:
+    """The setup_context of a formula that needs nothing saved (raising_backward)."""
 
 
 _CPU_KERNEL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)

@@ -189,16 +189,10 @@ def _int8_linear_packed_fake(x, packed_weight, weight_scale, bias, activation, a
 
 # ----------------------------------------------------------------------------- registration
 def _no_backward(name: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"recsys_kernels.{name} is an inference-only op and has no backward (int8 quantization "
-            f"is not differentiable). Run it under torch.no_grad() / torch.inference_mode() or on "
-            f"detached inputs; to train, keep the float nn.Linear.")
-    return backward
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
+    return _common.raising_backward(
+        f"recsys_kernels.{name} is an inference-only op and has no backward (int8 quantization "
+        f"is not differentiable). Run it under torch.no_grad() / torch.inference_mode() or on "
+        f"detached inputs; to train, keep the float nn.Linear.")
 
 
 for _name, _ref, _fake in (("quantize_rows_int8", _quantize_rows_int8_ref, _quantize_rows_int8_fake),
@@ -206,7 +200,7 @@ for _name, _ref, _fake in (("quantize_rows_int8", _quantize_rows_int8_ref, _quan
                            ("int8_linear", _int8_linear_ref, _int8_linear_fake),
                            ("int8_linear_packed", _int8_linear_packed_ref, _int8_linear_packed_fake)):
     _variants = _common.define_op(_name, _ref, _fake)
-    _common.register_autograd(_variants, _no_backward(_name), _setup_nothing)
+    _common.register_autograd(_variants, _no_backward(_name), _common.setup_nothing)
 
 
 # ----------------------------------------------------------------------------- front doors

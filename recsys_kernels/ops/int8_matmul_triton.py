@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _backend
 from . import _common
 from .int8_matmul import (_int8_linear_fake, _int8_matmul_fake, _no_backward, _quantize_rows_int8_fake,
-                          _setup_nothing, check_int8_linear_args, check_int8_matmul_args)
+                          check_int8_linear_args, check_int8_matmul_args)
 
 _k, _REASON = _common.triton_kernels("int8_matmul")
 
@@ -173,6 +173,6 @@ for _name, _fn, _fake in (("quantize_rows_int8", _quantize_rows_int8_triton, _qu
         _op.register_fake(_fake)  # the shared fake kernel (a triton_op's own would trace the body)
         if _k.interpreted():
             _common.keep_opaque_under_interpreter(_op)
-        _common.register_autograd({"triton": _op}, _no_backward(_name), _setup_nothing)
+        _common.register_autograd({"triton": _op}, _no_backward(_name), _common.setup_nothing)
     OPS[_name] = _op
     _backend.register(_name, "triton", _op, devices=_common.triton_devices(), reason=_REASON)
