@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import recsys_kernels as rk
 from recsys_kernels import _backend, _loader
@@ -182,6 +183,35 @@ def test_double_backward_raises(backend):
         torch.testing.assert_close(first, expected, msg=name)
         with pytest.raises(RuntimeError, match=r"_backward: a gradient of a gradient"):
             torch.autograd.grad(sum(g.sum() for g in first), leaves)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_forward_mode_ad_raises(backend):
+    """No op has a forward-mode formula, so a tangent on any argument raises, as torch's
+    embedding_bag does; it was dropped (torch.func.jvp returned zeros). Int8Linear (its direct
+    call to the C++ kernel) and the grouped op (torch's autograd kernel) included."""
+    _skip_unless_backend(backend)
+    inputs, calls = _differentiable_calls()
+    tangents = [torch.ones_like(t) for t in inputs]
+    grouped = lambda u, i, b, be: rk.embedding_bag_grouped([i, i], [torch.tensor([1, 2])] * 2,  # noqa: E731
+                                                           [torch.tensor([0, 2])] * 2,
+                                                           per_sample_weights=[u[0, :2], None], backend=be)
+    for name, fn in {**calls, "embedding_bag_grouped": grouped}.items():
+        for arg in (0, 1):  # a tangent on the user side, then on the item side
+            def f(x, arg=arg):
+                args = list(inputs)
+                args[arg] = x
+                return fn(*args, backend)
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                torch.func.jvp(f, (inputs[arg],), (tangents[arg],))
+            with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+                f(fwAD.make_dual(inputs[arg], tangents[arg]))
+    if backend == "cpu":
+        layer = rk.Int8Linear.from_float(torch.nn.Linear(8, 3))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(layer, (inputs[0],), (tangents[0],))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+            layer(fwAD.make_dual(inputs[0], tangents[0]))
 
 
 def test_tensors_on_two_devices_raise():

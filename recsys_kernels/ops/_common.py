@@ -18,6 +18,7 @@ import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import _backend, _loader
 
@@ -121,6 +122,8 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
         raise AssertionError(f"{overload}: the autograd kernel below expects every argument positional, "
                              "without default")
 
+    op_name = overload._name.replace("::", ".")
+
     def below_autograd(keyset, args):
         with torch._C._AutoDispatchBelowAutograd():
             return overload.redispatch(keyset & _AFTER_AUTOGRAD_KEYS, *args)
@@ -147,6 +150,7 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
             return (*result, None) if isinstance(result, tuple) else (result, None)
 
     def autograd_kernel(keyset, *args):
+        refuse_forward_ad(op_name, args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return Function.apply(*args, keyset)
         return below_autograd(keyset, args)
@@ -188,6 +192,20 @@ def register_autograd_with_backward_op(forward_variants: dict, backward_variants
                 f"create_graph=True) is not supported through recsys_kernels' ops"), setup_nothing)
 
 
+def refuse_forward_ad(what: str, args) -> None:
+    """NotImplementedError when an argument carries a forward-mode tangent (torch.func.jvp,
+    torch.autograd.forward_ad): the ops have no forward-mode formula, and without this check the
+    tangent was dropped (jvp returned zeros), where torch's own ops raise. Costs one global read
+    outside a dual level."""
+    if _forward_ad._current_level < 0:
+        return
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
+    if any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{what}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                                  "supported by recsys_kernels' ops; use reverse mode (torch.autograd.grad, "
+                                  "torch.func.vjp)")
+
+
 _WITHOUT_DOUBLE_BACKWARD: set[int] = set()  # ids of the backward ops given raising_backward
 
 
@@ -216,11 +234,11 @@ def plain_eager(*args) -> bool:
     (not under torch.compile, which is tested first so that Dynamo does not trace the rest, nor
     torch.jit.trace, which would record nothing), with no dispatch or torch-function mode active
     (FakeTensorMode, FlopCounterMode, `with torch.device(...)` must see the op), no vmap / grad
-    transform, only plain tensors (no subclass) and no gradient to record. It runs on every
+    transform or forward-AD dual level, only plain tensors (no subclass) and no gradient to record. It runs on every
     call of a small op, hence type identities rather than isinstance (0.1 us each)."""
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
             or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
-            or torch._C._are_functorch_transforms_active()
+            or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
             or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))):
         return False
     for a in args:
@@ -238,6 +256,7 @@ def redispatch_cpu(op, *args):
 def call(name: str, device: torch.device, backend: str | None, *args):
     """Run op `name` through the backend that the selection rules pick."""
     _, fn = _backend.resolve(name, device.type, backend)
+    refuse_forward_ad(f"{LIB}.{name}", args)  # (here for embedding_bag_grouped too, whose kernel is torch's)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
         # No gradient to record: go straight below the Autograd key, which is all the op's
         # autograd kernel (Python: _register_autograd's or torch's) would do here; torch's cost
