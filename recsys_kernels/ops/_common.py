@@ -202,8 +202,7 @@ def refuse_forward_ad(what: str, args) -> None:
     tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
     if any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(f"{what}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
-                                  "supported by recsys_kernels' ops; use reverse mode (torch.autograd.grad, "
-                                  "torch.func.vjp)")
+                                  "supported by recsys_kernels' ops; use reverse mode (backward, torch.autograd.grad)")
 
 
 _WITHOUT_DOUBLE_BACKWARD: set[int] = set()  # ids of the backward ops given raising_backward
