@@ -181,7 +181,7 @@ def test_paired_serving_batches(paired_ratio, n_bags):
     nn.EmbeddingBag modules and a concatenation, and one table's embedding_bag against
     F.embedding_bag. Inference (no_grad)."""
     _skip_unless_ours("ours")
-    from recsys_kernels.nn import FusedEmbeddingBagCollection, TableConfig
+    from recsys_kernels.nn import FusedEmbeddingBag, FusedEmbeddingBagCollection, TableConfig
     g = torch.Generator().manual_seed(3)
     n_tables, n_rows, dim, length = 8, 100_000, 64, 20
     coll = FusedEmbeddingBagCollection([TableConfig(f"t{i}", n_rows, dim) for i in range(n_tables)])
@@ -201,6 +201,11 @@ def test_paired_serving_batches(paired_ratio, n_bags):
         paired_ratio(f"embedding_bag 100000x64 B={n_bags} L={length} vs F.embedding_bag",
                      lambda: F.embedding_bag(idx, w, off, mode="sum", include_last_offset=True),
                      {"ours": lambda: rk.embedding_bag(w, idx, off, backend="cpu")}, rounds=200)
+        # the drop-in module, called as nn.EmbeddingBag is (bag starts)
+        fused = FusedEmbeddingBag.from_embedding_bag(bags[0])
+        torch.testing.assert_close(fused(idx, off[:-1]), bags[0](idx, off[:-1]), rtol=1e-5, atol=1e-5)
+        paired_ratio(f"FusedEmbeddingBag 100000x64 B={n_bags} L={length} vs nn.EmbeddingBag",
+                     lambda: bags[0](idx, off[:-1]), {"ours": lambda: fused(idx, off[:-1])}, rounds=200)
 
 
 @pytest.mark.parametrize("n_bags", [1, 64])

@@ -50,6 +50,54 @@ def test_calling_conventions_match_embedding_bag(mode, padding_idx, index_dtype)
             torch.testing.assert_close(fused(idx2, per_sample_weights=psw2), ref(idx2, per_sample_weights=psw2))
 
 
+@pytest.mark.parametrize("include_last_offset", [False, True])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_direct_call_equals_the_front_door(monkeypatch, include_last_offset, bits):
+    """Serving-style calls go from the module to the C++ op without the front door
+    (FusedEmbeddingBag._direct): the same outputs, gradients and errors as through it."""
+    from recsys_kernels import _backend
+    import recsys_kernels.nn.embedding as module_code
+    if "cpu" not in _backend.available_backends("embedding_bag", "cpu"):
+        pytest.skip("no C++ extension")
+    calls = []
+    monkeypatch.setattr(module_code, "embedding_bag", lambda *a, **kw: calls.append(1) or embedding_bag(*a, **kw))
+    for mode, padding_idx, bounds, index_dtype in [("sum", None, "raise", torch.int64), ("mean", 3, "zero", torch.int32),
+                                                   ("max", None, "clamp", torch.int64)]:
+        fused = FusedEmbeddingBag(12, 16, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset,
+                                  bounds=bounds)
+        if bits is not None:
+            fused.quantize(bits)
+        indices, starts = bag_starts(6)
+        indices, starts = indices.to(index_dtype), starts.to(index_dtype)
+        csr = torch.cat([starts, starts.new_full((1,), indices.numel())])
+        offsets = csr if include_last_offset else starts
+
+        def front(idx=indices):
+            return embedding_bag(fused.weight, idx, csr, mode=mode, padding_idx=padding_idx, bounds=bounds,
+                                 bits=bits or 8, backend="cpu")
+
+        with torch.no_grad():
+            assert torch.equal(fused(indices, offsets), front())
+        if bits is None:  # with a gradient to record: through the op's autograd kernel
+            out = fused(indices, offsets)
+            assert out.grad_fn is not None and torch.equal(out.detach(), front().detach())
+            (direct_grad,) = torch.autograd.grad(out.sum(), fused.weight)
+            (front_grad,) = torch.autograd.grad(front().sum(), fused.weight)
+            assert torch.equal(direct_grad, front_grad)
+        if bounds == "raise":
+            bad = indices.clone()
+            bad[-1] = 12
+            with pytest.raises(IndexError) as direct_error, torch.no_grad():
+                fused(bad, offsets)
+            with pytest.raises(IndexError) as front_error, torch.no_grad():
+                front(bad)
+            assert str(direct_error.value) == str(front_error.value)
+    assert not calls  # every call above took the direct path
+    with torch.no_grad():
+        mixed = fused(indices.long(), offsets.int())  # two index dtypes: the front door converts them
+    assert calls and torch.equal(mixed, fused(indices, offsets))
+
+
 def test_default_mode_and_attributes():
     fused, ref = FusedEmbeddingBag(7, 3, padding_idx=-1), nn.EmbeddingBag(7, 3, padding_idx=-1)
     assert fused.mode == ref.mode == "mean"
