@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from recsys_kernels.nn.embedding import FusedEmbeddingBag, FusedEmbeddingBagCollection, TableConfig
-from recsys_kernels.ops.embedding import embedding_bag
+from recsys_kernels.ops.embedding import embedding_bag, prepare_lookup
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
 
 
@@ -53,14 +53,15 @@ def test_calling_conventions_match_embedding_bag(mode, padding_idx, index_dtype)
 @pytest.mark.parametrize("include_last_offset", [False, True])
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_direct_call_equals_the_front_door(monkeypatch, include_last_offset, bits):
-    """Serving-style calls go from the module to the C++ op without the front door
-    (FusedEmbeddingBag._direct): the same outputs, gradients and errors as through it."""
+    """Serving-style calls go from the front door straight to the C++ op, without the argument
+    checks and normal form (ops/embedding.py `_direct`): the same outputs, gradients and errors as
+    through them (forced here by passing lengths instead of offsets), from the module too."""
+    import recsys_kernels.ops.embedding as ops_code
     from recsys_kernels import _backend
-    import recsys_kernels.nn.embedding as module_code
     if "cpu" not in _backend.available_backends("embedding_bag", "cpu"):
         pytest.skip("no C++ extension")
-    calls = []
-    monkeypatch.setattr(module_code, "embedding_bag", lambda *a, **kw: calls.append(1) or embedding_bag(*a, **kw))
+    checked = []
+    monkeypatch.setattr(ops_code, "prepare_lookup", lambda *a: checked.append(1) or prepare_lookup(*a))
     for mode, padding_idx, bounds, index_dtype in [("sum", None, "raise", torch.int64), ("mean", 3, "zero", torch.int32),
                                                    ("max", None, "clamp", torch.int64)]:
         fused = FusedEmbeddingBag(12, 16, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset,
@@ -72,30 +73,39 @@ def test_direct_call_equals_the_front_door(monkeypatch, include_last_offset, bit
         csr = torch.cat([starts, starts.new_full((1,), indices.numel())])
         offsets = csr if include_last_offset else starts
 
-        def front(idx=indices):
-            return embedding_bag(fused.weight, idx, csr, mode=mode, padding_idx=padding_idx, bounds=bounds,
-                                 bits=bits or 8, backend="cpu")
+        def checked_call(idx=indices):  # through prepare_lookup and _common.call
+            n = len(checked)
+            out = embedding_bag(fused.weight, idx, lengths=csr.diff(), mode=mode, padding_idx=padding_idx,
+                                bounds=bounds, bits=bits or 8)
+            assert len(checked) == n + 1
+            return out
+
+        def direct_calls(idx=indices):  # the module, and the function as the module calls it
+            n = len(checked)
+            outs = (fused(idx, offsets), embedding_bag(fused.weight, idx, csr, mode=mode, padding_idx=padding_idx,
+                                                       bounds=bounds, bits=bits or 8))
+            assert len(checked) == n
+            return outs
 
         with torch.no_grad():
-            assert torch.equal(fused(indices, offsets), front())
+            for out in direct_calls():
+                assert torch.equal(out, checked_call())
         if bits is None:  # with a gradient to record: through the op's autograd kernel
-            out = fused(indices, offsets)
-            assert out.grad_fn is not None and torch.equal(out.detach(), front().detach())
-            (direct_grad,) = torch.autograd.grad(out.sum(), fused.weight)
-            (front_grad,) = torch.autograd.grad(front().sum(), fused.weight)
-            assert torch.equal(direct_grad, front_grad)
+            expected = checked_call()
+            (expected_grad,) = torch.autograd.grad(expected.sum(), fused.weight)
+            for out in direct_calls():
+                assert out.grad_fn is not None and torch.equal(out.detach(), expected.detach())
+                assert torch.equal(torch.autograd.grad(out.sum(), fused.weight)[0], expected_grad)
         if bounds == "raise":
             bad = indices.clone()
             bad[-1] = 12
-            with pytest.raises(IndexError) as direct_error, torch.no_grad():
-                fused(bad, offsets)
-            with pytest.raises(IndexError) as front_error, torch.no_grad():
-                front(bad)
-            assert str(direct_error.value) == str(front_error.value)
-    assert not calls  # every call above took the direct path
-    with torch.no_grad():
-        mixed = fused(indices.long(), offsets.int())  # two index dtypes: the front door converts them
-    assert calls and torch.equal(mixed, fused(indices, offsets))
+            with pytest.raises(IndexError) as expected_error, torch.no_grad():
+                checked_call(bad)
+            for call in (lambda: fused(bad, offsets),
+                         lambda: embedding_bag(fused.weight, bad, csr, mode=mode, bits=bits or 8)):
+                with pytest.raises(IndexError) as error, torch.no_grad():
+                    call()
+                assert str(error.value) == str(expected_error.value)
 
 
 def test_default_mode_and_attributes():

@@ -16,15 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import _backend
-from ..ops import _common
-from ..ops.embedding import MODES, TABLE_DTYPES, embedding_bag
+from ..ops.embedding import MODES, embedding_bag
 from ..ops.embedding_grouped import embedding_bag_grouped
 from ..ops.rowwise import check_packed_table, packed_width, quantize_rowwise
-
-
-# the C++ CPU op behind FusedEmbeddingBag's direct call (None without the C++ extension)
-_CPU_OP = (torch.ops.recsys_kernels.embedding_bag.default
-           if "cpu" in _backend.available_backends("embedding_bag", "cpu") else None)
 
 
 class FusedEmbeddingBag(nn.Module):
@@ -158,20 +152,6 @@ class FusedEmbeddingBag(nn.Module):
                                       error_msgs)
 
     # ------------------------------------------------------------------ forward
-    def _direct(self, weight, input, offsets) -> bool:
-        """Whether forward may call the C++ CPU op itself, past the front door (`embedding_bag`),
-        as Int8Linear does: a call the front door would pass on unchanged (1-D indices and offsets
-        of one index dtype, no per-sample weights, CPU tensors, the cpu backend) in eager mode
-        with no transform or mode (plain_eager). The front door costs ~4 us, the kernel of a
-        20-row bag ~3 (`test_paired_serving_batches`); the op checks its arguments again, with the
-        front door's errors."""
-        return (_CPU_OP is not None and type(input) is Tensor and type(offsets) is Tensor
-                and input.dim() == 1 and offsets.dim() == 1 and input.dtype == offsets.dtype
-                and input.dtype in _common.INDEX_DTYPES and (self.include_last_offset is False or offsets.shape[0] > 0)
-                and weight.device.type == "cpu" and input.device.type == "cpu" and offsets.device.type == "cpu"
-                and (weight.dtype in TABLE_DTYPES or self.bits is not None)
-                and (self.backend or _backend.get_backend()) in ("auto", "cpu") and _common.plain_eager(input, offsets))
-
     def forward(self, input: Tensor, offsets: Tensor | None = None,
                 per_sample_weights: Tensor | None = None) -> Tensor:
         # (a plain dict read: nn.Module.__getattr__ costs ~1 us; the weight is a Parameter, or a
@@ -179,14 +159,6 @@ class FusedEmbeddingBag(nn.Module):
         weight = self._parameters.get("weight")
         if weight is None:
             weight = self._buffers["weight"]
-        if per_sample_weights is None and self._direct(weight, input, offsets):
-            if not self.include_last_offset:  # torch's [B] bag starts -> CSR [B+1]
-                offsets = torch.cat([offsets, offsets.new_full((1,), input.shape[0])])
-            args = (weight, input, offsets, None, self.mode, self.padding_idx, self.bounds, self.bits or 8, None,
-                    self.sparse)
-            if weight.requires_grad and torch.is_grad_enabled():
-                return _CPU_OP(*args)  # through the op's autograd kernel
-            return _common.redispatch_cpu(_CPU_OP, *args)  # straight to the kernel
         if input.dim() == 2:
             if offsets is not None:
                 raise ValueError("offsets must be None when input is 2-D [B, L] (fixed-length bags)")
