@@ -402,3 +402,33 @@ def test_native_pair_and_candidate_errors():
     packed[1, 4:8] = torch.tensor([float("inf")]).view(torch.uint8)
     with pytest.raises(ValueError, match="non-finite"):
         OPS.candidate_scores(q, packed, torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1]), None)
+
+
+def test_front_doors_hand_plain_calls_to_the_cpu_ops(monkeypatch):
+    """A plain eager call on CPU tensors goes from the front door straight to the C++ op, which
+    repeats the front door's checks (_common.direct_cpu_op): the same results as through the
+    checks (taken here by asking for a gradient), and none of the Python checks run."""
+    g = torch.Generator().manual_seed(5)
+    queries, items = torch.randn(3, 16, generator=g), quantize_rowwise(torch.randn(40, 16, generator=g))
+    bias = torch.randn(40, generator=g)
+    offsets, cand = torch.tensor([0, 4, 4, 9], dtype=torch.int32), torch.randint(0, 40, (9,), generator=g)
+    users = torch.tensor([0, 2, 1, 1])
+    calls = {
+        "pair_scores": lambda q: scoring.pair_scores(q, items, users, cand[:4], bias),
+        "candidate_scores": lambda q: scoring.candidate_scores(q, items, offsets, cand, bias),
+        "candidate_topk": lambda q: scoring.candidate_topk(q, items, offsets, cand, 3, bias),
+        "topk_scores": lambda q: scoring.topk_scores(q, items, 5, exclude_offsets=offsets, exclude_items=cand,
+                                                     item_bias=bias),
+    }
+    checked = {name: fn(queries.clone().requires_grad_()) for name, fn in calls.items()}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a front door check ran")
+
+    for check in ("check_pair_args", "check_candidate_args", "check_topk_args", "_check_k"):
+        monkeypatch.setattr(scoring, check, fail)
+    for name, fn in calls.items():
+        direct = fn(queries)
+        for a, b in zip(direct if isinstance(direct, tuple) else (direct,),
+                        checked[name] if isinstance(checked[name], tuple) else (checked[name],)):
+            assert torch.equal(a, b.detach()), name
