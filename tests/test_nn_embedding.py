@@ -54,7 +54,7 @@ def test_calling_conventions_match_embedding_bag(mode, padding_idx, index_dtype)
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_direct_call_equals_the_front_door(monkeypatch, include_last_offset, bits):
     """Serving-style calls go from the front door straight to the C++ op, without the argument
-    checks and normal form (ops/embedding.py `_direct`): the same outputs, gradients and errors as
+    checks and normal form (ops/embedding.py `_direct_op`): the same outputs, gradients and errors as
     through them (forced here by passing lengths instead of offsets), from the module too."""
     import recsys_kernels.ops.embedding as ops_code
     from recsys_kernels import _backend

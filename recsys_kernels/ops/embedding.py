@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
 from . import _common
 from .rowwise import check_packed_table, dequantize_rows, unpacked_dim
 
@@ -232,26 +231,25 @@ _common.register_autograd_with_backward_op(FORWARD, BACKWARD, "embedding_bag_bac
 
 
 # ----------------------------------------------------------------------------- front door
-# the C++ CPU op, which the front door calls itself in the common serving case (None without it)
-_CPU_OP = FORWARD["cpu"] if "cpu" in _backend.available_backends("embedding_bag", "cpu") else None
 _TABLE_TYPES = (Tensor, torch.nn.Parameter)  # not a subclass with its own dispatch (DTensor, ...)
 
 
-def _direct(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend) -> bool:
-    """Whether the front door may hand a call (with lengths, per_sample_weights and output_dtype
-    None) to the C++ CPU op as it is: the checks below imply that prepare_lookup would pass it on
-    unchanged and that the cpu backend would be chosen; the op checks its arguments again, with
-    the front door's messages, and plain_eager rules out compile, tracing, modes and transforms.
-    The checks and the normal form cost ~4 us a call, as much as a 20-row bag's kernel."""
-    return (_CPU_OP is not None and type(weight) in _TABLE_TYPES and type(indices) is Tensor
+def _direct_op(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend):
+    """The C++ CPU op when the front door may hand it a call (with lengths, per_sample_weights
+    and output_dtype None) as it is, else None: _common.direct_cpu_op's conditions on the index
+    tensors, and what implies that prepare_lookup would pass the call on unchanged (the op's own
+    normal form is less: a negative padding_idx names no row there). The table may be a
+    Parameter that requires grad (the op's autograd kernel then records it). The checks and the
+    normal form cost ~4 us a call, as much as a 20-row bag's kernel."""
+    if not (type(weight) in _TABLE_TYPES and weight.dim() == 2 and weight.is_cpu and type(indices) is Tensor
             and type(offsets) is Tensor and indices.dim() == 1 and offsets.dim() == 1
             and indices.dtype == offsets.dtype and indices.dtype in _common.INDEX_DTYPES and offsets.shape[0] > 0
-            and weight.dim() == 2 and weight.is_cpu and indices.is_cpu and offsets.is_cpu  # (.device: 0.3 us)
-            and (bits == 8 or bits == 4)
-            and (weight.dtype in TABLE_DTYPES or (weight.dtype == torch.uint8 and weight.shape[1] >= (9 if bits == 8 else 5)))
-            and mode in MODES and bounds in BOUNDS and type(sparse) is bool
-            and (padding_idx is None or (type(padding_idx) is int and 0 <= padding_idx < weight.shape[0]))
-            and (backend or _backend.get_backend()) in ("auto", "cpu") and _common.plain_eager(indices, offsets))
+            and (bits == 8 or bits == 4) and mode in MODES and bounds in BOUNDS and type(sparse) is bool
+            and (weight.dtype in TABLE_DTYPES
+                 or (weight.dtype == torch.uint8 and weight.shape[1] >= (9 if bits == 8 else 5)))
+            and (padding_idx is None or (type(padding_idx) is int and 0 <= padding_idx < weight.shape[0]))):
+        return None
+    return _common.direct_cpu_op("embedding_bag", backend, indices, offsets)
 
 
 def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None, *,
@@ -267,12 +265,13 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
     per_sample_weights: float [nnz] (or [B, L] with 2-D indices), mode="sum" only.
     sparse: the weight gradient is a sparse COO tensor (one row per index).
     """
-    if (lengths is None and per_sample_weights is None and output_dtype is None
-            and _direct(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend)):
+    op = (_direct_op(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend)
+          if lengths is None and per_sample_weights is None and output_dtype is None else None)
+    if op is not None:
         args = (weight, indices, offsets, None, mode, padding_idx, bounds, bits, None, sparse)
         if weight.requires_grad and torch.is_grad_enabled():
-            return _CPU_OP(*args)  # through the op's autograd kernel
-        return _common.redispatch_cpu(_CPU_OP, *args)  # straight to the kernel
+            return op(*args)  # through the op's autograd kernel
+        return _common.redispatch_cpu(op, *args)  # straight to the kernel
     _common.check_choice(bounds, "bounds", BOUNDS)
     _common.check_output_dtype(output_dtype, TABLE_DTYPES)
     weight, indices, offsets, per_sample_weights, padding_idx = prepare_lookup(
