@@ -62,7 +62,8 @@ def test_direct_call_equals_the_front_door(monkeypatch, include_last_offset, bit
         pytest.skip("no C++ extension")
     checked = []
     monkeypatch.setattr(ops_code, "prepare_lookup", lambda *a: checked.append(1) or prepare_lookup(*a))
-    for mode, padding_idx, bounds, index_dtype in [("sum", None, "raise", torch.int64), ("mean", 3, "zero", torch.int32),
+    for mode, padding_idx, bounds, index_dtype in [("sum", None, "raise", torch.int64),
+                                                   ("mean", 3, "zero", torch.int32),
                                                    ("max", None, "clamp", torch.int64)]:
         fused = FusedEmbeddingBag(12, 16, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset,
                                   bounds=bounds)

@@ -236,8 +236,9 @@ def plain_eager(*args) -> bool:
     (not under torch.compile, which is tested first so that Dynamo does not trace the rest, nor
     torch.jit.trace, which would record nothing), with no dispatch or torch-function mode active
     (FakeTensorMode, FlopCounterMode, `with torch.device(...)` must see the op), no vmap / grad
-    transform or forward-AD dual level, only plain tensors (no subclass) and no gradient to record. It runs on every
-    call of a small op, hence type identities rather than isinstance (0.1 us each)."""
+    transform or forward-AD dual level, only plain tensors (no subclass) and no gradient to
+    record. It runs on every call of a small op, hence type identities rather than isinstance
+    (0.1 us each)."""
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
             or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
             or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
@@ -281,9 +282,9 @@ def call(name: str, device: torch.device, backend: str | None, *args):
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
         # No gradient to record: go straight below the Autograd key, which is all the op's
         # autograd kernel (Python: _register_autograd's or torch's) would do here; torch's cost
-        # ~4 us a call (a 32-row embedding_bag: 8.1 -> 4.1 us). Under torch.compile the op stays as traced.
-        # (Further down, straight to the CPU kernel as Int8Linear does, measured 0.2-0.5 us less
-        # at 20-row bags: plain_eager's own checks cost most of what it skips.)
+        # ~4 us a call (a 32-row embedding_bag: 8.1 -> 4.1 us). Under torch.compile the op stays
+        # as traced. (Plain eager CPU calls of embedding_bag and the scoring ops do not get here:
+        # their front doors hand them to the C++ op unchecked, direct_cpu_op.)
         with torch._C._AutoDispatchBelowAutograd():
             return fn(*args)
     return fn(*args)
