@@ -256,9 +256,10 @@ _CPU_OPS: dict = {}  # name -> the C++ op, for the ops with a CPU kernel (define
 
 def direct_cpu_op(name: str, backend: str | None, *args):
     """The C++ op `name` when a front door may hand it `args` as they are, to run with
-    redispatch_cpu; else None. For the ops whose C++ kernels repeat the front door's checks, with
-    its messages and in its order, and its normal form (one index dtype, contiguous tensors, the
-    bias as fp32): the scoring ops. Where the backend is auto or cpu, every tensor is on the CPU
+    redispatch_cpu; else None. For the ops whose C++ kernels repeat the front door's checks (the
+    same exception types naming the same argument, in its order; a shape prints as [1, 4], not
+    (1, 4)) and its normal form (one index dtype, contiguous tensors, the bias as fp32): the
+    scoring ops. Where the backend is auto or cpu, every tensor is on the CPU
     and plain_eager holds (eager, nothing to record for autograd, no mode or transform). The
     checks cost ~4 us of a ~10 us call on small inputs."""
     op = _CPU_OPS.get(name)
