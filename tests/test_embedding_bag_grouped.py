@@ -458,3 +458,41 @@ def test_triton_column_blocks_and_task_loop(monkeypatch):
         got = embedding_bag_grouped(weights, *args, modes=mode, bits=bits, backend="triton")
         expected = loop_reference(weights, *args, [None] * 3, [mode] * 3, [None] * 3, bits)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_direct_call_equals_the_checked_call(monkeypatch, with_grad):
+    """Plain CPU calls go from the front door to the C++ op without the per-lookup checks
+    (embedding_grouped._direct_op), FusedEmbeddingBagCollection's too: the same output and
+    gradients as through the checks (taken here by passing lengths instead of offsets), the same
+    out-of-range error, and prepare_lookup never runs."""
+    import recsys_kernels.ops.embedding_grouped as grouped_code
+    from recsys_kernels import _backend
+    if "cpu" not in _backend.available_backends("embedding_bag_grouped", "cpu"):
+        pytest.skip("no C++ extension")
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(10, 8, generator=g), torch.randn(6, 3, generator=g).bfloat16(),
+               quantize_rowwise(torch.randn(5, 8, generator=g), 4)]
+    if with_grad:
+        weights[0].requires_grad_()
+    idx = [torch.randint(0, n, (7,), generator=g, dtype=dt) for n, dt in ((10, torch.int64), (6, torch.int32),
+                                                                          (5, torch.int64))]
+    csr = [torch.tensor([0, 2, 2, 7], dtype=i.dtype) for i in idx]
+    kw = dict(modes=["sum", "mean", "max"], padding_idx=[1, None, 0], bits=[8, 8, 4])
+    checked = grouped_code.embedding_bag_grouped(weights, idx, lengths=[o.diff() for o in csr], **kw)
+    calls = []
+    real = grouped_code.prepare_lookup
+    monkeypatch.setattr(grouped_code, "prepare_lookup", lambda *a: calls.append(1) or real(*a))
+    direct = grouped_code.embedding_bag_grouped(weights, idx, csr, **kw)
+    assert not calls and torch.equal(direct.detach(), checked.detach()) and direct.dtype == checked.dtype
+    if with_grad:
+        assert torch.equal(torch.autograd.grad(direct.sum(), weights[0])[0],
+                           torch.autograd.grad(checked.sum(), weights[0])[0])
+    bad = [i.clone() for i in idx]
+    bad[1][-1] = 6
+    with pytest.raises(IndexError) as direct_error:
+        grouped_code.embedding_bag_grouped(weights, bad, csr, **kw)
+    assert not calls
+    with pytest.raises(IndexError) as checked_error:
+        grouped_code.embedding_bag_grouped(weights, bad, lengths=[o.diff() for o in csr], **kw)
+    assert str(direct_error.value) == str(checked_error.value)

@@ -234,20 +234,25 @@ _common.register_autograd_with_backward_op(FORWARD, BACKWARD, "embedding_bag_bac
 _TABLE_TYPES = (Tensor, torch.nn.Parameter)  # not a subclass with its own dispatch (DTensor, ...)
 
 
-def _direct_op(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend):
-    """The C++ CPU op when the front door may hand it a call (with lengths, per_sample_weights
-    and output_dtype None) as it is, else None: _common.direct_cpu_op's conditions on the index
-    tensors, and what implies that prepare_lookup would pass the call on unchanged (the op's own
-    normal form is less: a negative padding_idx names no row there). The table may be a
-    Parameter that requires grad (the op's autograd kernel then records it). The checks and the
-    normal form cost ~4 us a call, as much as a 20-row bag's kernel."""
-    if not (type(weight) in _TABLE_TYPES and weight.dim() == 2 and weight.is_cpu and type(indices) is Tensor
+def direct_lookup(weight, indices, offsets, mode, padding_idx, bits, sparse) -> bool:
+    """Whether prepare_lookup would pass this lookup (1-D indices, CSR offsets, no lengths or
+    per-sample weights) on unchanged, on CPU tensors: what lets a front door hand it to the C++
+    op as it is (the op's own normal form is less: a negative padding_idx names no row there).
+    The table may be a Parameter that requires grad."""
+    return (type(weight) in _TABLE_TYPES and weight.dim() == 2 and weight.is_cpu and type(indices) is Tensor
             and type(offsets) is Tensor and indices.dim() == 1 and offsets.dim() == 1
             and indices.dtype == offsets.dtype and indices.dtype in _common.INDEX_DTYPES and offsets.shape[0] > 0
-            and (bits == 8 or bits == 4) and mode in MODES and bounds in BOUNDS and type(sparse) is bool
+            and (bits == 8 or bits == 4) and mode in MODES and type(sparse) is bool
             and (weight.dtype in TABLE_DTYPES
                  or (weight.dtype == torch.uint8 and weight.shape[1] >= (9 if bits == 8 else 5)))
-            and (padding_idx is None or (type(padding_idx) is int and 0 <= padding_idx < weight.shape[0]))):
+            and (padding_idx is None or (type(padding_idx) is int and 0 <= padding_idx < weight.shape[0])))
+
+
+def _direct_op(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend):
+    """The C++ CPU op when the front door may hand it a call (with lengths, per_sample_weights
+    and output_dtype None) as it is (direct_lookup, _common.direct_cpu_op), else None. The
+    checks and the normal form cost ~4 us a call, as much as a 20-row bag's kernel."""
+    if bounds not in BOUNDS or not direct_lookup(weight, indices, offsets, mode, padding_idx, bits, sparse):
         return None
     return _common.direct_cpu_op("embedding_bag", backend, indices, offsets)
 
