@@ -256,7 +256,7 @@ _CPU_OPS: dict = {}  # name -> the C++ op, for the ops with a CPU kernel (define
 
 def direct_cpu_op(name: str, backend: str | None, *args):
     """The C++ op `name` when a front door may hand it `args` as they are, to run with
-    redispatch_cpu; else None. For the ops whose C++ kernels repeat the front door's checks (the
+    run_direct; else None. For the ops whose C++ kernels repeat the front door's checks (the
     same exception types naming the same argument, in its order; a shape prints as [1, 4], not
     (1, 4)) and its normal form (one index dtype, contiguous tensors, the bias as fp32): the
     scoring ops. Where the backend is auto or cpu, every tensor is on the CPU
@@ -274,6 +274,15 @@ def direct_cpu_op(name: str, backend: str | None, *args):
 def redispatch_cpu(op, *args):
     """Run the C++ CPU kernel of `op` (an OpOverload) directly; only where plain_eager(*args)."""
     return op.redispatch(_CPU_KERNEL_KEYS, *args)
+
+
+def run_direct(op, *args):
+    """Run the op direct_cpu_op returned: through the dispatcher, i.e. its autograd kernel, when
+    an argument needs its gradient recorded (a trainable embedding table, which the front doors do
+    not hand to direct_cpu_op), else straight to the kernel."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return op(*args)
+    return redispatch_cpu(op, *args)
 
 
 def call(name: str, device: torch.device, backend: str | None, *args):

@@ -273,10 +273,7 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
     op = (_direct_op(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend)
           if lengths is None and per_sample_weights is None and output_dtype is None else None)
     if op is not None:
-        args = (weight, indices, offsets, None, mode, padding_idx, bounds, bits, None, sparse)
-        if weight.requires_grad and torch.is_grad_enabled():
-            return op(*args)  # through the op's autograd kernel
-        return _common.redispatch_cpu(op, *args)  # straight to the kernel
+        return _common.run_direct(op, weight, indices, offsets, None, mode, padding_idx, bounds, bits, None, sparse)
     _common.check_choice(bounds, "bounds", BOUNDS)
     _common.check_output_dtype(output_dtype, TABLE_DTYPES)
     weight, indices, offsets, per_sample_weights, padding_idx = prepare_lookup(

@@ -183,12 +183,9 @@ def embedding_bag_grouped(weights: Sequence[Tensor], indices: Sequence[Tensor],
     if _all_none(lengths) and _all_none(per_sample_weights) and output_dtype is None and bounds in BOUNDS:
         op = _direct_op(weights, indices, offsets, modes, pads, bits, sparse, backend)
         if op is not None:
-            args = (list(weights), list(indices), offsets, [None] * n, modes,
-                    [-1 if p is None else p for p in pads], bits, sparse, bounds,
-                    functools.reduce(torch.promote_types, {result_dtype(w) for w in weights}))
-            if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-                return op(*args)  # through the op's autograd kernel
-            return _common.redispatch_cpu(op, *args)  # straight to the kernel
+            return _common.run_direct(op, list(weights), list(indices), offsets, [None] * n, modes,
+                                      [-1 if p is None else p for p in pads], bits, sparse, bounds,
+                                      functools.reduce(torch.promote_types, {result_dtype(w) for w in weights}))
     lengths = _per_lookup(lengths, "lengths", n, Tensor)
     psws = _per_lookup(per_sample_weights, "per_sample_weights", n, Tensor)
     _common.check_choice(bounds, "bounds", BOUNDS)

@@ -465,7 +465,7 @@ def pair_scores(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, item_idx: 
     args = (user_emb, item_emb, user_idx, item_idx, item_bias)
     op = _common.direct_cpu_op("pair_scores", backend, *args)
     if op is not None:  # the C++ op checks the arguments itself
-        return _common.redispatch_cpu(op, *args)
+        return _common.run_direct(op, *args)
     device, user_idx, item_idx = check_pair_args(user_emb, item_emb, user_idx, item_idx, item_bias)
     return _common.call("pair_scores", device, backend, user_emb.contiguous(), item_emb.contiguous(),
                         user_idx, item_idx, _opt(item_bias))
@@ -493,7 +493,7 @@ def candidate_scores(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_
     args = (queries, items, cand_offsets, cand_items, item_bias)
     op = _common.direct_cpu_op("candidate_scores", backend, *args)
     if op is not None:  # the C++ op checks the arguments itself
-        return _common.redispatch_cpu(op, *args)
+        return _common.run_direct(op, *args)
     device, cand_offsets, cand_items = check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     return _common.call("candidate_scores", device, backend, queries.contiguous(), items.contiguous(),
                         cand_offsets, cand_items, _opt(item_bias))
@@ -506,7 +506,7 @@ def candidate_topk(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_it
     args = (queries, items, cand_offsets, cand_items, k, item_bias)
     op = _common.direct_cpu_op("candidate_topk", backend, *args) if type(k) is int else None
     if op is not None:  # the C++ op checks the arguments itself
-        return _common.redispatch_cpu(op, *args)
+        return _common.run_direct(op, *args)
     _check_k(k)
     device, cand_offsets, cand_items = check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     return _common.call("candidate_topk", device, backend, queries.contiguous(), items.contiguous(),
@@ -542,7 +542,7 @@ def topk_scores(queries: Tensor, items: Tensor, k: int, *, exclude_offsets: Opti
     args = (queries, items, k, exclude_offsets, exclude_items, item_bias)
     op = _common.direct_cpu_op("topk_scores", backend, *args) if type(k) is int else None
     if op is not None:  # the C++ op checks the arguments itself
-        return _common.redispatch_cpu(op, *args)
+        return _common.run_direct(op, *args)
     device, exclude_offsets, exclude_items = check_topk_args(queries, items, k, exclude_offsets, exclude_items,
                                                              item_bias)
     return _common.call("topk_scores", device, backend, queries.contiguous(), items.contiguous(), k,
