@@ -28,25 +28,47 @@ def _is_candidate(module: nn.Module, parent: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not isinstance(parent, nn.MultiheadAttention)
 
 
-def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn], act_quant: str) -> None:
-    children = list(parent.named_children())
+def _runs_in_order(parent: nn.Module) -> bool:
+    """Whether parent's forward runs its children one after another in registration order: an
+    nn.Sequential whose forward is nn.Sequential's (a subclass may call them any other way)."""
+    return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+
+
+def _slot_counts(model: nn.Module) -> dict[int, int]:
+    """id(module) -> in how many child slots of the whole model it sits (shared modules: > 1)."""
+    counts: dict[int, int] = {}
+    for module in model.modules():
+        for child in module._modules.values():
+            if child is not None:
+                counts[id(child)] = counts.get(id(child), 0) + 1
+    return counts
+
+
+def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn], act_quant: str,
+                   slots: dict[int, int], converted: dict[int, nn.Module]) -> None:
+    # every slot, shared modules included (named_children lists a module once)
+    children = [(name, child) for name, child in parent._modules.items() if child is not None]
     fused = set()  # names of activation modules already folded into the Linear before them
     for i, (name, child) in enumerate(children):
         if name in fused:
             continue
         fqn = f"{prefix}{name}"
-        if _is_candidate(child, parent) and (filter_fn is None or filter_fn(child, fqn)):
+        if id(child) in converted:  # a shared Linear: the same Int8Linear in every place
+            setattr(parent, name, converted[id(child)])
+        elif _is_candidate(child, parent) and (filter_fn is None or filter_fn(child, fqn)):
             activation = None
-            # Fuse only inside a Sequential, where "directly followed by" is the execution order.
-            if isinstance(parent, nn.Sequential) and i + 1 < len(children):
+            # Fuse only where "directly followed by" is the execution order, and only into a Linear
+            # that runs in this one place (a fused activation would apply at every call).
+            if _runs_in_order(parent) and slots[id(child)] == 1 and i + 1 < len(children):
                 next_name, next_child = children[i + 1]
                 activation = _fusable_activation(next_child)
                 if activation is not None:
                     setattr(parent, next_name, nn.Identity())
                     fused.add(next_name)
-            setattr(parent, name, Int8Linear.from_float(child, activation=activation, act_quant=act_quant))
+            converted[id(child)] = Int8Linear.from_float(child, activation=activation, act_quant=act_quant)
+            setattr(parent, name, converted[id(child)])
         else:
-            _swap_children(child, f"{fqn}.", filter_fn, act_quant)
+            _swap_children(child, f"{fqn}.", filter_fn, act_quant, slots, converted)
 
 
 def _disable_transformer_fast_paths(model: nn.Module) -> None:
@@ -70,8 +92,10 @@ def quantize_(model: nn.Module, filter_fn: Optional[FilterFn] = None, *, act_qua
 
     filter_fn(module, fqn) -> bool picks which Linear layers to convert (fqn is the dotted name,
     e.g. "encoder.layers.0.linear1"); default: all. A Linear directly followed, inside an
-    nn.Sequential, by nn.ReLU, nn.GELU(approximate="none") or nn.SiLU gets that activation fused
-    into its epilogue and the activation module becomes nn.Identity.
+    nn.Sequential (not a subclass with its own forward), by nn.ReLU, nn.GELU(approximate="none")
+    or nn.SiLU gets that activation fused into its epilogue and the activation module becomes
+    nn.Identity, unless the Linear is shared (in more than one place of the model). A shared
+    Linear becomes one shared Int8Linear.
 
     Always left in float: nn.MultiheadAttention's out_proj (MHA reads its .weight directly).
     nn.TransformerEncoderLayer / nn.TransformerEncoder whose Linear layers are converted have
@@ -89,6 +113,6 @@ def quantize_(model: nn.Module, filter_fn: Optional[FilterFn] = None, *, act_qua
         if filter_fn is None or filter_fn(model, ""):
             return Int8Linear.from_float(model, act_quant=act_quant)
         return model
-    _swap_children(model, "", filter_fn, act_quant)
+    _swap_children(model, "", filter_fn, act_quant, _slot_counts(model), {})
     _disable_transformer_fast_paths(model)
     return model
