@@ -1,5 +1,6 @@
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -145,6 +146,36 @@ def test_quantize_filter_fn_and_nesting():
         assert _rel(model(x), ref(x)) < 2e-2
 
 
+def test_quantize_fuses_only_where_the_activation_runs_next():
+    """Fusion follows the execution order: not into a Linear that sits in two places (one
+    Int8Linear serves both, as the Linear did), not inside an nn.Sequential subclass with its own
+    forward; a subclass that keeps Sequential's forward still fuses."""
+    x = torch.randn(6, 8)
+    shared = nn.Linear(8, 8)
+    twice = nn.Sequential(shared, shared, nn.ReLU())  # relu(l(l(x)))
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            h = self[0](x)
+            return self[1](h) + h
+
+    class Plain(nn.Sequential):
+        pass
+
+    across = nn.Linear(8, 8)
+    two_parents = nn.Sequential(nn.Sequential(across, nn.ReLU()), nn.Sequential(across))  # l(relu(l(x)))
+    for model, fused in [(twice, []), (Residual(nn.Linear(8, 8), nn.ReLU()), []), (Plain(nn.Linear(8, 8), nn.ReLU()), ["relu"]),
+                         (two_parents, [])]:
+        ref = copy.deepcopy(model)
+        quantize_(model)
+        linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        assert [m.activation for m in linears if m.activation != "none"] == fused
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        with torch.no_grad():
+            assert _rel(model(x), ref(x)) < 2e-2
+    assert twice[0] is twice[1] and two_parents[0][0] is two_parents[1][0]
+
+
 def test_quantize_root_linear_and_bad_arguments():
     linear = nn.Linear(4, 4)
     assert isinstance(quantize_(linear), Int8Linear)
@@ -240,11 +271,38 @@ def test_packed_weight_is_a_cache_rebuilt_on_load():
     ref_module.backend = "reference"
     assert not ref_module._packed_path(x)
     torch.testing.assert_close(ref_module(x), fresh(x), rtol=1e-5, atol=1e-5)
-    # after an in-place edit of weight_q, repack() refreshes the cache
+    # after an in-place edit of weight_q, repack() refreshes the cache (the forward does it too)
     with torch.no_grad():
         fresh.weight_q.neg_()
     fresh.repack()
     assert torch.equal(fresh.weight_packed, pack_weight_int8(fresh.weight_q))
+
+
+def test_packed_weight_follows_the_weight_it_runs_with():
+    """The cache never serves stale weights: weight_q edited in place (repacked by the forward),
+    swapped in by torch.func.functional_call with another layer's state dict (that call multiplies
+    by the swapped-in weight_q), moved by .to() / .double() (bias cast back to fp32)."""
+    from torch.func import functional_call
+
+    a = Int8Linear.from_float(nn.Linear(24, 9), activation="relu")
+    b = Int8Linear.from_float(nn.Linear(24, 9), activation="relu")
+    x = torch.randn(5, 24)
+
+    def expected(m):
+        return int8_linear(x, m.weight_q, m.weight_scale, m.bias, activation="relu", backend="reference")
+
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(a, b.state_dict(), (x,)), expected(b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a(x), expected(a), rtol=1e-5, atol=1e-5)  # a's own weights again
+        a.weight_q.neg_()
+        a.bias.zero_()
+        torch.testing.assert_close(a(x), expected(a), rtol=1e-5, atol=1e-5)
+        moved = copy.deepcopy(a).double()
+        assert moved.bias.dtype == torch.float64 and moved._packed_is_current()
+        torch.testing.assert_close(moved(x), expected(a), rtol=1e-5, atol=1e-5)
+        for clone in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
+            assert clone._packed_is_current()
+            torch.testing.assert_close(clone(x), expected(a), rtol=1e-5, atol=1e-5)
 
 
 def test_eager_fast_path_matches_the_dispatched_op():

@@ -35,8 +35,11 @@ class Int8Linear(nn.Module):
     On the CPU (backend "auto" or "cpu", C++ kernels built) the forward runs
     `int8_linear_packed` on `weight_packed`, the weight in the CPU kernels' panel layout, packed
     once instead of on every call. `weight_packed` is a cache, not state: a non-persistent buffer
-    rebuilt by `from_float` and after `load_state_dict`, carried along by `.to()`. After changing
-    `weight_q` in place by hand, call `repack()`.
+    rebuilt by `from_float`, `load_state_dict` and `.to()`, and in eager mode whenever `weight_q`
+    was changed in place. A call that finds another `weight_q` than the one packed (swapped in by
+    `torch.func.functional_call` or a parametrization) multiplies by that `weight_q` itself. A
+    graph from torch.compile / torch.export takes `weight_packed` as it was traced: after loading
+    other weights into an exported module (`ExportedProgram.module()`), export it again.
 
     Inference only: backward through it raises. There is no `.weight` attribute; code that reads
     `linear.weight` directly (nn.MultiheadAttention's out_proj, fused transformer fast paths)
@@ -60,16 +63,38 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
-        self.register_buffer("weight_packed", pack_weight_int8(self.weight_q), persistent=False)
+        self.register_buffer("weight_packed", None, persistent=False)
+        self.repack()
 
     @torch.no_grad()
     def repack(self) -> None:
-        """Rebuild `weight_packed` from `weight_q` (done by from_float and load_state_dict)."""
-        self.weight_packed = pack_weight_int8(self.weight_q)
+        """Rebuild `weight_packed` from `weight_q` (done by from_float, load_state_dict, .to() and
+        the forward after an in-place change of weight_q)."""
+        weight_q = self.weight_q
+        self.weight_packed = pack_weight_int8(weight_q)
+        # weight_q's version counter, bumped by every in-place change (inference tensors have none)
+        self._packed_from = (weight_q, None if weight_q.is_inference() else weight_q._version)
+
+    def _packed_is_current(self) -> bool:
+        """Whether weight_packed holds the weight_q there now; repacks it first if weight_q was
+        changed in place. False when weight_q is another tensor than the one packed (for the one
+        call, e.g. torch.func.functional_call with a state dict)."""
+        packed_q, version = self._packed_from
+        weight_q = self._buffers["weight_q"]
+        if packed_q is not weight_q:
+            return False
+        if version is not None and version != weight_q._version:
+            self.repack()
+        return True
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.repack()
+
+    def _apply(self, *args, **kwargs):
+        module = super()._apply(*args, **kwargs)  # .to(), .cuda(), to_empty(): new buffers
+        self.repack()
+        return module
 
     @classmethod
     def from_float(cls, linear: nn.Linear, activation: str | None = None, act_quant: str = "dynamic", *,
@@ -101,27 +126,33 @@ class Int8Linear(nn.Module):
                 and self.weight_packed.device.type == "cpu")
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._packed_path(x):
+        if self._packed_path(x) and (torch.compiler.is_compiling() or self._packed_is_current()):
             if isinstance(x, Tensor) and x.dtype in _common.FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.in_features:
                 # Straight to the C++ op (which checks its arguments again): the generic front door
                 # costs ~20 us, as much as the whole GEMM at M = 1.
                 buffers = self._buffers  # plain dict reads: nn.Module.__getattr__ costs ~1 us each
-                scale = buffers["weight_scale"]
+                scale, bias = buffers["weight_scale"], buffers["bias"]
                 if scale.dtype != torch.float32:  # a model cast with .half() after conversion
                     scale = scale.float()
+                if bias is not None and bias.dtype == torch.float64:  # (.double(): no fp64 epilogue)
+                    bias = bias.float()
                 x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)  # -1: not if empty
-                args = (x2, buffers["weight_packed"], scale, buffers["bias"], self.activation, self.act_quant,
-                        self.out_dtype)
+                args = (x2, buffers["weight_packed"], scale, bias, self.activation, self.act_quant, self.out_dtype)
                 # below the op's Python autograd wrapper when nothing above the kernel would act:
                 # ~10 us of a ~15 us call at M = 1
                 y = _common.redispatch_cpu(_PACKED_OP, *args) if _common.plain_eager(*args) else _PACKED_OP(*args)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-            return int8_linear_packed(x, self.weight_packed, self.weight_scale.float(), self.bias,  # raises clearly
+            return int8_linear_packed(x, self.weight_packed, self.weight_scale.float(), self._bias(),  # raises clearly
                                       in_features=self.in_features, activation=self.activation,
                                       act_quant=self.act_quant, out_dtype=self.out_dtype, backend="cpu")
-        return int8_linear(x, self.weight_q, self.weight_scale.float(), self.bias,
+        return int8_linear(x, self.weight_q, self.weight_scale.float(), self._bias(),
                            activation=self.activation, act_quant=self.act_quant,
                            out_dtype=self.out_dtype, backend=self.backend)
+
+    def _bias(self) -> Tensor | None:
+        """The bias for the ops: fp32 where a model cast with .double() made it fp64."""
+        bias = self.bias
+        return bias.float() if bias is not None and bias.dtype == torch.float64 else bias
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
