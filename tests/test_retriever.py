@@ -125,6 +125,9 @@ def test_bad_input():
         r.search(torch.randn(4), 3)
     with pytest.raises(IndexError, match="exclude_items"):
         r.search(torch.randn(2, 4), 3, exclude=(torch.tensor([0, 1, 1]), torch.tensor([10])))
+    for not_csr in ([[1, 2], [3], []], [[1, 2], [3]], torch.tensor([0, 1])):  # per-user lists, one tensor
+        with pytest.raises(TypeError, match="exclude must be a CSR pair"):
+            r.search(torch.randn(3 if len(not_csr) == 3 else 2, 4), 3, exclude=not_csr)
 
 
 def test_recommender_searches_through_its_retriever():

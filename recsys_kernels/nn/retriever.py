@@ -25,6 +25,19 @@ from torch import Tensor, nn
 Csr = tuple[Tensor, Tensor]
 
 
+def _csr(pair, name: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(offsets, items) from a CSR pair given as a tuple or list of two tensors, or (None, None)."""
+    if pair is None:
+        return None, None
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
+        raise TypeError(f"{name} must be a CSR pair of integer tensors (offsets [U + 1], item ids), e.g. "
+                        f"(torch.tensor([0, 2, 2]), torch.tensor([5, 9])) for 2 users, the first of whom has seen "
+                        f"items 5 and 9; got {type(pair).__name__}"
+                        + (f" of {len(pair)} {', '.join(sorted({type(t).__name__ for t in pair}))}"
+                           if isinstance(pair, (tuple, list)) else ""))
+    return pair[0], pair[1]
+
+
 class Retriever(nn.Module):
     """Exact top-k inner-product search over a fixed item catalog.
 
@@ -91,7 +104,7 @@ class Retriever(nn.Module):
         exclude: CSR (offsets [U + 1], item ids) of items to leave out per query (already seen)."""
         from ..ops.scoring import topk_scores
 
-        ex_off, ex_items = (None, None) if exclude is None else exclude
+        ex_off, ex_items = _csr(exclude, "exclude")
         return topk_scores(self._queries(queries), self.items, k, exclude_offsets=ex_off, exclude_items=ex_items,
                            item_bias=self.item_bias, backend=backend)
 
