@@ -33,13 +33,13 @@ class Impl:
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     return name
 
 
-_selected = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+_selected = check_name(os.environ.get(ENV_VAR, "auto") or "auto")
 
 
 def set_backend(name: str | None) -> str:
@@ -47,7 +47,7 @@ def set_backend(name: str | None) -> str:
     Returns the previous selection, so `prev = set_backend("reference"); ...; set_backend(prev)`."""
     global _selected
     previous = _selected
-    _selected = _check_name(name or "auto")
+    _selected = check_name(name or "auto")
     return previous
 
 
@@ -57,7 +57,7 @@ def get_backend() -> str:
 
 def register(op: str, backend: str, fn: Callable, devices, reason: str | None = None) -> None:
     """Register `fn` as `backend`'s implementation of `op`. `reason` says why it cannot run."""
-    _check_name(backend)
+    check_name(backend)
     _REGISTRY.setdefault(op, {})[backend] = Impl(fn, frozenset(devices), reason)
 
 
@@ -65,7 +65,7 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str,
     """The (backend name, callable) that runs `op` on tensors of `device_type`. Meta tensors (a
     model built under `torch.device("meta")` to be materialised later) take the reference op
     whatever the selection: on them every variant runs the op's one fake kernel (shapes only)."""
-    name = _check_name(backend or _selected)
+    name = check_name(backend or _selected)
     impls = _REGISTRY[op]
     if device_type == "meta":
         return "reference", impls["reference"].fn

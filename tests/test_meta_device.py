@@ -65,3 +65,22 @@ def test_build_on_meta_then_load(case):
     loaded.load_state_dict(source.state_dict())
     for got, want in zip(_run(loaded, call, cpu_inputs), expected):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float_checkpoint_assigned_into_a_quantized_module_on_meta(bits):
+    """load_state_dict(float checkpoint, assign=True) into a quantized module built on the meta
+    device quantizes the checkpoint where it is (it was moved to meta first: values lost, while the
+    load reported every key matched), as for a float module there."""
+    source = nn.EmbeddingBag(30, 8, mode="sum")
+    expected = rk.FusedEmbeddingBag.from_embedding_bag(source).quantize(bits)
+    on_meta = rk.FusedEmbeddingBag(30, 8, mode="sum", device="meta").quantize(bits)
+    on_meta.load_state_dict(source.state_dict(), assign=True)
+    assert on_meta.weight.device.type == "cpu" and torch.equal(on_meta.weight, expected.weight)
+    tables = [rk.TableConfig("a", 30, 8), rk.TableConfig("b", 12, 4)]
+    float_collection = rk.FusedEmbeddingBagCollection(tables)
+    collection = rk.FusedEmbeddingBagCollection(tables, device="meta").quantize(bits)
+    collection.load_state_dict(float_collection.state_dict(), assign=True)
+    for name in ("a", "b"):
+        assert torch.equal(collection.embedding_bags[name].weight,
+                           rk.quantize_rowwise(float_collection.embedding_bags[name].weight.detach(), bits))

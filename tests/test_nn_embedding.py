@@ -147,8 +147,26 @@ def test_bounds_and_backend_arguments():
     m = FusedEmbeddingBag(4, 2, mode="sum", bounds="zero", backend="reference")
     out = m(torch.tensor([1, 9]), torch.tensor([0]))
     torch.testing.assert_close(out, m.weight[1:2].detach())
-    with pytest.raises(ValueError, match="bounds"):
-        FusedEmbeddingBag(4, 2, bounds="wrap")(torch.tensor([1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="bounds"):  # at construction, as a bad mode
+        FusedEmbeddingBag(4, 2, bounds="wrap")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        FusedEmbeddingBag(4, 2, backend="nope")
+
+
+def test_integer_scalar_padding_idx():
+    """padding_idx may be a numpy integer, as nn.EmbeddingBag takes it (stored as an int); not a bool."""
+    import numpy as np
+
+    ref = nn.EmbeddingBag(10, 4, mode="sum", padding_idx=np.int64(3))
+    fused = FusedEmbeddingBag.from_embedding_bag(ref)
+    assert type(fused.padding_idx) is int and fused.padding_idx == 3
+    idx, off = torch.tensor([3, 1, 3, 7]), torch.tensor([0, 2])
+    torch.testing.assert_close(fused(idx, off), ref(idx, off))
+    w = torch.randn(10, 4)
+    torch.testing.assert_close(embedding_bag(w, idx, torch.tensor([0, 2, 4]), padding_idx=np.int32(-7)),
+                               embedding_bag(w, idx, torch.tensor([0, 2, 4]), padding_idx=3))
+    with pytest.raises(TypeError, match="padding_idx must be an int"):
+        FusedEmbeddingBag(10, 4, padding_idx=True)
 
 
 def test_from_embedding_bag_shares_the_parameter():
@@ -276,6 +294,31 @@ def test_sparse_adam_training_matches_embedding_bag(mode, padding_idx):
             assert m.weight.grad.is_sparse
             opt.step()
     torch.testing.assert_close(fused.weight, ref.weight, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_sparse_adam_skips_out_of_range_rows_under_bounds_zero(mode):
+    """bounds="zero": an out-of-range index reads nothing, so SparseAdam must not touch any row for
+    it (a zero gradient row still counts as touched: the row would move by its momentum). Against
+    nn.EmbeddingBag given only the in-range indices (mean divides by the in-range count)."""
+    ref, fused = pair(mode, sparse=True, dtype=torch.float64)
+    fused.bounds = "zero"
+    opts = [torch.optim.SparseAdam(list(m.parameters()), lr=0.1) for m in (ref, fused)]
+    for step in range(4):
+        idx, starts = bag_starts(6)
+        if step > 0:  # the first step gives rows 0 and 11 (where clamping would land) momentum
+            idx[::2] = torch.tensor([-1, 12, 40])[torch.arange(idx[::2].numel()) % 3]
+        else:
+            idx[:2] = torch.tensor([0, 11])
+        keep = (idx >= 0) & (idx < 12)
+        bag_of = torch.bucketize(torch.arange(idx.numel()), starts, right=True) - 1
+        ref_starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(bag_of[keep], minlength=6).cumsum(0)[:-1]])
+        target = torch.randn(6, 5, dtype=torch.float64)
+        for m, opt, args in ((ref, opts[0], (idx[keep], ref_starts)), (fused, opts[1], (idx, starts))):
+            opt.zero_grad()
+            ((m(*args) - target) ** 2).sum().backward()
+            opt.step()
+        torch.testing.assert_close(fused.weight, ref.weight, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- collection

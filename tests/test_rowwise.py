@@ -29,6 +29,24 @@ def test_quantize_large_table_bytes(device, backend, bits, dtype):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("quantize_rowwise"))
+def test_4bit_rows_beyond_the_fp16_scale_and_bias_raise(device, backend):
+    """A 4-bit row keeps its scale and bias as fp16: a finite row whose minimum or (max - min) / 15
+    is beyond fp16's 65504 would read back as inf, which every reader refuses at lookup time;
+    quantize_rowwise refuses it instead (torch's prepack stores the inf). 8 bits keep fp32 ones."""
+    for row, value in [(2, -1e5), (3, 1e6)]:  # the bias, then the scale overflows
+        w = torch.randn(5, 8, device=device)
+        w[row, 1] = value
+        with pytest.raises(ValueError, match="4-bit fp16 scale or bias"):
+            rk.quantize_rowwise(w, 4, backend=backend)
+        back = rk.dequantize_rowwise(rk.quantize_rowwise(w, 8, backend=backend), 8)
+        torch.testing.assert_close(back, w, rtol=0, atol=abs(value) / 100)
+    w = torch.randn(5, 8, device=device)
+    w[3, 1] = 9e5  # (max - min) / 15 ~ 60,000: fits
+    back = rk.dequantize_rowwise(rk.quantize_rowwise(w, 4, backend=backend), 4)
+    torch.testing.assert_close(back, w, rtol=0, atol=9e5 / 15)
+
+
 @pytest.mark.parametrize("device,backend", backend_params("dequantize_rowwise"))
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16])

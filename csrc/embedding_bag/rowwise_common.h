@@ -127,6 +127,18 @@ C10_HOST_DEVICE inline Params4 params_4bit(float lo, float hi) {
   return {scale, bias, inv_scale, c10::Half(scale).x, bias_h.x};
 }
 
+// A 4-bit row's scale and bias are stored as fp16: a row whose minimum or (max - min) / 15 rounds
+// beyond fp16's range would be stored as inf, which every reader refuses, so quantization refuses
+// the row instead (torch's embedding_bag_4bit_prepack stores the inf).
+C10_HOST_DEVICE inline bool fits_fp16(const Params4& p) { return !is_inf(p.scale) && !is_inf(p.bias); }
+
+// What quantize_rowwise says of the first row it refuses.
+inline const char* unquantizable_row(int64_t bits) {
+  return bits == 8 ? "has non-finite values"
+                   : "has non-finite values, or a row whose 4-bit fp16 scale or bias would overflow "
+                     "(|min| or (max - min) / 15 beyond 65504)";
+}
+
 C10_HOST_DEVICE inline uint8_t code_4bit(float x, const Params4& p) {
   return clamp_code(round_even(mul_rn(sub_rn(x, p.bias), p.inv_scale)), 15.0f);
 }

@@ -36,7 +36,8 @@ class FirstBadRow {
   std::atomic<int64_t> row_;
 };
 
-// Quantizes one row; false (and nothing written) if the row has a non-finite value.
+// Quantizes one row; false (and nothing written) if the row has a non-finite value or (4 bits)
+// does not fit the fp16 scale and bias.
 template <typename T, int BITS>
 bool quantize_row(const T* x, int64_t d, uint8_t* out) {
   float lo = static_cast<float>(x[0]), hi = lo;
@@ -55,6 +56,7 @@ bool quantize_row(const T* x, int64_t d, uint8_t* out) {
     std::memcpy(out + d + sizeof(float), &p.bias, sizeof(float));
   } else {
     const Params4 p = params_4bit(lo, hi);
+    if (!fits_fp16(p)) return false;
     for (int64_t c = 0; c < d; c += 2)  // d is even: two codes a byte, low nibble first
       out[c / 2] = code_4bit(static_cast<float>(x[c]), p) | (code_4bit(static_cast<float>(x[c + 1]), p) << 4);
     std::memcpy(out + d / 2, &p.scale_bits, sizeof(uint16_t));
@@ -82,7 +84,7 @@ at::Tensor quantize_rowwise_cpu(const at::Tensor& weight_in, int64_t bits) {
       }
     });
   });
-  RK_CHECK_VALUE(!bad.any(), "weight", "has non-finite values (first in row ", bad.row(), ")");
+  RK_CHECK_VALUE(!bad.any(), "weight", unquantizable_row(bits), " (first in row ", bad.row(), ")");
   return out;
 }
 

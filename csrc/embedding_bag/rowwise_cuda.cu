@@ -75,6 +75,10 @@ quantize_rows_kernel(const T* __restrict__ w, uint8_t* __restrict__ out, int64_t
     } else {
       static_assert(VEC % 2 == 0, "4-bit rows pack element pairs");
       const Params4 p = params_4bit(lo, hi);
+      if (!fits_fp16(p)) {  // warp-uniform, as lo and hi are
+        if (lane == 0) cuda::report_bad(bad, row);
+        continue;
+      }
       for (int64_t c = static_cast<int64_t>(lane) * VEC; c < d; c += kWarpSize * VEC) {
         T v[VEC];
         uint8_t q[VEC / 2];
@@ -165,7 +169,8 @@ at::Tensor quantize_rowwise_cuda(const at::Tensor& weight_in, int64_t bits) {
     RK_CUDA_LAUNCH_CHECK();
   });
   const int64_t first_bad = bad.read();
-  RK_CHECK_VALUE(first_bad == cuda::DeviceFlag::kNone, "weight", "has non-finite values (first in row ", first_bad, ")");
+  RK_CHECK_VALUE(first_bad == cuda::DeviceFlag::kNone, "weight", unquantizable_row(bits), " (first in row ", first_bad,
+                 ")");
   return out;
 }
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _backend
-from ..ops.embedding import MODES, embedding_bag
+from ..ops._common import check_choice
+from ..ops.embedding import BOUNDS, MODES, embedding_bag, padding_int
 from ..ops.embedding_grouped import embedding_bag_grouped
 from ..ops.rowwise import check_packed_table, packed_width, quantize_rowwise
 
@@ -47,7 +48,11 @@ class FusedEmbeddingBag(nn.Module):
             raise NotImplementedError("FusedEmbeddingBag does not support scale_grad_by_freq=True")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_choice(bounds, "bounds", BOUNDS)
+        if backend is not None:
+            _backend.check_name(backend)
         if padding_idx is not None:
+            padding_idx = padding_int(padding_idx)
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
             padding_idx %= num_embeddings
@@ -141,8 +146,10 @@ class FusedEmbeddingBag(nn.Module):
         incoming = state_dict.get(key)
         if isinstance(incoming, Tensor):
             if self.bits is not None and incoming.is_floating_point():
-                # a float checkpoint into a quantized module: quantize it the same way
-                state_dict[key] = quantize_rowwise(incoming.to(self.weight.device), self.bits, backend=self.backend)
+                # a float checkpoint into a quantized module: quantize it the same way, where the
+                # table lives (a module on the meta device takes the checkpoint's with assign=True)
+                device = incoming.device if self.weight.is_meta else self.weight.device
+                state_dict[key] = quantize_rowwise(incoming.to(device), self.bits, backend=self.backend)
             elif self.bits is None and incoming.dtype == torch.uint8:
                 bits = 8 if incoming.shape[-1] == packed_width(self.embedding_dim, 8) else 4
                 error_msgs.append(f"{key}: the checkpoint holds a quantized (uint8, {bits}-bit) table; call "

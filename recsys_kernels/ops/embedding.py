@@ -19,11 +19,12 @@ Conventions, for every backend:
 - max mode: the gradient of each output element goes to the first index of the bag that attains
   the maximum (ties -> the earliest position, as torch's CPU kernel).
 - Backward: dense grad [N, D], or with sparse=True a sparse COO gradient with one row per index
-  (like torch's sparse embedding gradient; padding and out-of-range positions give zero rows,
-  out-of-range ones at a clamped coordinate). Quantized (uint8) tables are inference only.
+  (like torch's sparse embedding gradient; padding positions give zero rows, out-of-range ones
+  under bounds="zero" no row). Quantized (uint8) tables are inference only.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -193,10 +194,15 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (mode, padding_idx, bounds, sparse)
 
 
-def _sparse_grad(grad_rows: Tensor, indices: Tensor, n_rows: int) -> Tensor:
-    """Per-index rows [nnz, D] -> sparse COO [N, D], as torch's sparse embedding gradient. Under
-    bounds="zero" an out-of-range index has a zero row; it sits at a clamped (valid) coordinate."""
+def _sparse_grad(grad_rows: Tensor, indices: Tensor, n_rows: int, bounds: str) -> Tensor:
+    """Per-index rows [nnz, D] -> sparse COO [N, D], as torch's sparse embedding gradient (one row
+    per index). Under bounds="zero" an out-of-range index contributed nothing and gets no row: a
+    zero row at some coordinate would still mark that row touched, and SparseAdam moves a touched
+    row by its momentum. (Under "clamp" the index read the clamped row, which gets the gradient.)"""
     dim = grad_rows.shape[1]
+    if bounds == "zero" and n_rows > 0:
+        keep = (indices >= 0) & (indices < n_rows)
+        grad_rows, indices = grad_rows[keep], indices[keep]
     if n_rows == 0:
         return torch.sparse_coo_tensor(indices.new_zeros(1, 0, dtype=torch.long), grad_rows[:0], (0, dim),
                                        check_invariants=False)
@@ -218,7 +224,7 @@ def _make_backward(pick):
         if not ctx.needs_input_grad[0]:
             grad_weight = None
         elif sparse:
-            grad_weight = _sparse_grad(grad_weight, indices, weight.shape[0])
+            grad_weight = _sparse_grad(grad_weight, indices, weight.shape[0], bounds)
         if per_sample_weights is None or not ctx.needs_input_grad[3]:
             grad_psw = None
         return grad_weight, None, None, grad_psw, None, None, None, None, None, None
@@ -285,9 +291,12 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
                         mode, padding_idx, bounds, bits, output_dtype, sparse)
 
 
-def _check_padding_type(padding_idx) -> None:
-    if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
+def padding_int(padding_idx) -> int:
+    """padding_idx as a Python int: an int or another integer scalar (numpy's, as nn.EmbeddingBag
+    takes them); not a bool."""
+    if not isinstance(padding_idx, numbers.Integral) or isinstance(padding_idx, bool):
         raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    return int(padding_idx)
 
 
 def check_raw_lookup(weight, indices, offsets, per_sample_weights, mode, padding_idx, bounds, bits, sparse):
@@ -299,7 +308,7 @@ def check_raw_lookup(weight, indices, offsets, per_sample_weights, mode, padding
                                                                 mode, None, bits, sparse)
     _common.check_choice(bounds, "bounds", BOUNDS)
     if padding_idx is not None:
-        _check_padding_type(padding_idx)
+        padding_idx = padding_int(padding_idx)
         if padding_idx >= weight.shape[0]:  # the C++ ops' rule
             raise ValueError(f"padding_idx must be < {weight.shape[0]} for a table of {weight.shape[0]} rows "
                              f"(or negative: none), got {padding_idx}")
@@ -357,7 +366,7 @@ def prepare_lookup(weight, indices, offsets, lengths, per_sample_weights, mode, 
             raise NotImplementedError("embedding_bag: quantized (uint8) tables are inference only; "
                                       "per_sample_weights must not require grad with them")
     if padding_idx is not None:
-        _check_padding_type(padding_idx)
+        padding_idx = padding_int(padding_idx)
         n_rows = weight.shape[0]
         if not -n_rows <= padding_idx < n_rows:
             raise ValueError(f"padding_idx must be within [-{n_rows}, {n_rows}) for a table of {n_rows} rows, "

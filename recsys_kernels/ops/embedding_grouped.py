@@ -104,7 +104,8 @@ def _make_backward(pick):
             grad_weight, grad_psw = pick(weight.is_cuda)(grad[:, start:col].contiguous(), weight, indices[f],
                                                          offsets[f], psws[f], modes[f], pad, bounds, sparse[f])
             if needs_weight[f]:
-                grad_weights[f] = _sparse_grad(grad_weight, indices[f], weight.shape[0]) if sparse[f] else grad_weight
+                grad_weights[f] = (_sparse_grad(grad_weight, indices[f], weight.shape[0], bounds) if sparse[f]
+                                  else grad_weight)
             if needs_psw[f]:
                 grad_psws[f] = grad_psw
         return (grad_weights, [None] * n, [None] * n, grad_psws if psw_is_input else None,

@@ -54,6 +54,9 @@ def _quantize_rowwise_ref(weight: Tensor, bits: int) -> Tensor:
     lo = lo.half().float()  # the fp16 bias is what dequantization will see
     rng = hi - lo
     scale = torch.where(rng == 0, torch.ones_like(rng), rng / torch.full_like(rng, 15.0)).half().float()
+    if bool((torch.isinf(lo) | torch.isinf(scale)).any()):  # stored as fp16, they would read back as inf
+        raise ValueError("quantize_rowwise: weight has non-finite values, or a row whose 4-bit fp16 scale or bias "
+                         "would overflow (|min| or (max - min) / 15 beyond 65504)")
     inv_scale = torch.ones_like(scale) / scale
     bad = (scale == 0) | torch.isinf(inv_scale)
     scale = torch.where(bad, torch.ones_like(scale), scale)
