@@ -35,17 +35,21 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 @dataclass
 class PassReport:
-    """(pass, node, what it was, what it became) per change; `removed` nodes by DCE."""
+    """(pass, node, what it was, what it became) per change; `removed` nodes by DCE; `skipped`:
+    (pass, node, why) for layers a pass left alone."""
     changes: list[tuple[str, str, str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
     def extend(self, other: "PassReport") -> "PassReport":
         self.changes += other.changes
         self.removed += other.removed
+        self.skipped += other.skipped
         return self
 
     def __str__(self) -> str:
         lines = [f"{p:<22}{n:<24}{a} -> {b}" for p, n, a, b in self.changes]
+        lines += [f"{p:<22}{n:<24}left alone: {why}" for p, n, why in self.skipped]
         if self.removed:
             lines.append(f"{'dead code':<22}removed {len(self.removed)} node(s): {', '.join(self.removed)}")
         return "\n".join(lines) if lines else "(no changes)"
@@ -64,10 +68,15 @@ class Conv1x1(nn.Module):
             self.conv.weight.copy_(linear.weight[:, :, None])
             if linear.bias is not None:
                 self.conv.bias.copy_(linear.bias)
+        for mine, theirs in ((self.conv.weight, linear.weight), (self.conv.bias, linear.bias)):
+            if mine is not None:
+                mine.requires_grad_(theirs.requires_grad)  # a frozen layer stays frozen
 
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        seq = x.reshape(-1, self.in_features).t().unsqueeze(0)  # [1, in, M]
+    def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's argument name: calls by keyword work)
+        lead = input.shape[:-1]
+        if lead.numel() == 0:  # no rows: Conv1d refuses a sequence of 0 positions
+            return input.new_empty(*lead, self.out_features)
+        seq = input.reshape(-1, self.in_features).t().unsqueeze(0)  # [1, in, M]
         return self.conv(seq).squeeze(0).t().reshape(*lead, self.out_features)
 
 
@@ -104,27 +113,67 @@ def _finish(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a node may change state even when nothing uses its result: torch's impure calls,
+    and the in-place ones torch's check misses (`h.relu_()`, `buf.copy_(x)`, `F.relu(x,
+    inplace=True)`, `nn.ReLU(inplace=True)`, `x[i] = v`, a module updating buffers in training)."""
+    if node.is_impure():
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return bool(getattr(module, "inplace", False)) or (module.training and any(True for _ in module.buffers()))
+    if node.op in ("call_method", "call_function"):
+        return (node.kwargs.get("inplace", False) is True or node.target is operator.setitem
+                or (name.endswith("_") and not name.endswith("__")))
+    return False
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> PassReport:
-    """Remove nodes with no users (placeholders, outputs and impure calls stay), then the
-    submodules no node uses."""
+    """Remove nodes with no users (placeholders, outputs and calls that may change state stay:
+    in-place ops, buffer updates), then the submodules no node uses."""
     before = {n.name for n in gm.graph.nodes}
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: _mutates(gm, node))
     gm.delete_all_unused_submodules()
     after = {n.name for n in gm.graph.nodes}
     _finish(gm)
     return PassReport(removed=sorted(before - after))
 
 
+def _attributes_read(gm: fx.GraphModule) -> set[str]:
+    """Targets of the graph's get_attr nodes: module attributes the forward reads directly."""
+    return {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+
+
+_READ = "its weight or bias is read directly"
+
+
+def _reads_into(read: set[str], target: str) -> bool:
+    """Whether the forward reads an attribute of submodule `target` directly (e.g. a tied
+    `linear.weight`): replacing that module would take the attribute away or change it."""
+    return any(attr.startswith(target + ".") for attr in read)
+
+
 def swap_embedding_bags(gm: fx.GraphModule, bits: Optional[int] = None) -> PassReport:
     """Every call of an nn.EmbeddingBag module -> FusedEmbeddingBag over the same table (then
-    quantized to `bits` when given; a quantized table is inference-only)."""
+    quantized to `bits` when given; a quantized table is inference-only). Left alone, and
+    listed in the report's `skipped`: bags with options FusedEmbeddingBag refuses (max_norm,
+    scale_grad_by_freq), and with `bits`, bags whose weight the forward also reads directly."""
     report = PassReport()
+    read = _attributes_read(gm)
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         if type(mod) is nn.EmbeddingBag:
-            fused = FusedEmbeddingBag.from_embedding_bag(mod)
+            if bits is not None and _reads_into(read, node.target):
+                report.skipped.append(("embedding_bag", node.target, "its weight is read directly (would be packed)"))
+                continue
+            try:
+                fused = FusedEmbeddingBag.from_embedding_bag(mod)
+            except NotImplementedError as e:  # max_norm, scale_grad_by_freq
+                report.skipped.append(("embedding_bag", node.target, str(e)))
+                continue
             if bits is not None:
                 fused = copy.deepcopy(fused).quantize(bits)  # leave the shared float Parameter alone
             _set_submodule(gm, node.target, fused)
@@ -174,9 +223,11 @@ def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
     """nn.Linear call -> Int8Linear; when the Linear's only user is a ReLU / GELU (erf) / SiLU
     taking it as its one input, that activation is fused into the Int8Linear epilogue and its
     node removed. A Linear called at several places (shared weights) becomes one Int8Linear
-    without a fused activation: a fused one would apply at every place. filter_fn(module,
+    without a fused activation: a fused one would apply at every place. A Linear whose weight or
+    bias the forward also reads directly (tied weights) stays (report.skipped). filter_fn(module,
     target) picks the layers (default: all)."""
     report = PassReport()
+    read = _attributes_read(gm)
     call_sites: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -186,6 +237,10 @@ def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
             continue
         mod = gm.get_submodule(node.target)
         if type(mod) is not nn.Linear or (filter_fn is not None and not filter_fn(mod, node.target)):
+            continue
+        if _reads_into(read, node.target):
+            if ("linear_to_int8", node.target, _READ) not in report.skipped:  # once, however many calls
+                report.skipped.append(("linear_to_int8", node.target, _READ))
             continue
         users = list(node.users)
         act = None
@@ -206,11 +261,16 @@ def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
 def linear_to_conv1x1(gm: fx.GraphModule, *, filter_fn: Optional[FilterFn] = None) -> PassReport:
     """Opt-in: nn.Linear call -> Conv1x1 (same weights). See the module doc on speed."""
     report = PassReport()
+    read = _attributes_read(gm)
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         if type(mod) is nn.Linear and (filter_fn is None or filter_fn(mod, node.target)):
+            if _reads_into(read, node.target):
+                if ("linear_to_conv1x1", node.target, _READ) not in report.skipped:
+                    report.skipped.append(("linear_to_conv1x1", node.target, _READ))
+                continue
             _set_submodule(gm, node.target, Conv1x1(mod))
             report.changes.append(("linear_to_conv1x1", node.target, "nn.Linear", "Conv1x1 (nn.Conv1d k=1)"))
     _finish(gm)

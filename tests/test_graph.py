@@ -215,3 +215,94 @@ def test_fusion_report_names_the_activation():
     report = G.linear_to_int8(G.trace(Block()))
     assert [c[2] for c in report.changes] == ["nn.Linear + torch.relu", "nn.Linear + F.silu",
                                               "nn.Linear + Tensor.relu"]
+
+
+def test_dead_code_keeps_what_changes_state():
+    """In-place ops and buffer updates whose results nothing reads are not dead: removing them
+    changed the output (h.relu_() as a statement) or left a buffer stale."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out, self.act = nn.Linear(4, 4), nn.Linear(4, 2), nn.ReLU(inplace=True)
+            self.register_buffer("last", torch.zeros(4))
+
+        def forward(self, x):
+            self.last.copy_(x[0])
+            h = self.fc(x)
+            h.relu_()
+            g = self.fc(x)
+            self.act(g)
+            torch.sigmoid_(g)
+            return self.out(h) + self.out(g)
+
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    gm = G.trace(model)
+    assert G.eliminate_dead_code(gm).removed == []
+    gm.last.zero_()
+    assert torch.equal(gm(x), expected) and torch.equal(gm.last, x[0])
+
+
+def test_layers_read_directly_are_left_alone():
+    """A Linear (or, quantizing, an EmbeddingBag) whose weight the forward also reads (tied
+    weights) stays as it is, listed in report.skipped: converting it crashed the graph lint (Int8Linear
+    has no .weight) or handed the reader the packed uint8 table."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+            self.bag = nn.EmbeddingBag(10, 6, mode="sum")
+
+        def forward(self, x, idx, off):
+            h = self.fc(x) + self.bag(idx, off) @ self.bag.weight[:6].t()
+            return self.head(h) + self.fc.weight.sum()
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    args = (torch.randn(2, 6), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]))
+    for kwargs in ({"embedding_bits": 8}, {"int8": False, "conv1x1": True}):
+        gm, report = G.optimize_graph(model, **kwargs)
+        skipped = {node for _, node, _ in report.skipped}
+        assert "fc" in skipped and type(gm.fc) is nn.Linear
+        assert ("bag" in skipped) == ("embedding_bits" in kwargs) and "head" not in skipped
+        torch.testing.assert_close(gm(*args), model(*args), rtol=0.05, atol=0.05)
+        assert "left alone" in str(report)
+
+
+def test_bags_with_options_fused_refuses_are_left_alone():
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaled = nn.EmbeddingBag(10, 4, mode="sum", scale_grad_by_freq=True)
+            self.normed = nn.EmbeddingBag(10, 4, mode="sum", max_norm=1.0)
+            self.plain = nn.EmbeddingBag(10, 4, mode="sum")
+
+        def forward(self, idx, off):
+            return self.scaled(idx, off) + self.normed(idx, off) + self.plain(idx, off)
+
+    gm, report = G.optimize_graph(Bags(), embedding_bits=8)
+    assert [(node, "max_norm" in why or "scale_grad_by_freq" in why) for _, node, why in report.skipped] == \
+        [("scaled", True), ("normed", True)]
+    assert type(gm.scaled) is nn.EmbeddingBag and isinstance(gm.plain, FusedEmbeddingBag)
+
+
+def test_replacements_take_the_replaced_modules_calls():
+    """Keyword calls by nn.Linear's argument name, empty batches, frozen parameters."""
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(input=x)
+
+    torch.manual_seed(0)
+    model = ByKeyword().eval().requires_grad_(False)
+    for kwargs in ({}, {"int8": False, "conv1x1": True}):
+        gm, _ = G.optimize_graph(model, **kwargs)
+        x = torch.randn(5, 4)
+        torch.testing.assert_close(gm(x), model(x), rtol=0.05, atol=0.05)
+        assert gm(torch.randn(0, 4)).shape == (0, 3) and gm(torch.randn(2, 0, 4)).shape == (2, 0, 3)
+        assert not any(p.requires_grad for p in gm.parameters())

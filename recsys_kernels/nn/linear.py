@@ -125,7 +125,8 @@ class Int8Linear(nn.Module):
         return (PACKED_CPU_KERNEL and backend in ("auto", "cpu") and x.device.type == "cpu"
                 and self.weight_packed.device.type == "cpu")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: calls by keyword work
+        x = input
         if self._packed_path(x) and (torch.compiler.is_compiling() or self._packed_is_current()):
             if isinstance(x, Tensor) and x.dtype in _common.FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.in_features:
                 # Straight to the C++ op (which checks its arguments again): the generic front door
