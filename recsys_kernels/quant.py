@@ -23,12 +23,14 @@ def _fusable_activation(module: nn.Module) -> Optional[str]:
 
 
 def _is_candidate(module: nn.Module, parent: nn.Module) -> bool:
+    # An nn.Linear subclass with a forward of its own computes something else than x @ W.T + b.
     # nn.MultiheadAttention reads out_proj.weight / .bias directly (F.multi_head_attention_forward),
     # so its out_proj (a NonDynamicallyQuantizableLinear) must stay a float Linear.
-    return isinstance(module, nn.Linear) and not isinstance(parent, nn.MultiheadAttention)
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and not isinstance(parent, nn.MultiheadAttention))
 
 
-def _runs_in_order(parent: nn.Module) -> bool:
+def runs_in_order(parent: nn.Module) -> bool:
     """Whether parent's forward runs its children one after another in registration order: an
     nn.Sequential whose forward is nn.Sequential's (a subclass may call them any other way)."""
     return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
@@ -59,7 +61,7 @@ def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn]
             activation = None
             # Fuse only where "directly followed by" is the execution order, and only into a Linear
             # that runs in this one place (a fused activation would apply at every call).
-            if _runs_in_order(parent) and slots[id(child)] == 1 and i + 1 < len(children):
+            if runs_in_order(parent) and slots[id(child)] == 1 and i + 1 < len(children):
                 next_name, next_child = children[i + 1]
                 activation = _fusable_activation(next_child)
                 if activation is not None:
@@ -97,7 +99,8 @@ def quantize_(model: nn.Module, filter_fn: Optional[FilterFn] = None, *, act_qua
     nn.Identity, unless the Linear is shared (in more than one place of the model). A shared
     Linear becomes one shared Int8Linear.
 
-    Always left in float: nn.MultiheadAttention's out_proj (MHA reads its .weight directly).
+    Always left in float: nn.Linear subclasses with their own forward, nn.MultiheadAttention's
+    out_proj (MHA reads its .weight directly).
     nn.TransformerEncoderLayer / nn.TransformerEncoder whose Linear layers are converted have
     their fused eval-mode fast path switched off (it reads .weight directly too). If `model`
     itself is an nn.Linear it cannot be replaced in place: the converted module is returned.

@@ -155,6 +155,30 @@ def test_structured_skips_shared_layers():
     torch.testing.assert_close(model(x, y), expected)
 
 
+def test_structured_skips_blocks_it_cannot_follow_and_keeps_frozen_layers_frozen():
+    """Left whole: the layers of an nn.Sequential subclass with its own forward (it may use a
+    layer's output elsewhere: pruned and masked models differed), and layers whose weight is tied
+    to another layer (pruning untied them). A frozen layer's new, smaller Parameters stay frozen."""
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            h = self[1](self[0](x))
+            return self[2](h) + h[:, :2]
+
+    tied = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    twin = nn.Linear(4, 8)
+    twin.weight = tied[0].weight
+    holder = nn.ModuleDict({"block": tied, "twin": twin})
+    for model, skipped in [(Residual(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), ["0"]),
+                           (holder, ["block.0"])]:
+        before = copy.deepcopy(model.state_dict())
+        report = C.structured_prune_(model, 0.5)
+        assert [name for name, _ in report.skipped] == skipped and report.removed_params == 0
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    frozen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).requires_grad_(False)
+    assert C.structured_prune_(frozen, 0.5).removed_params > 0
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
 def test_structured_recommender_mlp_still_trains():
     model = _mlp()
     C.structured_prune_(model, 0.5)
@@ -248,6 +272,32 @@ def test_row_pruned_quantized_and_errors():
         C.prune_embedding(emb, 0.5, by="random")
     with pytest.raises(ValueError, match="bags"):
         C.prune_embedding(emb, 0.5, by="norm", default="drop")
+    # a padding row (zeros, the lowest norm) would be pruned first and padding ids get the shared
+    # row; max_norm renormalizes in forward, which the pruned module does not
+    with pytest.raises(ValueError, match="padding_idx"):
+        C.prune_embedding(nn.Embedding(30, 16, padding_idx=0), 0.5, by="norm")
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        C.prune_embedding(nn.Embedding(30, 16, max_norm=0.5), 0.5, by="norm")
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        C.prune_embedding(nn.EmbeddingBag(30, 16, max_norm=0.5), 0.5, by="norm")
+
+
+def test_quantized_tables_keep_the_bags_options():
+    """quantize_tables_ keeps a bag's padding_idx (padding ids were counted by mean), sparse,
+    bounds and backend."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.history = nn.EmbeddingBag(10, 4, mode="mean", padding_idx=0)
+            self.item_emb = FusedEmbeddingBag(10, 4, mode="sum", bounds="clamp", padding_idx=2)
+
+    model = Model()
+    idx, off = torch.tensor([0, 0, 3, 12, 2]), torch.tensor([0, 3])
+    expected = (model.history(idx[:3], off[:1]), model.item_emb(idx, off))
+    assert C.quantize_tables_(model, 8, ("history", "item_emb")) == ["history -> int8", "item_emb -> int8"]
+    assert model.item_emb.bag.bounds == "clamp" and model.item_emb.bag.padding_idx == 2
+    torch.testing.assert_close(model.history(idx[:3], off[:1]), expected[0], rtol=0, atol=0.02)
+    torch.testing.assert_close(model.item_emb(idx, off), expected[1], rtol=0, atol=0.05)
 
 
 # ----------------------------------------------------------------------------- SparseLinear

@@ -176,6 +176,24 @@ def test_quantize_fuses_only_where_the_activation_runs_next():
     assert twice[0] is twice[1] and two_parents[0][0] is two_parents[1][0]
 
 
+def test_quantize_leaves_linear_subclasses_with_their_own_forward():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 10 * super().forward(x)
+
+    class Plain(nn.Linear):
+        pass
+
+    model = nn.Sequential(Scaled(4, 4), nn.ReLU(), Plain(4, 4), nn.ReLU())
+    x = torch.randn(3, 4)
+    expected = model(x).detach()
+    quantize_(model)
+    assert type(model[0]) is Scaled and isinstance(model[1], nn.ReLU)
+    assert isinstance(model[2], Int8Linear) and model[2].activation == "relu"
+    with torch.no_grad():
+        assert _rel(model(x), expected) < 2e-2
+
+
 def test_quantize_root_linear_and_bad_arguments():
     linear = nn.Linear(4, 4)
     assert isinstance(quantize_(linear), Int8Linear)

@@ -73,6 +73,16 @@ def prune_embedding_rows(weight: Tensor, amount: float, *, by: str = "frequency"
     return torch.cat([w[kept.to(w.device)], extra]), remap.to(w.device)
 
 
+def _check_embedding(emb: nn.Embedding) -> None:
+    """Refuse what RemappedEmbedding does not do: max_norm (renormalizes rows in forward),
+    scale_grad_by_freq (scales gradients)."""
+    if emb.max_norm is not None:
+        raise NotImplementedError("nn.Embedding with max_norm is not supported (it renormalizes rows in forward); "
+                                  "renormalize the weight yourself")
+    if emb.scale_grad_by_freq:
+        raise NotImplementedError("nn.Embedding with scale_grad_by_freq=True is not supported")
+
+
 class RemappedEmbedding(nn.Module):
     """nn.Embedding drop-in over a (possibly compact, possibly quantized) table: forward(ids)
     -> [*ids.shape, D] = table[remap[ids]]. `weight` is the logical [num_embeddings, D] float
@@ -91,6 +101,7 @@ class RemappedEmbedding(nn.Module):
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "RemappedEmbedding":
         """Same table (shared Parameter), no remap."""
+        _check_embedding(emb)
         module = cls(torch.empty(emb.num_embeddings, emb.embedding_dim, device="meta"))
         module.table.weight = emb.weight
         return module
@@ -110,7 +121,8 @@ class RemappedEmbedding(nn.Module):
             w = dequantize_rowwise(w, self.table.bits)
         return w if self.remap is None else w[self.remap]
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Embedding's argument name
+        ids = input
         flat = ids.reshape(-1)
         if self.remap is not None:
             flat = self.remap[flat]
@@ -139,13 +151,20 @@ class RemappedEmbeddingBag(nn.Module):
 
     @classmethod
     def from_embedding_bag(cls, bag: Union[nn.EmbeddingBag, FusedEmbeddingBag]) -> "RemappedEmbeddingBag":
-        """Same table (shared Parameter, or the packed buffer of a quantized bag), no remap."""
+        """Same table (shared Parameter, or the packed buffer of a quantized bag) and options
+        (padding_idx, sparse, bounds, backend), no remap."""
         module = cls(torch.empty(bag.num_embeddings, bag.embedding_dim, device="meta"), mode=bag.mode,
                      include_last_offset=bag.include_last_offset)
-        if isinstance(bag, FusedEmbeddingBag) and bag.bits is not None:
-            module.bag._set_packed(bag.weight, bag.bits)
+        if isinstance(bag, nn.EmbeddingBag):
+            module.bag = FusedEmbeddingBag.from_embedding_bag(bag)  # (refuses max_norm, scale_grad_by_freq)
+            return module
+        target = module.bag
+        target.padding_idx, target.sparse, target.bounds, target.backend = (bag.padding_idx, bag.sparse, bag.bounds,
+                                                                            bag.backend)
+        if bag.bits is not None:
+            target._set_packed(bag.weight, bag.bits)
         else:
-            module.bag.weight = bag.weight
+            target.weight = bag.weight
         return module
 
     @property
@@ -182,6 +201,9 @@ def prune_embedding(module: Union[nn.Embedding, nn.EmbeddingBag, FusedEmbeddingB
     if isinstance(module, nn.Embedding):
         if default == "drop":
             raise ValueError("default='drop' is for bags; an embedding lookup must return a row")
+        _check_embedding(module)
+        if module.padding_idx is not None:
+            raise ValueError("embeddings with a padding_idx are not supported (its zero row would be pruned first)")
         table, remap = prune_embedding_rows(module.weight, amount, by=by, counts=counts, default=default)
         return RemappedEmbedding(table, remap)
     if isinstance(module, (nn.EmbeddingBag, FusedEmbeddingBag)):
@@ -189,6 +211,8 @@ def prune_embedding(module: Union[nn.Embedding, nn.EmbeddingBag, FusedEmbeddingB
             raise ValueError("prune the float table, then quantize the result")
         if module.padding_idx is not None:
             raise ValueError("bags with a padding_idx are not supported")
+        if getattr(module, "max_norm", None) is not None:
+            raise NotImplementedError("bags with max_norm are not supported (it renormalizes rows in forward)")
         table, remap = prune_embedding_rows(module.weight, amount, by=by, counts=counts, default=default)
         return RemappedEmbeddingBag(table, remap, mode=module.mode, include_last_offset=module.include_last_offset,
                                     drop_pruned=default == "drop")

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..quant import runs_in_order
+
 FilterFn = Callable[[nn.Module, str], bool]
 
 
@@ -185,11 +187,15 @@ def prune_linear_outputs_(linear: nn.Linear, next_linear: nn.Linear, keep: Tenso
                          f"({linear.out_features})")
     before = sum(p.numel() for p in (*linear.parameters(), *next_linear.parameters()))
     keep = keep.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight[keep].clone())
+
+    def smaller(p: nn.Parameter, rows: Tensor) -> nn.Parameter:  # a frozen layer stays frozen
+        return nn.Parameter(rows.clone(), requires_grad=p.requires_grad)
+
+    linear.weight = smaller(linear.weight, linear.weight[keep])
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias[keep].clone())
+        linear.bias = smaller(linear.bias, linear.bias[keep])
     linear.out_features = keep.numel()
-    next_linear.weight = nn.Parameter(next_linear.weight[:, keep].clone())
+    next_linear.weight = smaller(next_linear.weight, next_linear.weight[:, keep])
     next_linear.in_features = keep.numel()
     return before - sum(p.numel() for p in (*linear.parameters(), *next_linear.parameters()))
 
@@ -197,10 +203,18 @@ def prune_linear_outputs_(linear: nn.Linear, next_linear: nn.Linear, keep: Tenso
 def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn] = None,
                         report: Optional[SparsityReport] = None):
     """(qualified name, linear, next linear) of every _linear_pairs pair in the model's
-    nn.Sequential blocks that filter_fn (if given) accepts. A pair whose layers are registered
-    anywhere else too (shared weights) is left out, and listed in report.skipped if a report is
-    given: resizing them would give their other users the wrong widths."""
+    nn.Sequential blocks (whose forward is nn.Sequential's: a subclass's own forward may use the
+    layers' outputs elsewhere) that filter_fn (if given) accepts. A pair whose layers, or their
+    weights, are registered anywhere else too (shared or tied) is left out, and listed in
+    report.skipped if a report is given: resizing them would give their other users the wrong
+    widths (or untie them)."""
     registrations = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    param_registrations = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+
+    def shared(*layers: nn.Linear) -> bool:
+        return any(registrations[id(m)] > 1 or any(param_registrations[id(p)] > 1 for p in m.parameters())
+                   for m in layers)
+
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
@@ -208,9 +222,12 @@ def _model_linear_pairs(model: nn.Module, filter_fn: Optional[FilterFn] = None,
             fqn = f"{seq_name}.{name}" if seq_name else name
             if filter_fn is not None and not filter_fn(lin, fqn):
                 continue
-            if registrations[id(lin)] > 1 or registrations[id(nxt)] > 1:
+            why = ("in an nn.Sequential subclass with its own forward" if not runs_in_order(seq)
+                   else "shared: this layer or the next, or their weights, are registered elsewhere too"
+                   if shared(lin, nxt) else None)
+            if why is not None:
                 if report is not None:
-                    report.skipped.append((fqn, "shared: this layer or the next is registered elsewhere too"))
+                    report.skipped.append((fqn, why))
                 continue
             yield fqn, lin, nxt
 
