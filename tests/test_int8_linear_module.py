@@ -321,6 +321,11 @@ def test_packed_weight_follows_the_weight_it_runs_with():
         for clone in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
             assert clone._packed_is_current()
             torch.testing.assert_close(clone(x), expected(a), rtol=1e-5, atol=1e-5)
+        shared = copy.deepcopy(a)
+        shared(x)  # (a copy's tensors start new version counters: its first call repacks once)
+        packed = shared.weight_packed
+        shared.share_memory()  # in place: the shared packed buffer is the one kept
+        assert shared.weight_packed is packed and packed.is_shared()
 
 
 def test_eager_fast_path_matches_the_dispatched_op():

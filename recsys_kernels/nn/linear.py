@@ -35,9 +35,10 @@ class Int8Linear(nn.Module):
     On the CPU (backend "auto" or "cpu", C++ kernels built) the forward runs
     `int8_linear_packed` on `weight_packed`, the weight in the CPU kernels' panel layout, packed
     once instead of on every call. `weight_packed` is a cache, not state: a non-persistent buffer
-    rebuilt by `from_float`, `load_state_dict` and `.to()`, and in eager mode whenever `weight_q`
-    was changed in place. A call that finds another `weight_q` than the one packed (swapped in by
-    `torch.func.functional_call` or a parametrization) multiplies by that `weight_q` itself. A
+    rebuilt by `from_float` and `load_state_dict`, carried along by `.to()`, and rebuilt in eager
+    mode whenever `weight_q` was changed in place. A call that finds another `weight_q` than the one packed (swapped in by
+    `torch.func.functional_call` or a parametrization) multiplies by that `weight_q` itself
+    (after assigning a new `weight_q` for good, call `repack()` to pack it once). A
     graph from torch.compile / torch.export takes `weight_packed` as it was traced: after loading
     other weights into an exported module (`ExportedProgram.module()`), export it again.
 
@@ -68,11 +69,15 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def repack(self) -> None:
-        """Rebuild `weight_packed` from `weight_q` (done by from_float, load_state_dict, .to() and
-        the forward after an in-place change of weight_q)."""
+        """Rebuild `weight_packed` from `weight_q` (done by from_float, load_state_dict and the
+        forward after an in-place change of weight_q)."""
+        self.weight_packed = pack_weight_int8(self.weight_q)
+        self._mark_packed()
+
+    def _mark_packed(self) -> None:
+        """Remember which weight_q weight_packed holds, and its version counter (bumped by every
+        in-place change; inference tensors have none)."""
         weight_q = self.weight_q
-        self.weight_packed = pack_weight_int8(weight_q)
-        # weight_q's version counter, bumped by every in-place change (inference tensors have none)
         self._packed_from = (weight_q, None if weight_q.is_inference() else weight_q._version)
 
     def _packed_is_current(self) -> bool:
@@ -92,8 +97,14 @@ class Int8Linear(nn.Module):
         self.repack()
 
     def _apply(self, *args, **kwargs):
-        module = super()._apply(*args, **kwargs)  # .to(), .cuda(), to_empty(): new buffers
-        self.repack()
+        # .to(), .cuda(), to_empty(), share_memory(): the same function takes both buffers along,
+        # so a pack that was current stays so (share_memory keeps its shared buffer)
+        current = self._packed_is_current()
+        module = super()._apply(*args, **kwargs)
+        if current:
+            self._mark_packed()
+        else:
+            self.repack()
         return module
 
     @classmethod
