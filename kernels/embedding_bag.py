@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import to_dtype_rne
+
 # constexpr codes
 MODE_CODES = {"sum": 0, "mean": 1, "max": 2}
 BOUNDS_CODES = {"raise": 0, "zero": 1, "clamp": 2}  # raise: checked by the caller, masked like zero here
@@ -125,8 +127,8 @@ def _embedding_bag_fwd_kernel(
             nan_seen = tl.maximum(nan_seen, tl.max((vals != vals).to(tl.int32), axis=0))
         else:
             if HAS_PSW:
-                # like the reference: skipped rows are 0 and still multiplied by their weight
-                w = tl.load(PSW + pos, mask=pmask, other=0.0).to(ACC)
+                # as the reference: a skipped index's weight (even inf or NaN) contributes nothing
+                w = tl.load(PSW + pos, mask=keep, other=0.0).to(ACC)
                 vals = vals * w[:, None]
             acc += tl.sum(vals, axis=0)
 
@@ -136,7 +138,7 @@ def _embedding_bag_fwd_kernel(
     elif MODE == 2:
         acc = tl.where(nan_seen > 0, float("nan"), acc)
         acc = tl.where(n > 0, acc, 0.0)
-    tl.store(OUT + bag * D + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
+    tl.store(OUT + bag * D + cols, to_dtype_rne(acc, OUT.dtype.element_ty, True), mask=cmask)
 
 
 @triton.jit
@@ -191,7 +193,7 @@ def _embedding_bag_bwd_rows_kernel(
             first = tl.where(better, p0 + lane, first)
         has = (first >= 0) & (nan_seen == 0)
         at = tl.where(has, first, 0)
-        tl.store(G + at * D + cols, g.to(G.dtype.element_ty), mask=has & cmask)
+        tl.store(G + at * D + cols, to_dtype_rne(g, G.dtype.element_ty, True), mask=has & cmask)
     else:
         if MODE == 1:
             count = tl.zeros([BLOCK_L], tl.int32)
@@ -214,9 +216,9 @@ def _embedding_bag_bwd_rows_kernel(
             if HAS_PSW:
                 rows = tl.load(W + row[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
                 tl.store(GPSW + dblk * nnz + pos, tl.sum(grad * rows, axis=1), mask=pmask)
-                w = tl.load(PSW + pos, mask=pmask, other=0.0).to(ACC)
+                w = tl.load(PSW + pos, mask=keep, other=0.0).to(ACC)
                 grad = grad * w[:, None]
-            tl.store(G + pos[:, None] * D + cols[None, :], grad.to(G.dtype.element_ty),
+            tl.store(G + pos[:, None] * D + cols[None, :], to_dtype_rne(grad, G.dtype.element_ty, True),
                      mask=pmask[:, None] & cmask[None, :])
 
 
@@ -273,7 +275,7 @@ def _embedding_bag_bwd_segment_kernel(
     one_chunk = seg_end - seg_start <= CHUNK
     several = seg_end - seg_start > CHUNK
     m2 = owner[:, None] & cmask[None, :]
-    tl.store(GW + row[:, None] * D + cols[None, :], acc.to(GW.dtype.element_ty), mask=m2 & one_chunk[:, None])
+    tl.store(GW + row[:, None] * D + cols[None, :], to_dtype_rne(acc, GW.dtype.element_ty, True), mask=m2 & one_chunk[:, None])
     head = tl.load(PERM + slots, mask=smask, other=0)
     tl.store(G + head[:, None] * D + cols[None, :], acc, mask=m2 & several[:, None])
 
@@ -301,7 +303,7 @@ def _embedding_bag_bwd_combine_kernel(
         head = tl.load(PERM + slots + k * CHUNK, mask=a, other=0)
         part = tl.load(G + head[:, None] * D + cols[None, :], mask=a[:, None] & cmask[None, :], other=0.0)
         acc += part  # +0.0 where masked off: no change (see the segment kernel)
-    tl.store(GW + row[:, None] * D + cols[None, :], acc.to(GW.dtype.element_ty),
+    tl.store(GW + row[:, None] * D + cols[None, :], to_dtype_rne(acc, GW.dtype.element_ty, True),
              mask=owner[:, None] & cmask[None, :])
 
 

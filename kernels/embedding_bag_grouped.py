@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import to_dtype_rne
+
 from .embedding_bag import _int4_rows, _int8_rows
 
 # fields of a META row
@@ -137,8 +139,8 @@ def _embedding_bag_grouped_fwd_kernel(
                 nan_seen = tl.maximum(nan_seen, tl.max((vals != vals).to(tl.int32), axis=0))
             else:
                 if has_psw != 0:
-                    # like the reference: skipped rows are 0 and still multiplied by their weight
-                    w = tl.load(psw_addr.to(tl.pointer_type(tl.float32)) + pos, mask=pmask, other=0.0)
+                    # as the reference: a skipped index's weight (even inf or NaN) contributes nothing
+                    w = tl.load(psw_addr.to(tl.pointer_type(tl.float32)) + pos, mask=keep, other=0.0)
                     vals = vals * w[:, None]
                 acc += tl.sum(vals, axis=0)
         n = tl.sum(count, axis=0)
@@ -147,7 +149,7 @@ def _embedding_bag_grouped_fwd_kernel(
         elif mode == 2:
             acc = tl.where(nan_seen > 0, float("nan"), acc)
             acc = tl.where(n > 0, acc, 0.0)
-        tl.store(OUT + bag * out_stride + out_col + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
+        tl.store(OUT + bag * out_stride + out_col + cols, to_dtype_rne(acc, OUT.dtype.element_ty, True), mask=cmask)
 
 
 def interpreted() -> bool:

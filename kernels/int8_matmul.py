@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import to_dtype_rne
+
 INT32_SAFE_K = 131071  # the largest K at which no int8 dot product can leave int32
 CHUNK_K = tl.constexpr(65536)  # terms per int32 partial sum when K > INT32_SAFE_K (a power of two >= any BLOCK_K)
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -55,18 +57,6 @@ def _activation(y, ACT: tl.constexpr):
     elif ACT == 3:
         y = y * tl.sigmoid(y)  # silu
     return y
-
-
-@triton.jit
-def _to_out_dtype(y, dtype: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
-    """The fp32 epilogue result in the output dtype, rounded to nearest even. BF16_RNE_BY_HAND:
-    the interpreter truncates fp32 -> bf16 (a GPU rounds), so there round on the bits."""
-    if BF16_RNE_BY_HAND and dtype == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return y.to(dtype)
 
 
 @triton.jit
@@ -146,7 +136,7 @@ def _int8_gemm_kernel(
     M, N, K,
     m_bucket,  # unused: next_power_of_2(M), the autotuning key (one tuning per size class of M)
     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BIG_K: tl.constexpr,
-    BF16_RNE_BY_HAND: tl.constexpr,  # under the interpreter only (see _to_out_dtype)
+    BF16_RNE_BY_HAND: tl.constexpr,  # under the interpreter only (see kernels/rounding.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -173,7 +163,7 @@ def _int8_gemm_kernel(
         y = y * tl.load(B_SCALE + rn_in)[None, :]
         if HAS_BIAS:
             y = y + tl.load(BIAS + rn_in)[None, :]
-        out = _to_out_dtype(_activation(y, ACT), C.dtype.element_ty, BF16_RNE_BY_HAND)
+        out = to_dtype_rne(_activation(y, ACT), C.dtype.element_ty, BF16_RNE_BY_HAND)
     else:
         if BIG_K:
             outside = ((acc > 2147483647) | (acc < -2147483648)).to(tl.int32)
@@ -193,7 +183,7 @@ def _weight_only_kernel(
     m_bucket,  # unused: the autotuning key, as in _int8_gemm_kernel
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_FP32: tl.constexpr,  # fp32 x, or the interpreter (whose dot cannot multiply bf16)
-    BF16_RNE_BY_HAND: tl.constexpr,  # under the interpreter only (see _to_out_dtype)
+    BF16_RNE_BY_HAND: tl.constexpr,  # under the interpreter only (see kernels/rounding.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = (x @ w.T) * w_scale[n] + bias[n], activation: the int8 weights are converted in
@@ -221,7 +211,7 @@ def _weight_only_kernel(
     y = acc * tl.load(W_SCALE + rn_in)[None, :]
     if HAS_BIAS:
         y = y + tl.load(BIAS + rn_in)[None, :]
-    out = _to_out_dtype(_activation(y, ACT), C.dtype.element_ty, BF16_RNE_BY_HAND)
+    out = to_dtype_rne(_activation(y, ACT), C.dtype.element_ty, BF16_RNE_BY_HAND)
     c_mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(C + (rm.to(tl.int64) * N)[:, None] + rn[None, :], out, mask=c_mask)
 

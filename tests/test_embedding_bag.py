@@ -85,6 +85,31 @@ def test_matches_naive_loop(device, backend, mode, weighted, dtype, index_dtype,
         torch.testing.assert_close(got.double(), exact, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_skipped_index_weight_contributes_nothing(device, backend, sparse):
+    """A per-sample weight of inf / NaN at a skipped index (the padding row, out of range under
+    bounds="zero") contributes nothing, as in F.embedding_bag: the reference and the Triton
+    kernels multiplied the skipped 0 row by it (NaN), the C++ kernel skipped it; the same in the
+    gradients of the table and of the weights."""
+    weight = torch.randn(4, 3, dtype=torch.float64, device=device).requires_grad_()
+    indices = torch.tensor([0, 1, 9, 2, -1], device=device)
+    offsets = torch.tensor([0, 3, 5], device=device)
+    psw = torch.tensor([float("inf"), 2.0, float("nan"), 3.0, float("-inf")], dtype=torch.float64,
+                       device=device).requires_grad_()
+    out = embedding_bag(weight, indices, offsets, per_sample_weights=psw, padding_idx=0, bounds="zero",
+                        sparse=sparse, backend=backend)
+    expected = torch.stack([2.0 * weight[1], 3.0 * weight[2]]).detach()
+    torch.testing.assert_close(out.detach(), expected)
+    out.sum().backward()
+    grad = weight.grad.to_dense() if sparse else weight.grad
+    torch.testing.assert_close(grad, torch.tensor([[0.0] * 3, [2.0] * 3, [3.0] * 3, [0.0] * 3], dtype=torch.float64,
+                                                  device=device))
+    torch.testing.assert_close(psw.grad, torch.stack([torch.zeros((), dtype=torch.float64, device=device),
+                                                      weight[1].sum(), torch.zeros((), dtype=torch.float64, device=device),
+                                                      weight[2].sum(), torch.zeros((), dtype=torch.float64, device=device)]).detach())
+
+
 # ----------------------------------------------------------------------------- vs torch
 @pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
 @pytest.mark.parametrize("mode,weighted", MODES_WEIGHTED)

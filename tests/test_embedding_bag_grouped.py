@@ -290,6 +290,28 @@ def test_quantized_table_has_no_gradient():
     packed = quantize_rowwise(torch.randn(5, 8))
     with pytest.raises(NotImplementedError, match="lookup 1: .*inference only"):
         embedding_bag_grouped([W, packed], [I, I], [O, O], per_sample_weights=[None, torch.ones(3, requires_grad=True)])
+    # the raw op (no front door) raised nothing: the weights' gradient was silently None
+    for op in (torch.ops.recsys_kernels.embedding_bag_grouped, torch.ops.recsys_kernels.embedding_bag_grouped_reference):
+        out = op([packed], [I], [O], [torch.ones(3, requires_grad=True)], ["sum"], [-1], [8], [False], "raise", F32)
+        with pytest.raises(NotImplementedError, match="inference only"):
+            out.sum().backward()
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+def test_skipped_index_weight_and_integer_scalars(device, backend):
+    """An inf / NaN per-sample weight at a skipped index (padding, out of range under "zero")
+    contributes nothing (embedding_bag's rule); padding_idx and bits may be numpy integers."""
+    import numpy as np
+
+    w0, w1 = torch.randn(6, 3), torch.randn(5, 4)
+    i0, o0 = torch.tensor([0, 1, 9, 2]), torch.tensor([0, 3, 4])
+    psw = torch.tensor([float("inf"), 2.0, float("nan"), 3.0])
+    got = embedding_bag_grouped([w0.to(device), w1.to(device)], [i0.to(device), i0.clamp(max=4).to(device)],
+                                [o0.to(device)] * 2, per_sample_weights=[psw.to(device), None],
+                                padding_idx=np.int64(0), bits=np.int32(8), bounds="zero", backend=backend).cpu()
+    expected = torch.cat([torch.stack([2.0 * w0[1], 3.0 * w0[2]]),
+                          embedding_bag(w1, i0.clamp(max=4), o0, padding_idx=0)], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_backend_selection():

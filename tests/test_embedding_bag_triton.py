@@ -155,6 +155,31 @@ def test_skipped_rows_are_masked_not_multiplied():
         assert_matches(got, ref)
 
 
+def test_bf16_results_round_to_nearest_even():
+    """bf16 outputs and gradients have the reference's bits at rounding boundaries: under the
+    interpreter a plain fp32 -> bf16 cast truncates (a GPU's rounds), so the kernels round on the
+    bits (kernels/rounding.py); 265.5 and 263.0 are ties, 1.005859375 rounds up."""
+    from recsys_kernels.ops.embedding_grouped import embedding_bag_grouped
+
+    values = torch.tensor([[265.5], [263.0], [1.005859375], [-3.0078125]], device=DEVICE)
+    idx, off = torch.arange(4, device=DEVICE), torch.arange(5, device=DEVICE)
+    for backend in ("reference", "triton"):
+        got = (embedding_bag(values, idx, off, output_dtype=torch.bfloat16, backend=backend),
+               embedding_bag_grouped([values], [idx], [off], output_dtype=torch.bfloat16, backend=backend))
+        if backend == "reference":
+            expected = got
+        else:
+            for g, e in zip(got, expected):
+                assert torch.equal(g.cpu(), e.cpu())
+    grads = []
+    for backend in ("reference", "triton"):
+        for sparse in (False, True):
+            w = torch.ones(4, 1, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+            embedding_bag(w, idx, off, output_dtype=torch.float32, sparse=sparse, backend=backend).backward(values)
+            grads.append(w.grad.to_dense().cpu())
+    assert all(torch.equal(g, grads[0]) for g in grads) and grads[0][2, 0] == 1.0078125
+
+
 def test_max_ties_and_infinities():
     weight = torch.tensor([[1.0, -float("inf")], [1.0, 2.0], [float("inf"), -float("inf")]])
     got, ref = both(weight, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 2, 3, 4]), mode="max")

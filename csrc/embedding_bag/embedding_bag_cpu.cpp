@@ -128,6 +128,7 @@ void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& 
             for (int64_t col = 0; col < d; ++col) dot += gp[col] * static_cast<Acc>(row[col]);
           }
           grad_psw[p] = dot;
+          if (row_of[p] < 0) continue;  // a skipped row stays 0, whatever its weight (0 * inf is NaN)
           const Acc pw = psw[p];
           for (int64_t col = 0; col < d; ++col) gp[col] = gp[col] * pw;
         }

@@ -173,7 +173,8 @@ bwd_positions_kernel(const T* __restrict__ w, const PositionGrad<typename AccOf<
         g = pg(p, bag, col);
         dot += g * static_cast<acc_t>(w[row * d + col]);
       }
-      if (grad_rows != nullptr) grad_rows[p * d + col] = static_cast<T>(g * s);
+      // a skipped position's row is 0, whatever its weight (0 * inf would be NaN)
+      if (grad_rows != nullptr) grad_rows[p * d + col] = static_cast<T>(row >= 0 ? g * s : acc_t(0));
     }
     if (grad_psw != nullptr) {
       for (int off = kWarpSize / 2; off > 0; off /= 2) dot += __shfl_xor_sync(kFullMask, dot, off);

@@ -96,6 +96,12 @@ def _gather(weight: Tensor, row: Tensor, keep: Tensor, bits: int, dim: int, acc:
     return rows.to(acc).masked_fill(~keep[:, None], 0)
 
 
+def _kept_weights(per_sample_weights: Tensor, keep: Tensor, acc: torch.dtype) -> Tensor:
+    """The per-sample weights in the accumulation dtype, 0 where an index does not contribute (a
+    skipped index's weight, even inf or NaN, contributes nothing: F.embedding_bag's rule)."""
+    return per_sample_weights.to(acc).masked_fill(~keep, 0)
+
+
 def _max_pool(vals: Tensor, bag: Tensor, keep: Tensor, n_bags: int):
     """Per (bag, column): the max over contributing indices, and the position of the first index
     attaining it (nnz where the bag has none)."""
@@ -124,7 +130,7 @@ def _embedding_bag_ref(weight: Tensor, indices: Tensor, offsets: Tensor, per_sam
     n_bags = offsets.numel() - 1
     vals = _gather(weight, row, keep, bits, dim, acc)
     if per_sample_weights is not None:
-        vals = vals * per_sample_weights.to(acc)[:, None]
+        vals = vals * _kept_weights(per_sample_weights, keep, acc)[:, None]
     counts = _counts(bag, keep, n_bags)
     if mode == "max":
         out, _ = _max_pool(vals, bag, keep, n_bags)
@@ -154,7 +160,7 @@ def _embedding_bag_backward_ref(grad_output: Tensor, weight: Tensor, indices: Te
     if per_sample_weights is not None:
         rows = _gather(weight, row, keep, 8, dim, acc)
         grad_psw = (grad * rows).sum(1).to(per_sample_weights.dtype)
-        grad = grad * per_sample_weights.to(acc)[:, None]
+        grad = grad * _kept_weights(per_sample_weights, keep, acc)[:, None]
     if sparse:
         grad_weight = grad.to(weight.dtype)
     else:
@@ -304,6 +310,7 @@ def check_raw_lookup(weight, indices, offsets, per_sample_weights, mode, padding
     offsets), raising the same errors, for the Triton ops called directly: their kernels trust
     the shapes (the C++ kernels check them themselves). padding_idx keeps the ops' meaning (a
     negative one names no row). Returns (indices, offsets, per_sample_weights) in one index dtype."""
+    _common.check_tensor(indices, "indices", dtypes=_common.INDEX_DTYPES, dim=1)  # (the ops take no [B, L])
     _, indices, offsets, per_sample_weights, _ = prepare_lookup(weight, indices, offsets, None, per_sample_weights,
                                                                 mode, None, bits, sparse)
     _common.check_choice(bounds, "bounds", BOUNDS)

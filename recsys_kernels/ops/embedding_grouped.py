@@ -27,6 +27,7 @@ embedding_bag's.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Sequence
 
 import torch
@@ -98,8 +99,11 @@ def _make_backward(pick):
             weight = weights[f]
             dim = lookup_dim(weight, bits[f])
             start, col = col, col + dim
-            if weight.dtype == torch.uint8 or not (needs_weight[f] or needs_psw[f]):
-                continue  # quantized tables are inference only: nothing of them can require grad
+            if not (needs_weight[f] or needs_psw[f]):
+                continue
+            if weight.dtype == torch.uint8:  # (the front door refuses this; the raw op gets here)
+                raise NotImplementedError("embedding_bag_grouped: quantized (uint8) tables are inference only; "
+                                          "per_sample_weights must not require grad with them")
             pad = padding_idx[f] if padding_idx[f] >= 0 else None
             grad_weight, grad_psw = pick(weight.is_cuda)(grad[:, start:col].contiguous(), weight, indices[f],
                                                          offsets[f], psws[f], modes[f], pad, bounds, sparse[f])
@@ -120,15 +124,21 @@ _common.register_autograd_with_backward_op(FORWARD, BACKWARD, "embedding_bag_bac
 
 # ----------------------------------------------------------------------------- front door
 def _per_lookup(value, name: str, n: int, scalar_types) -> list:
-    """A per-lookup list from one value for every lookup or a sequence of n values."""
+    """A per-lookup list from one value for every lookup or a sequence of n values. Integer
+    scalars of other types (numpy's) become ints where scalar_types is numbers.Integral (bools
+    are left for the checks to refuse)."""
     if isinstance(value, scalar_types) or value is None:
-        return [value] * n
-    if not isinstance(value, (list, tuple)):
+        values = [value] * n
+    elif not isinstance(value, (list, tuple)):
         raise TypeError(f"{name} must be a list of {n} values (one per lookup) or a single value, "
                         f"got {type(value).__name__}")
-    if len(value) != n:
+    elif len(value) != n:
         raise ValueError(f"{name} must have one entry per lookup ({n}), got {len(value)}")
-    return list(value)
+    else:
+        values = list(value)
+    if scalar_types is numbers.Integral:
+        values = [int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v for v in values]
+    return values
 
 
 def _all_none(value) -> bool:
@@ -178,8 +188,8 @@ def embedding_bag_grouped(weights: Sequence[Tensor], indices: Sequence[Tensor],
         raise ValueError(f"indices must have one entry per lookup ({n}), got {len(indices)}")
     offsets = _per_lookup(offsets, "offsets", n, Tensor)
     modes = _per_lookup(modes, "modes", n, str)
-    pads = _per_lookup(padding_idx, "padding_idx", n, int)
-    bits = _per_lookup(bits, "bits", n, int)
+    pads = _per_lookup(padding_idx, "padding_idx", n, numbers.Integral)
+    bits = _per_lookup(bits, "bits", n, numbers.Integral)
     sparse = _per_lookup(sparse, "sparse", n, bool)
     if _all_none(lengths) and _all_none(per_sample_weights) and output_dtype is None and bounds in BOUNDS:
         op = _direct_op(weights, indices, offsets, modes, pads, bits, sparse, backend)
