@@ -41,6 +41,7 @@ from torch import Tensor
 from .. import _backend
 from . import _common
 from . import scoring as _s
+from .rowwise import _fresh
 
 _k, _REASON = _common.triton_kernels("scoring")
 
@@ -59,9 +60,10 @@ def _tails_not_finite(items: Tensor, rows: Optional[Tensor]) -> Tensor:
     """True when a scale or bias of the int8 rows `rows` (all rows when None) is not finite;
     only the 8 tail bytes are read."""
     tail = items[:, items.shape[1] - 8:]
-    if rows is not None:
-        tail = tail.index_select(0, rows.long().clamp(0, items.shape[0] - 1))
-    return ~torch.isfinite(tail.contiguous().view(torch.float32)).all()
+    # a fresh tensor: the slice of a one-row table is contiguous at an odd storage offset, which
+    # the float view refuses
+    tail = _fresh(tail) if rows is None else tail.index_select(0, rows.long().clamp(0, items.shape[0] - 1))
+    return ~torch.isfinite(tail.view(torch.float32)).all()
 
 
 def _offsets_bad(offsets: Tensor, nnz: int) -> Tensor:
