@@ -44,9 +44,19 @@ def format_info(d: dict | None = None) -> str:
         "",
     ]
     names = _backend.BACKENDS
+    here = {"cpu"} | ({"cuda"} if d["cuda_available"] else set())
     width = max([len(op) for op in d["backends"]] + [2])
     lines.append(f"{'op':<{width}}  " + "  ".join(f"{n:<9}" for n in names))
     for op, avail in d["backends"].items():
-        lines.append(f"{op:<{width}}  " + "  ".join(f"{'yes' if avail[n].startswith('yes') else '-':<9}" for n in names))
-    lines.append("(yes = runs here; '-' = not built, no kernel yet, or unavailable: see info()['backends'])")
+        lines.append(f"{op:<{width}}  " + "  ".join(f"{_cell(avail[n], here):<9}" for n in names))
+    lines.append("(yes = runs here; no GPU = built, runs on CUDA tensors only; '-' = not built, no kernel yet, "
+                 "or unavailable: see info()['backends'])")
     return "\n".join(lines)
+
+
+def _cell(availability: str, here: set[str]) -> str:
+    """One backend's cell: availability() says "yes (cpu, cuda)" or why not."""
+    if not availability.startswith("yes"):
+        return "-"
+    devices = set(availability[availability.find("(") + 1:availability.rfind(")")].split(", "))
+    return "yes" if devices & here else "no GPU"

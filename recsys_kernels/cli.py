@@ -9,8 +9,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="recsys-kernels", description=__doc__)
-    parser.add_argument("command", choices=("info", "demo", "compress", "bench"))
-    args, rest = parser.parse_known_args(argv)
+    commands = ("info", "demo", "compress", "bench")
+    parser.add_argument("command", choices=commands)
+    # the command is the first word, and everything after it is the command's (so that
+    # `demo --help` is the demo's help, not this one)
+    if argv and argv[0] in commands:
+        args, rest = argparse.Namespace(command=argv[0]), argv[1:]
+    else:
+        args, rest = parser.parse_args(argv[:1]), []
     if args.command == "info":
         from ._info import format_info
 

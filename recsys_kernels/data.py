@@ -297,7 +297,8 @@ def load_movielens(path: str | os.PathLike, *, min_rating: Optional[float] = Non
 
     Raw user and item ids are remapped to 0-based ids in ascending raw-id order; the catalog is
     the items of u.item and u.data together. Every rating counts as an implicit interaction, or
-    only ratings >= `min_rating` when given. item_feat is the multi-hot genre vector [I, 19];
+    only ratings >= `min_rating` when given; an item a user rated more than once counts once, at
+    its latest rating (by timestamp, then line). item_feat is the multi-hot genre vector [I, 19];
     item_attr the first genre flagged (0 "unknown" when none). Without u.item every item has
     attribute 0 and a single all-zero feature.
     """
@@ -305,7 +306,7 @@ def load_movielens(path: str | os.PathLike, *, min_rating: Optional[float] = Non
     data_file = os.path.join(path, "u.data")
     if not os.path.isfile(data_file):
         raise FileNotFoundError(f"load_movielens: no u.data in {path!r} (MovieLens-100K layout expected)")
-    raw = []
+    latest: dict[tuple[int, int], tuple[int, int, float]] = {}  # (user, item) -> (timestamp, line, rating)
     with open(data_file, encoding="latin-1") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -313,9 +314,19 @@ def load_movielens(path: str | os.PathLike, *, min_rating: Optional[float] = Non
             parts = line.split("\t")
             if len(parts) < 4:
                 raise ValueError(f"{data_file}:{lineno}: expected 4 tab-separated fields, got {line!r}")
-            u, i, r, t = int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3])
-            if min_rating is None or r >= min_rating:
-                raw.append((u, i, t))
+            try:
+                u, i, r, t = int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3])
+            except ValueError:
+                raise ValueError(f"{data_file}:{lineno}: expected integer user and item ids, a numeric rating and an "
+                                 f"integer timestamp, got {line!r}") from None
+            if (u, i) not in latest or (t, lineno) > latest[u, i][:2]:
+                latest[u, i] = (t, lineno, r)
+    # a re-rated item is one interaction, its latest rating (a pair in both the training history
+    # and the held-out items would be masked out of the ranking it is meant to test)
+    raw = [(u, i, t) for (u, i), (t, _, r) in sorted(latest.items(), key=lambda kv: kv[1][1])
+           if min_rating is None or r >= min_rating]
+    if not raw:
+        raise ValueError(f"{data_file}: no interactions" + ("" if min_rating is None else f" rated >= {min_rating}"))
 
     genres: dict[int, list[int]] = {}
     item_file = os.path.join(path, "u.item")
@@ -328,7 +339,11 @@ def load_movielens(path: str | os.PathLike, *, min_rating: Optional[float] = Non
                 if len(parts) < 1 + len(MOVIELENS_GENRES):
                     raise ValueError(f"{item_file}:{lineno}: expected an id and {len(MOVIELENS_GENRES)} "
                                      f"genre flags, got {len(parts)} fields")
-                genres[int(parts[0])] = [int(x) for x in parts[-len(MOVIELENS_GENRES):]]
+                try:
+                    genres[int(parts[0])] = [int(x) for x in parts[-len(MOVIELENS_GENRES):]]
+                except ValueError:
+                    raise ValueError(f"{item_file}:{lineno}: expected an integer id first and 0/1 genre flags last, "
+                                     f"got {line.rstrip()!r}") from None
 
     user_ids = sorted({u for u, _, _ in raw})
     item_ids = sorted({i for _, i, _ in raw} | set(genres))

@@ -113,11 +113,21 @@ def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device, war
 
 
 def _load(args) -> _data.InteractionData:
-    if args.movielens:
+    if args.movielens is not None:  # (an empty path is a path: load_movielens says it has no u.data)
         return _data.load_movielens(args.movielens)
     return _data.synthetic_interactions(args.users, args.items, seed=args.seed,
                                         interactions_per_user=args.interactions,
                                         min_per_user=min(5, args.interactions))
+
+
+def _split(args, full: _data.InteractionData) -> tuple[_data.InteractionData, _data.InteractionData]:
+    """(train, test) with args.num_test held out per user; ValueError when nothing is held out
+    (no user has more interactions than that): the metrics would be NaN."""
+    train, test = _data.train_test_split(full, args.num_test)
+    if len(test) == 0:
+        raise ValueError(f"no user has more than --num-test={args.num_test} interactions, so nothing is held out "
+                         "to evaluate on: lower --num-test, or use more interactions per user")
+    return train, test
 
 
 def _table(rows: list[tuple[str, dict, Optional[float]]], k: int) -> str:
@@ -142,7 +152,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     k = args.k
 
     full = _load(args)
-    train, test = _data.train_test_split(full, args.num_test)
+    train, test = _split(args, full)
     counts = full.item_counts().sort(descending=True).values
     top1pct = max(1, full.num_items // 100)
     info = {"source": args.movielens or "synthetic", "users": full.num_users, "items": full.num_items,

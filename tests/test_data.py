@@ -220,6 +220,26 @@ def test_load_movielens_without_items_and_errors(tmp_path):
     (tmp_path / "u.data").write_text("1 2 3 4\n")  # spaces, not tabs
     with pytest.raises(ValueError, match="u.data:1"):
         data.load_movielens(tmp_path)
+    for bad in ("1\t2\t3\t4\n5\tabc\t3\t4\n", "user\titem\trating\ttime\n"):  # a non-integer id, a header
+        (tmp_path / "u.data").write_text(bad)
+        with pytest.raises(ValueError, match=r"u.data:\d+: expected integer user and item ids"):
+            data.load_movielens(tmp_path)
+    (tmp_path / "u.data").write_text("\n")
+    with pytest.raises(ValueError, match="no interactions"):
+        data.load_movielens(tmp_path)
+
+
+def test_load_movielens_rerated_items_count_once(tmp_path):
+    """A re-rated item is one interaction at its latest rating: as two, the older could stay in
+    the user's training history while the newer was held out (and masked from its own ranking)."""
+    (tmp_path / "u.data").write_text("1\t10\t4\t100\n1\t11\t3\t101\n1\t12\t5\t102\n1\t10\t2\t103\n"
+                                     "2\t10\t4\t100\n2\t11\t3\t101\n")
+    d = data.load_movielens(tmp_path)
+    assert len(d) == 5 and sorted(zip(d.users.tolist(), d.items.tolist(), d.timestamps.tolist())) == [
+        (0, 0, 103), (0, 1, 101), (0, 2, 102), (1, 0, 100), (1, 1, 101)]
+    train, test = data.train_test_split(d, 1)
+    assert not set(zip(train.users.tolist(), train.items.tolist())) & set(zip(test.users.tolist(), test.items.tolist()))
+    assert len(data.load_movielens(tmp_path, min_rating=3)) == 4  # user 1's item 10: latest rating 2
 
 
 def test_synthetic_bad_arguments():

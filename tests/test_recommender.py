@@ -283,6 +283,14 @@ def test_demo_movielens_and_bad_args(tmp_path, capsys):
     assert "data: " + str(tmp_path) in capsys.readouterr().out
     assert demo.main(["--movielens", str(tmp_path / "nope"), "--no-progress"]) == 1
     assert "u.data" in capsys.readouterr().err
+    assert demo.main(["--movielens", "", "--no-progress"]) == 1  # a path, not "synthetic"
+    assert "no u.data in ''" in capsys.readouterr().err
+    # nothing held out (no user has more than --num-test interactions): an error, not NaN metrics
+    assert demo.main(["--quick", "--no-progress", "--num-test", "100"]) == 1
+    assert "nothing is held out" in capsys.readouterr().err
+    from recsys_kernels.compress import cli as compress_cli
+    assert compress_cli.main(["--quick", "--no-progress", "--configs", "int8", "--num-test", "100", "--plot", ""]) == 1
+    assert compress_cli.main(["--quick", "--configs", "prune90", "--retrain-epochs", "-1"]) == 2
     assert demo.main(["--epochs", "0"]) == 2
     assert demo.main(["--device", "not-a-device"]) == 2
     if not torch.cuda.is_available():

@@ -267,6 +267,21 @@ def test_info_reports_everything():
         assert d["cpu_features"]["avx2"] in ("yes", "no")
     text = rk.format_info(d)
     assert "quantize_rowwise" in text and "CPU features" in text
+    # a backend is "yes" only where it runs on a device this machine has
+    from recsys_kernels._info import _cell
+    assert _cell("yes (cuda)", {"cpu"}) == "no GPU" and _cell("yes (cuda)", {"cpu", "cuda"}) == "yes"
+    assert _cell("yes (cpu, cuda)", {"cpu"}) == "yes" and _cell("not implemented", {"cpu"}) == "-"
+    row = next(line for line in text.splitlines() if line.startswith("topk_scores"))
+    assert row.split()[3] == "yes"  # cpu
+    if not torch.cuda.is_available():
+        assert row.split()[1:3] == ["no", "GPU"]  # cuda
+
+
+def test_cli_commands_get_their_own_help():
+    out = _run("from recsys_kernels.cli import main; raise SystemExit(main(['demo', '--help']))")
+    assert out.returncode == 0 and "--quick" in out.stdout and "recsys-kernels demo" in out.stdout
+    out = _run("from recsys_kernels.cli import main; raise SystemExit(main(['--help']))")
+    assert out.returncode == 0 and "{info,demo,compress,bench}" in out.stdout
 
 
 def test_cli_info():

@@ -98,8 +98,7 @@ def _graph_section(model, ev, repeats: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .. import data as _data
-    from ..demo import _defaults, _load
+    from ..demo import _defaults, _load, _split
     from ..models.recommender import Recommender, train_model
     from .pipeline import EvalData, optimize
     from .plot import plot_reports
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     full = _load(args)
-    train, test = _data.train_test_split(full, args.num_test)
+    train, test = _split(args, full)
     print(f"data: {args.movielens or 'synthetic'}: {full.num_users} users, {full.num_items} items, "
           f"{len(full)} interactions ({len(train)} train / {len(test)} held out)")
     model = Recommender.for_data(train, dim=args.dim)
@@ -201,6 +200,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if bad_count_arg(args, "compress"):
+        return 2
+    if args.retrain_epochs < 1:
+        print(f"recsys-kernels compress: --retrain-epochs must be >= 1, got {args.retrain_epochs}", file=sys.stderr)
         return 2
     if args.device != "cpu":
         print("recsys-kernels compress: CPU only (--device cpu)", file=sys.stderr)
