@@ -102,6 +102,24 @@ def test_relu_keeps_nan_from_bias(isa):
     assert torch.isnan(got[:, 3]).all() and not torch.isnan(got[:, 4:]).any()
 
 
+def test_silu_of_infinities_is_torchs(isa):
+    """silu(-inf) is NaN (-inf * sigmoid(-inf) = -inf * 0), as F.silu and the reference give: the
+    vector exp saturates, and the AVX2 / AVX-512 epilogue returned -inf. Every path: the GEMM,
+    the M = 1 GEMV, weight-only, packed."""
+    bias = torch.tensor([-float("inf"), float("inf"), 0.0] * 6)[:17]
+    weight_q, weight_scale = quantize_weight_int8(torch.randn(17, 8))
+    for m in (1, 5):
+        x = torch.randn(m, 8)
+        for act_quant in ("dynamic", "none"):
+            want = int8_linear(x, weight_q, weight_scale, bias, activation="silu", act_quant=act_quant,
+                               backend="reference")
+            for got in (int8_linear(x, weight_q, weight_scale, bias, activation="silu", act_quant=act_quant, backend="cpu"),
+                        int8_linear_packed(x, pack_weight_int8(weight_q), weight_scale, bias, in_features=8,
+                                           activation="silu", act_quant=act_quant, backend="cpu")):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+                assert torch.isnan(got[:, 0]).all() and torch.isinf(got[:, 1]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k", [(1, 1), (5, 17), (33, 1030), (7, 0)])
 def test_quantize_rows_bit_exact(isa, dtype, m, k):
@@ -237,6 +255,8 @@ def test_packed_op_bad_input():
         OPS.int8_linear_packed_reference(x, packed[:, :-32], ws, None, "none", "dynamic", None)
     with pytest.raises(ValueError, match="weight_scale"):
         int8_linear_packed(x, packed, torch.full((5,), float("nan")), in_features=8, backend="cpu")
+    with pytest.raises(TypeError, match="in_features must be an int"):
+        int8_linear_packed(x, packed, ws, in_features=8.0)
 
 
 @pytest.mark.parametrize("op", ["cpu", "reference"])

@@ -106,6 +106,21 @@ def test_compiles_fullgraph():
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+def test_recommend_compiles_fullgraph():
+    """Recommender.recommend builds its Retriever inside the compiled function: a decorated
+    (torch.no_grad) search of such an object failed Dynamo ("sourceless builder")."""
+    from recsys_kernels.models.recommender import Recommender
+
+    torch.manual_seed(0)
+    model = Recommender(10, 20, dim=8, hidden=8).eval()
+    users, off, hist = torch.tensor([0, 1, 4]), torch.tensor([0, 1, 3, 3]), torch.tensor([3, 4, 9])
+    compiled = torch.compile(lambda u, o, h: model.recommend(u, 5, o, h), fullgraph=True)
+    got, want = compiled(users, off, hist), model.recommend(users, 5, off, hist)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    values, _ = Retriever(torch.randn(20, 8)).search(torch.randn(2, 8, requires_grad=True), 3)
+    assert not values.requires_grad  # (no torch.no_grad needed: nothing is recorded)
+
+
 def test_bad_input():
     items = torch.randn(10, 4)
     with pytest.raises(ValueError, match="bits"):

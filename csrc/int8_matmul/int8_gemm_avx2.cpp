@@ -76,8 +76,13 @@ RK_AVX2_INLINE __m256 activate(__m256 v, Act act) {
       const __m256 c = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), e), e, neg);
       return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), c);
     }
-    case Act::kSilu:  // x / (1 + exp(-x))
-      return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+    case Act::kSilu: {  // x / (1 + exp(-x))
+      const __m256 r =
+          _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+      // exp_ps saturates, so -inf / (1 + exp(inf)) came out -inf; F.silu (and the scalar path) give NaN
+      const __m256 minus_inf = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+      return _mm256_blendv_ps(r, _mm256_set1_ps(NAN), minus_inf);
+    }
   }
   return v;
 }

@@ -92,12 +92,14 @@ class Retriever(nn.Module):
         kind = "int8 row-wise" if self.bits == 8 else str(self.items.dtype).replace("torch.", "")
         return f"{self.num_items} items, dim {self.dim}, {kind}, bias={self.item_bias is not None}"
 
+    # (search, rank and score need no torch.no_grad(): the queries are detached and the catalog is
+    # buffers, so nothing is recorded; a decorated method of a Retriever built inside a compiled
+    # function, as Recommender.recommend does, failed torch.compile(fullgraph=True))
     def _queries(self, queries: Tensor) -> Tensor:
         if not isinstance(queries, Tensor) or queries.dim() != 2:
             raise ValueError(f"queries must be [U, {self.dim}], got {getattr(queries, 'shape', type(queries))}")
         return queries.detach()
 
-    @torch.no_grad()
     def search(self, queries: Tensor, k: int, *, exclude: Optional[Csr] = None,
                backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
         """Top-k of the whole catalog for queries [U, D] -> (scores fp32 [U, k], ids int64 [U, k]).
@@ -108,7 +110,6 @@ class Retriever(nn.Module):
         return topk_scores(self._queries(queries), self.items, k, exclude_offsets=ex_off, exclude_items=ex_items,
                            item_bias=self.item_bias, backend=backend)
 
-    @torch.no_grad()
     def rank(self, queries: Tensor, cand_offsets: Tensor, cand_items: Tensor, k: int, *,
              backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
         """Per-query top-k of a candidate list (CSR: query u's candidates are
@@ -118,7 +119,6 @@ class Retriever(nn.Module):
         return candidate_topk(self._queries(queries), self.items, cand_offsets, cand_items, k,
                               item_bias=self.item_bias, backend=backend)
 
-    @torch.no_grad()
     def score(self, queries: Tensor, cand_offsets: Tensor, cand_items: Tensor, *,
               backend: Optional[str] = None) -> Tensor:
         """Score of every candidate of a CSR list -> fp32 [nnz], aligned with cand_items."""

@@ -29,8 +29,9 @@ int8_linear_packed(x, packed_weight, weight_scale, ...): int8_linear with the we
 by `pack_weight_int8` into the CPU kernels' layout (16-column panels of int8 K-pairs:
 packed[j, 32 p + 16 h + 2 c + t] = weight_q[16 j + 8 h + c, 2 p + t], zero past N and K), so that a
 layer does not repack its weight on every call. Same semantics as int8_linear on the unpacked
-weight; Int8Linear uses it on the CPU. The packed tensor's shape fixes N and K up to K's parity,
-which the front door checks against `in_features`.
+weight; Int8Linear uses it on the CPU. The packed tensor's shape fixes N only up to a multiple
+of 16 (N is taken from weight_scale) and K up to its parity (the front door checks K against
+`in_features`): a scale vector of another layer of the same padded N is not detectable.
 
 No autograd: these are inference ops (quantization is not differentiable). They run on inputs
 that require grad, but backward through them raises a RuntimeError saying so; call them under
@@ -280,7 +281,7 @@ def int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor | None = None, b_scale
     Without scales: the exact int32 result (out_dtype None or torch.int32; no bias/activation).
     With a_scale [M] and b_scale [N] (fp32, both or neither): y = acc * a_scale[m] * b_scale[n]
     + bias[n], then `activation` ("none" | "relu" | "gelu" (erf) | "silu"), as out_dtype
-    (float32 default, float16, bfloat16). `bias` may be any float dtype; it is read as fp32.
+    (float32 default, float16, bfloat16). `bias` may be float32, float16 or bfloat16; it is read as fp32.
     Inference only (no backward)."""
     device, a_scale, b_scale, bias, out_dtype = check_int8_matmul_args(a_q, b_q, a_scale, b_scale, bias, activation,
                                                                        out_dtype)
@@ -340,6 +341,8 @@ def int8_linear_packed(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, b
     """`int8_linear` with the weight prepacked by `pack_weight_int8(weight_q)` (weight_q
     [N, in_features]); N = weight_scale.shape[0]. Same arguments and result as int8_linear."""
     _common.check_tensor(x, "x", dtypes=_common.FLOAT_DTYPES)
+    if not isinstance(in_features, int) or isinstance(in_features, bool):
+        raise TypeError(f"in_features must be an int, got {type(in_features).__name__}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must be [..., K] with K = in_features = {in_features}, got shape {tuple(x.shape)}")
     _common.check_tensor(packed_weight, "packed_weight", dtypes=(torch.int8,), dim=2)
