@@ -102,22 +102,29 @@ def test_relu_keeps_nan_from_bias(isa):
     assert torch.isnan(got[:, 3]).all() and not torch.isnan(got[:, 4:]).any()
 
 
-def test_silu_of_infinities_is_torchs(isa):
-    """silu(-inf) is NaN (-inf * sigmoid(-inf) = -inf * 0), as F.silu and the reference give: the
-    vector exp saturates, and the AVX2 / AVX-512 epilogue returned -inf. Every path: the GEMM,
-    the M = 1 GEMV, weight-only, packed."""
-    bias = torch.tensor([-float("inf"), float("inf"), 0.0] * 6)[:17]
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_activations_of_huge_inputs_are_torchs(isa, activation):
+    """silu(-inf) is NaN (-inf * sigmoid(-inf) = -inf * 0) and silu / gelu of large negative
+    inputs -0.0, as F.silu / F.gelu and the reference give: the vector exp saturated at +-88.4,
+    and the AVX2 / AVX-512 epilogue returned silu(-inf) = -inf, silu(-1e38) = -0.53, gelu(-100)
+    = -6e-39. Every path: the GEMM, the M = 1 GEMV, weight-only, packed."""
+    bias = torch.tensor([-float("inf"), float("inf"), -100.0, -1e38, -1e4, 0.0] * 3)[:17]
+    if activation == "gelu":  # gelu(+inf): +inf here, NaN from torch's vector F.gelu (docs/design.md)
+        bias[bias == float("inf")] = 1e4
     weight_q, weight_scale = quantize_weight_int8(torch.randn(17, 8))
     for m in (1, 5):
         x = torch.randn(m, 8)
         for act_quant in ("dynamic", "none"):
-            want = int8_linear(x, weight_q, weight_scale, bias, activation="silu", act_quant=act_quant,
+            want = int8_linear(x, weight_q, weight_scale, bias, activation=activation, act_quant=act_quant,
                                backend="reference")
-            for got in (int8_linear(x, weight_q, weight_scale, bias, activation="silu", act_quant=act_quant, backend="cpu"),
+            for got in (int8_linear(x, weight_q, weight_scale, bias, activation=activation, act_quant=act_quant,
+                                    backend="cpu"),
                         int8_linear_packed(x, pack_weight_int8(weight_q), weight_scale, bias, in_features=8,
-                                           activation="silu", act_quant=act_quant, backend="cpu")):
+                                           activation=activation, act_quant=act_quant, backend="cpu")):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
-                assert torch.isnan(got[:, 0]).all() and torch.isinf(got[:, 1]).all()
+                assert (got[:, 2:5] == 0).all()
+                if activation == "silu":
+                    assert torch.isnan(got[:, 0]).all() and torch.isinf(got[:, 1]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

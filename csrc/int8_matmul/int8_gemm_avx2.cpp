@@ -26,7 +26,10 @@ namespace {
 // exp(x) for fp32 (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Inputs are
 // clamped to +-88.37 (the result then is ~0 or ~FLT_MAX, which is all the callers need).
 RK_AVX2_INLINE __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+  // Clamped to [-104, 88.8]: exp(-104) rounds to 0 and exp(88.8) overflows to inf, as std::exp
+  // does (the 2^fx split below takes fx in [-150, 128]). A narrower clamp (+-88.38) saturated:
+  // silu(-1e38) came out -0.53 and silu(-inf) -inf (F.silu: -0.0 and NaN), gelu(-100) -6e-39.
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(88.8f));
   __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
@@ -38,7 +41,7 @@ RK_AVX2_INLINE __m256 exp_ps(__m256 x) {
   y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
   y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  // 2^fx: fx in [-127, 128]; split in two factors so that neither exponent field overflows
+  // 2^fx: fx in [-150, 128]; split in two factors so that neither exponent field overflows
   const __m256i n = _mm256_cvtps_epi32(fx);
   const __m256i n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1);
   const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
@@ -76,13 +79,8 @@ RK_AVX2_INLINE __m256 activate(__m256 v, Act act) {
       const __m256 c = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), e), e, neg);
       return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), c);
     }
-    case Act::kSilu: {  // x / (1 + exp(-x))
-      const __m256 r =
-          _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v))));
-      // exp_ps saturates, so -inf / (1 + exp(inf)) came out -inf; F.silu (and the scalar path) give NaN
-      const __m256 minus_inf = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-      return _mm256_blendv_ps(r, _mm256_set1_ps(NAN), minus_inf);
-    }
+    case Act::kSilu:  // x / (1 + exp(-x))
+      return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v))));
   }
   return v;
 }
