@@ -275,7 +275,8 @@ def _embedding_bag_bwd_segment_kernel(
     one_chunk = seg_end - seg_start <= CHUNK
     several = seg_end - seg_start > CHUNK
     m2 = owner[:, None] & cmask[None, :]
-    tl.store(GW + row[:, None] * D + cols[None, :], to_dtype_rne(acc, GW.dtype.element_ty, True), mask=m2 & one_chunk[:, None])
+    tl.store(GW + row[:, None] * D + cols[None, :], to_dtype_rne(acc, GW.dtype.element_ty, True),
+             mask=m2 & one_chunk[:, None])
     head = tl.load(PERM + slots, mask=smask, other=0)
     tl.store(G + head[:, None] * D + cols[None, :], acc, mask=m2 & several[:, None])
 

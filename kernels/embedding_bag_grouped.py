@@ -22,9 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import to_dtype_rne
-
 from .embedding_bag import _int4_rows, _int8_rows
+from .rounding import to_dtype_rne
 
 # fields of a META row
 F_WEIGHT, F_INDICES, F_OFFSETS, F_PSW, F_ROWS, F_ROW_STRIDE, F_DIM, F_FORMAT, F_INDEX64, F_MODE, F_PAD, \

@@ -23,8 +23,8 @@ namespace recsys_kernels::int8_gemm {
 namespace {
 
 // ----------------------------------------------------------------------------- math
-// exp(x) for fp32 (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Inputs are
-// clamped to +-88.37 (the result then is ~0 or ~FLT_MAX, which is all the callers need).
+// exp(x) for fp32 (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp), 0 below
+// -104 and inf above 88.8.
 RK_AVX2_INLINE __m256 exp_ps(__m256 x) {
   // Clamped to [-104, 88.8]: exp(-104) rounds to 0 and exp(88.8) overflows to inf, as std::exp
   // does (the 2^fx split below takes fx in [-150, 128]). A narrower clamp (+-88.38) saturated:

@@ -36,11 +36,11 @@ class Int8Linear(nn.Module):
     `int8_linear_packed` on `weight_packed`, the weight in the CPU kernels' panel layout, packed
     once instead of on every call. `weight_packed` is a cache, not state: a non-persistent buffer
     rebuilt by `from_float` and `load_state_dict`, carried along by `.to()`, and rebuilt in eager
-    mode whenever `weight_q` was changed in place. A call that finds another `weight_q` than the one packed (swapped in by
-    `torch.func.functional_call` or a parametrization) multiplies by that `weight_q` itself
-    (after assigning a new `weight_q` for good, call `repack()` to pack it once). A
-    graph from torch.compile / torch.export takes `weight_packed` as it was traced: after loading
-    other weights into an exported module (`ExportedProgram.module()`), export it again.
+    mode whenever `weight_q` was changed in place. A call that finds another `weight_q` than the
+    one packed (swapped in by `torch.func.functional_call` or a parametrization) multiplies by
+    that `weight_q` itself (after assigning a new `weight_q` for good, call `repack()` to pack it
+    once). A graph from torch.compile / torch.export takes `weight_packed` as it was traced: after
+    loading other weights into an exported module (`ExportedProgram.module()`), export it again.
 
     Inference only: backward through it raises. There is no `.weight` attribute; code that reads
     `linear.weight` directly (nn.MultiheadAttention's out_proj, fused transformer fast paths)
@@ -154,8 +154,8 @@ class Int8Linear(nn.Module):
                 # ~10 us of a ~15 us call at M = 1
                 y = _common.redispatch_cpu(_PACKED_OP, *args) if _common.plain_eager(*args) else _PACKED_OP(*args)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-            return int8_linear_packed(x, self.weight_packed, self.weight_scale.float(), self._bias(),  # raises clearly
-                                      in_features=self.in_features, activation=self.activation,
+            return int8_linear_packed(x, self.weight_packed, self.weight_scale.float(), self._bias(),
+                                      in_features=self.in_features, activation=self.activation,  # raises clearly
                                       act_quant=self.act_quant, out_dtype=self.out_dtype, backend="cpu")
         return int8_linear(x, self.weight_q, self.weight_scale.float(), self._bias(),
                            activation=self.activation, act_quant=self.act_quant,
