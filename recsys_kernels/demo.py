@@ -226,9 +226,10 @@ def _backends_used(device_type: str) -> dict[str, str]:
 POSITIVE_ARGS = ("epochs", "users", "items", "interactions", "dim", "repeats", "batch_users", "k", "num_test", "threads")
 
 
-def bad_count_arg(args, command: str) -> bool:
-    """Print the first of the POSITIVE_ARGS of `args` that is < 1 (the usage error of `command`)."""
-    for name in POSITIVE_ARGS:
+def bad_count_arg(args, command: str, extra: tuple[str, ...] = ()) -> bool:
+    """Print the first of the POSITIVE_ARGS (and `extra`, the command's own) of `args` that is
+    < 1 (the usage error of `command`)."""
+    for name in POSITIVE_ARGS + extra:
         value = getattr(args, name)
         if value is not None and value < 1:
             print(f"recsys-kernels {command}: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)

@@ -199,10 +199,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if bad_count_arg(args, "compress"):
-        return 2
-    if args.retrain_epochs < 1:
-        print(f"recsys-kernels compress: --retrain-epochs must be >= 1, got {args.retrain_epochs}", file=sys.stderr)
+    if bad_count_arg(args, "compress", extra=("retrain_epochs",)):
         return 2
     if args.device != "cpu":
         print("recsys-kernels compress: CPU only (--device cpu)", file=sys.stderr)

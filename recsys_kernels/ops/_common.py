@@ -255,13 +255,13 @@ _CPU_OPS: dict = {}  # name -> the C++ op, for the ops with a CPU kernel (define
 
 
 def direct_cpu_op(name: str, backend: str | None, *args):
-    """The C++ op `name` when a front door may hand it `args` as they are, to run with
-    run_direct; else None. For the ops whose C++ kernels repeat the front door's checks (the
-    same exception types naming the same argument, in its order; a shape prints as [1, 4], not
-    (1, 4)) and its normal form (one index dtype, contiguous tensors, the bias as fp32): the
-    scoring ops. Where the backend is auto or cpu, every tensor is on the CPU
-    and plain_eager holds (eager, nothing to record for autograd, no mode or transform). The
-    checks cost ~4 us of a ~10 us call on small inputs."""
+    """The C++ op `name` when a front door may hand it `args` as they are (to run with
+    run_direct, or through call_cpu_op_directly); else None. For the ops whose C++ kernels repeat
+    the front door's checks (the same exception types naming the same argument, in its order; a
+    shape prints as [1, 4], not (1, 4)) and its normal form (one index dtype, contiguous tensors,
+    the bias as fp32). Where the backend is auto or cpu, every tensor is on the CPU and
+    plain_eager holds (eager, nothing to record for autograd, no mode or transform). The checks
+    cost ~4 us of a ~10 us call on small inputs."""
     op = _CPU_OPS.get(name)
     if op is None or (backend or _backend.get_backend()) not in ("auto", "cpu") or not plain_eager(*args):
         return None
@@ -271,15 +271,23 @@ def direct_cpu_op(name: str, backend: str | None, *args):
     return op
 
 
+def call_cpu_op_directly(name: str, backend: str | None, *args):
+    """The result of the C++ op `name` run straight on `args` when direct_cpu_op allows it (its
+    plain_eager check leaves no gradient to record), else None: the scoring front doors' fast
+    path (they return what this gives, or go on to their checks)."""
+    op = direct_cpu_op(name, backend, *args)
+    return None if op is None else redispatch_cpu(op, *args)
+
+
 def redispatch_cpu(op, *args):
     """Run the C++ CPU kernel of `op` (an OpOverload) directly; only where plain_eager(*args)."""
     return op.redispatch(_CPU_KERNEL_KEYS, *args)
 
 
 def run_direct(op, *args):
-    """Run the op direct_cpu_op returned: through the dispatcher, i.e. its autograd kernel, when
-    an argument needs its gradient recorded (a trainable embedding table, which the front doors do
-    not hand to direct_cpu_op), else straight to the kernel."""
+    """Run the op direct_cpu_op returned for the embedding front doors: through the dispatcher,
+    i.e. its autograd kernel, when an argument needs its gradient recorded (a trainable table,
+    which they do not hand to direct_cpu_op), else straight to the kernel."""
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return op(*args)
     return redispatch_cpu(op, *args)

@@ -462,10 +462,9 @@ def pair_scores(user_emb: Tensor, item_emb: Tensor, user_idx: Tensor, item_idx: 
                 item_bias: Optional[Tensor] = None, *, backend: str | None = None) -> Tensor:
     """scores[p] = <user_emb[user_idx[p]], item_emb[item_idx[p]]> (+ item_bias[item_idx[p]]),
     fp32 [P]. Differentiable in user_emb, item_emb (float tables) and item_bias."""
-    args = (user_emb, item_emb, user_idx, item_idx, item_bias)
-    op = _common.direct_cpu_op("pair_scores", backend, *args)
-    if op is not None:  # the C++ op checks the arguments itself
-        return _common.run_direct(op, *args)
+    out = _common.call_cpu_op_directly("pair_scores", backend, user_emb, item_emb, user_idx, item_idx, item_bias)
+    if out is not None:  # the C++ op checked the arguments itself
+        return out
     device, user_idx, item_idx = check_pair_args(user_emb, item_emb, user_idx, item_idx, item_bias)
     return _common.call("pair_scores", device, backend, user_emb.contiguous(), item_emb.contiguous(),
                         user_idx, item_idx, _opt(item_bias))
@@ -490,10 +489,10 @@ def candidate_scores(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_
                      item_bias: Optional[Tensor] = None, *, backend: str | None = None) -> Tensor:
     """Score of every candidate in a CSR list: user u's candidates are
     cand_items[cand_offsets[u]:cand_offsets[u + 1]]. Returns fp32 [nnz], aligned with cand_items."""
-    args = (queries, items, cand_offsets, cand_items, item_bias)
-    op = _common.direct_cpu_op("candidate_scores", backend, *args)
-    if op is not None:  # the C++ op checks the arguments itself
-        return _common.run_direct(op, *args)
+    out = _common.call_cpu_op_directly("candidate_scores", backend, queries, items, cand_offsets, cand_items,
+                                       item_bias)
+    if out is not None:  # the C++ op checked the arguments itself
+        return out
     device, cand_offsets, cand_items = check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     return _common.call("candidate_scores", device, backend, queries.contiguous(), items.contiguous(),
                         cand_offsets, cand_items, _opt(item_bias))
@@ -503,10 +502,10 @@ def candidate_topk(queries: Tensor, items: Tensor, cand_offsets: Tensor, cand_it
                    item_bias: Optional[Tensor] = None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """Per-user top-k of its candidate list: (values fp32 [U, k], item ids int64 [U, k]), ranked
     by the module's rule; padded with -inf / -1 when a user has fewer than k candidates."""
-    args = (queries, items, cand_offsets, cand_items, k, item_bias)
-    op = _common.direct_cpu_op("candidate_topk", backend, *args) if type(k) is int else None
-    if op is not None:  # the C++ op checks the arguments itself
-        return _common.run_direct(op, *args)
+    out = (_common.call_cpu_op_directly("candidate_topk", backend, queries, items, cand_offsets, cand_items, k,
+                                        item_bias) if type(k) is int else None)
+    if out is not None:  # the C++ op checked the arguments itself
+        return out
     _check_k(k)
     device, cand_offsets, cand_items = check_candidate_args(queries, items, cand_offsets, cand_items, item_bias)
     return _common.call("candidate_topk", device, backend, queries.contiguous(), items.contiguous(),
@@ -539,10 +538,10 @@ def topk_scores(queries: Tensor, items: Tensor, k: int, *, exclude_offsets: Opti
     """Top-k items of the whole catalog for every query, without materialising [U, I]:
     (values fp32 [U, k], item ids int64 [U, k]). exclude_offsets [U + 1] / exclude_items: CSR
     lists of item ids to leave out per user. Padded with -inf / -1 when fewer than k remain."""
-    args = (queries, items, k, exclude_offsets, exclude_items, item_bias)
-    op = _common.direct_cpu_op("topk_scores", backend, *args) if type(k) is int else None
-    if op is not None:  # the C++ op checks the arguments itself
-        return _common.run_direct(op, *args)
+    out = (_common.call_cpu_op_directly("topk_scores", backend, queries, items, k, exclude_offsets, exclude_items,
+                                        item_bias) if type(k) is int else None)
+    if out is not None:  # the C++ op checked the arguments itself
+        return out
     device, exclude_offsets, exclude_items = check_topk_args(queries, items, k, exclude_offsets, exclude_items,
                                                              item_bias)
     return _common.call("topk_scores", device, backend, queries.contiguous(), items.contiguous(), k,
