@@ -33,13 +33,13 @@ class Impl:
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, source: str = "backend") -> str:
     if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+        raise ValueError(f"unknown {source} {name!r}; choose one of {('auto',) + BACKENDS}")
     return name
 
 
-_selected = check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+_selected = check_name(os.environ.get(ENV_VAR, "auto") or "auto", source=ENV_VAR)
 
 
 def set_backend(name: str | None) -> str:

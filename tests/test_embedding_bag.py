@@ -264,6 +264,7 @@ def test_64bit_offsets_arithmetic():
 @pytest.mark.parametrize("offsets,match", [
     ([1, 2, 4], r"offsets\[0\] must be 0"),
     ([0, 3, 2, 4], "non-decreasing"),
+    ([0, 5, 4], r"end at the number of indices 4, got offsets\[1\]=5"),
     ([0, 2, 5], r"offsets\[-1\].*4"),
     ([0, 2, 3], r"offsets\[-1\].*4"),
 ])

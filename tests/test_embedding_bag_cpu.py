@@ -313,6 +313,7 @@ def test_native_op_value_checks(index_dtype):
     idx = torch.tensor([0, 1, 2, 3], dtype=index_dtype)
     for offsets, match in [([1, 2, 4], r"offsets\[0\] must be 0, got 1"),
                            ([0, 3, 2, 4], r"non-decreasing .*offsets\[1\]=3 > offsets\[2\]=2"),
+                           ([0, 5, 4], r"end at the number of indices 4, got offsets\[1\]=5"),
                            ([0, 2, 5], r"offsets\[-1\].*indices 4, got 5")]:
         with pytest.raises(ValueError, match=match):
             _native(weight, idx, torch.tensor(offsets, dtype=index_dtype))

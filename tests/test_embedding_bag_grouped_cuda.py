@@ -286,6 +286,7 @@ def good(n_bags=20, index_dtype=torch.long):
 @pytest.mark.parametrize("offsets,match", [
     ([1, 2, 4], r"offsets\[0\] must be 0, got 1"),
     ([0, 3, 2, 4], r"non-decreasing .*offsets\[1\]=3 > offsets\[2\]=2"),
+    ([0, 5, 4], r"end at the number of indices 4, got offsets\[1\]=5"),
     ([0, 2, 5], r"offsets\[-1\].*4, got 5"),
     ([0, 2, 3], r"offsets\[-1\].*4, got 3"),
     ([0, -2, 4], "non-decreasing"),

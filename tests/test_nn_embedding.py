@@ -138,6 +138,10 @@ def test_bad_module_input():
         m(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(3))
     with pytest.raises(IndexError, match="index 4"):
         m(torch.tensor([0, 4]), torch.tensor([0]))
+    # a bag start past the end is named as the user wrote it, not by the offsets[B] the module appends
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError, match=r"end at the number of indices 2, got offsets\[1\]=5$"):
+            FusedEmbeddingBag(4, 2, backend=backend)(torch.tensor([0, 1]), torch.tensor([0, 5]))
     # include_last_offset=True: the last offset must be the number of indices
     with pytest.raises(ValueError, match="offsets"):
         FusedEmbeddingBag(4, 2, include_last_offset=True)(torch.tensor([0, 1, 2]), torch.tensor([0, 2]))

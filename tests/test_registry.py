@@ -237,6 +237,9 @@ def test_env_var_selects_backend():
     out = _run("import recsys_kernels as rk; print(rk.get_backend())", {"RECSYS_KERNELS_BACKEND": "reference"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
+    out = _run("import recsys_kernels", {"RECSYS_KERNELS_BACKEND": "tritn"})  # a typo names the variable
+    assert out.returncode != 0
+    assert "ValueError: unknown RECSYS_KERNELS_BACKEND 'tritn'; choose one of" in out.stderr
 
 
 def test_missing_extension_falls_back_to_reference():

@@ -104,8 +104,11 @@ void validate_offsets(const I* off, int64_t n_bags, int64_t nnz) {
   const int64_t first = off[0], last = off[n_bags];
   RK_CHECK_VALUE(first == 0, "offsets[0]", "must be 0, got ", first);
   for (int64_t b = 0; b < n_bags; ++b) {
-    TORCH_CHECK_VALUE(off[b + 1] >= off[b], "offsets must be non-decreasing (lengths >= 0), got offsets[", b,
-                      "]=", static_cast<int64_t>(off[b]), " > offsets[", b + 1, "]=", static_cast<int64_t>(off[b + 1]));
+    if (off[b + 1] >= off[b]) continue;
+    TORCH_CHECK_VALUE(off[b] <= nnz, "offsets must be non-decreasing (lengths >= 0) and end at the number of indices ",
+                      nnz, ", got offsets[", b, "]=", static_cast<int64_t>(off[b]));
+    TORCH_CHECK_VALUE(false, "offsets must be non-decreasing (lengths >= 0), got offsets[", b, "]=",
+                      static_cast<int64_t>(off[b]), " > offsets[", b + 1, "]=", static_cast<int64_t>(off[b + 1]));
   }
   TORCH_CHECK_VALUE(last == nnz, "offsets[-1] (the sum of lengths) must equal the number of indices ", nnz,
                     ", got ", last);

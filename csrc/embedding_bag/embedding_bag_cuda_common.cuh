@@ -383,8 +383,11 @@ inline void raise_for_flag_values(const int64_t* f, const at::Tensor& indices, c
   if (f[kFlagBadStep] != kNone) {
     const int64_t i = f[kFlagBadStep];
     const at::Tensor pair = offsets.narrow(0, i, 2).to(at::kLong).to(at::kCPU);
-    TORCH_CHECK_VALUE(false, "offsets must be non-decreasing (lengths >= 0), got offsets[", i, "]=",
-                      pair.const_data_ptr<int64_t>()[0], " > offsets[", i + 1, "]=", pair.const_data_ptr<int64_t>()[1]);
+    const int64_t start = pair.const_data_ptr<int64_t>()[0];
+    TORCH_CHECK_VALUE(start <= nnz, "offsets must be non-decreasing (lengths >= 0) and end at the number of indices ",
+                      nnz, ", got offsets[", i, "]=", start);
+    TORCH_CHECK_VALUE(false, "offsets must be non-decreasing (lengths >= 0), got offsets[", i, "]=", start,
+                      " > offsets[", i + 1, "]=", pair.const_data_ptr<int64_t>()[1]);
   }
   TORCH_CHECK_VALUE(f[kFlagLast] == nnz, "offsets[-1] (the sum of lengths) must equal the number of indices ", nnz,
                     ", got ", f[kFlagLast]);

@@ -51,6 +51,9 @@ def _check_offsets(off: Tensor, nnz: int) -> None:
     steps = off[1:] - off[:-1]
     if bool((steps < 0).any()):
         i = int(torch.nonzero(steps < 0)[0, 0])
+        if int(off[i]) > nnz:  # e.g. a bag start past the end: name it, not the appended offsets[B]
+            raise ValueError(f"offsets must be non-decreasing (lengths >= 0) and end at the number of indices "
+                             f"{nnz}, got offsets[{i}]={int(off[i])}")
         raise ValueError(f"offsets must be non-decreasing (lengths >= 0), got offsets[{i}]={int(off[i])} "
                          f"> offsets[{i + 1}]={int(off[i + 1])}")
     if last != nnz:
