@@ -106,6 +106,25 @@ def test_output_dtype(device, backend, output_dtype):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("output_dtype", [F32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bounds", ["raise", "zero"])
+def test_a_lookup_of_no_columns(device, backend, output_dtype, bounds):
+    # D = 0 among other lookups: no columns, its indices still checked (the CPU kernel divided by
+    # D when staging a non-fp32 output: SIGFPE)
+    empty, other = torch.randn(5, 0), torch.randn(5, 4)
+    i, o = torch.tensor([0, 1, 4], dtype=torch.int32), torch.tensor([0, 1, 3], dtype=torch.int32)
+    got = run(device, backend, [other, empty, other], [i, i, i], [o, o, o], output_dtype=output_dtype,
+              bounds=bounds)
+    expected = loop_reference([other, empty, other], [i] * 3, [o] * 3, [None] * 3, ["sum"] * 3, [None] * 3,
+                              [8] * 3, bounds, output_dtype)
+    assert got.shape == (2, 8)
+    torch.testing.assert_close(got, expected, rtol=8e-3, atol=8e-3)
+    if bounds == "raise":
+        with pytest.raises(IndexError, match="index 5"):
+            run(device, backend, [other, empty], [i, i + 1], [o, o], output_dtype=output_dtype)
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
 def test_default_output_dtype_is_the_promotion(device, backend):
     i, o = bags(3, 5)
     w16, wb16 = torch.randn(5, 4).half(), torch.randn(5, 2).bfloat16()

@@ -77,7 +77,9 @@ at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indi
     lk->col0 = col;
     lk->out_dtype = output_dtype;
     col += lk->dim();
-    group.push_back(lk.get());
+    // a lookup of D = 0 has nothing to pool (its indices were checked in prepare_lookup), and the
+    // pooling pass divides by D
+    if (lk->dim() > 0) group.push_back(lk.get());
   }
   pool_lookups(group);
   for (auto& lk : lookups) {
