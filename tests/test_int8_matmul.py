@@ -358,3 +358,16 @@ _WQ, _WS = quantize_weight_int8(torch.randn(4, 8))
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("int8_linear"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_x_raises_with_no_output_columns(device, backend, dtype):
+    # N = 0: nothing to multiply, but dynamic quantization still meets the NaN (the C++ kernels
+    # returned an empty result where the reference raised)
+    x = torch.tensor([[float("nan"), 1.0]], dtype=dtype, device=device)
+    wq, ws = torch.zeros(0, 2, dtype=torch.int8, device=device), torch.zeros(0, device=device)
+    with pytest.raises(ValueError, match="x has non-finite values"):
+        int8_linear(x, wq, ws, backend=backend)
+    assert int8_linear(x, wq, ws, act_quant="none", backend=backend).shape == (1, 0)
+    assert int8_linear(x[:0], wq, ws, backend=backend).shape == (0, 0)

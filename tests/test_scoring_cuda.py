@@ -271,6 +271,23 @@ def test_pair_scores_backward_matches_reference(dtype, dim):
     assert got[1].shape == (0,) and got[2].shape == (0,)
 
 
+def test_pair_scores_backward_alerts_under_deterministic_mode():
+    # float atomics: torch's deterministic mode refuses the CUDA backward, the Triton one runs
+    u = torch.randn(4, 8, device=DEV, requires_grad=True)
+    v = torch.randn(5, 8, device=DEV)
+    ui, ii = torch.tensor([0, 0, 1], device=DEV), torch.tensor([1, 2, 1], device=DEV)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="pair_scores_backward"):
+            scoring.pair_scores(u, v, ui, ii, backend="cuda").sum().backward()
+        if "triton" in _backend.available_backends("pair_scores", "cuda"):
+            scoring.pair_scores(u, v, ui, ii, backend="triton").sum().backward()
+            torch.testing.assert_close(u.grad[0], v[1] + v[2])
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_pair_scores_empty():
     u, v = torch.randn(3, 8, device=DEV), torch.randn(4, 8, device=DEV)
     e = torch.zeros(0, dtype=torch.long, device=DEV)

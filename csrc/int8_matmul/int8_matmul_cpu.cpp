@@ -421,6 +421,10 @@ at::Tensor linear_packed_impl(const char* op, const at::Tensor& x_in, const at::
     return out;
   }
   const at::Tensor x = x_in.contiguous();
+  if (n == 0) {  // nothing to multiply, but a non-finite x still raises, as in the reference
+    if (m > 0) quantize_rows_int8_cpu(x);
+    return out;
+  }
   if (k > kMaxChunkK) {  // rare: quantize first, then the chunked int8 GEMM
     auto [q, sx] = quantize_rows_int8_cpu(x);
     int8_gemm_any_k(q, sx.const_data_ptr<float>(), b, n, epi);

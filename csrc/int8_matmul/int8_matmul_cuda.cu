@@ -212,18 +212,19 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in, cons
   launch_check_finite(w_scale.data_ptr<float>(), N, 0, flags.slot(kFlagScale), stream);
   Epilogue ep{nullptr, nullptr, bias.has_value() ? bias->data_ptr<float>() : nullptr, act, out_kind(result_dtype),
               out.data_ptr(), flags.slot(kFlagOverflow)};
-  if (M > 0 && N > 0) {
-    if (dynamic) {
-      // The activations are the small side of a linear layer (M x K against the N x K weight), so
-      // they are quantized into a separate int8 buffer, which stays in L2, before the matmul.
-      at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-      at::Tensor xs = at::empty({M}, x.options().dtype(at::kFloat));
-      launch_quantize_rows(x.const_data_ptr(), x_dtype_code(x.scalar_type()), xq.data_ptr<int8_t>(),
-                           xs.data_ptr<float>(), M, K, flags.slot(kFlagInput), stream);
-      ep.a_scale = xs.data_ptr<float>();
-      ep.b_scale = w_scale.data_ptr<float>();
-      run_matmul(xq.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, ep, stream);
-    } else if (M <= kGemvMaxRows) {
+  if (M > 0 && dynamic) {
+    // The activations are the small side of a linear layer (M x K against the N x K weight), so
+    // they are quantized into a separate int8 buffer, which stays in L2, before the matmul; also
+    // when N == 0, so that a non-finite x raises as in the reference.
+    at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+    at::Tensor xs = at::empty({M}, x.options().dtype(at::kFloat));
+    launch_quantize_rows(x.const_data_ptr(), x_dtype_code(x.scalar_type()), xq.data_ptr<int8_t>(),
+                         xs.data_ptr<float>(), M, K, flags.slot(kFlagInput), stream);
+    ep.a_scale = xs.data_ptr<float>();
+    ep.b_scale = w_scale.data_ptr<float>();
+    if (N > 0) run_matmul(xq.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, ep, stream);
+  } else if (M > 0 && N > 0) {
+    if (M <= kGemvMaxRows) {
       launch_weight_only_gemv(x.const_data_ptr(), x_dtype_code(x.scalar_type()), w.data_ptr<int8_t>(),
                               w_scale.data_ptr<float>(), M, N, K, ep, stream);
     } else {

@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include "scoring/scoring_cuda_common.cuh"
@@ -83,6 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(
   check_cuda(item_idx, "item_idx", user_emb, "user_emb");
   check_cuda(grad_output, "grad_output", user_emb, "user_emb");
   const c10::cuda::CUDAGuard guard(user_emb.device());
+  // the float atomics below: an error (or a warning) under torch.use_deterministic_algorithms(True),
+  // as for torch's own CUDA index_add_
+  at::globalContext().alertNotDeterministic("recsys_kernels::pair_scores_backward (CUDA kernel)");
 
   at::Tensor flags = new_flags(user_emb);
   launch_check_index(user_idx, users.rows, kIndexA, nullptr, flags);
