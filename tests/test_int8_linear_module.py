@@ -299,7 +299,8 @@ def test_packed_weight_is_a_cache_rebuilt_on_load():
 def test_packed_weight_follows_the_weight_it_runs_with():
     """The cache never serves stale weights: weight_q edited in place (repacked by the forward),
     swapped in by torch.func.functional_call with another layer's state dict (that call multiplies
-    by the swapped-in weight_q), moved by .to() / .double() (bias cast back to fp32)."""
+    by the swapped-in weight_q), moved by .to() / .double() (bias cast back to fp32), copied and then
+    edited, given new data."""
     from torch.func import functional_call
 
     a = Int8Linear.from_float(nn.Linear(24, 9), activation="relu")
@@ -321,8 +322,16 @@ def test_packed_weight_follows_the_weight_it_runs_with():
         for clone in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
             assert clone._packed_is_current()
             torch.testing.assert_close(clone(x), expected(a), rtol=1e-5, atol=1e-5)
+        # a copy's version counter starts again: an edit that brings it to the recorded number is
+        # still seen (the data pointer moved); so is new data under the same tensor
+        a.load_state_dict(b.state_dict())
+        for clone in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
+            clone.weight_q.zero_()
+            torch.testing.assert_close(clone(x), expected(clone), rtol=1e-5, atol=1e-5)
+        a.weight_q.data = -a.weight_q
+        torch.testing.assert_close(a(x), expected(a), rtol=1e-5, atol=1e-5)
         shared = copy.deepcopy(a)
-        shared(x)  # (a copy's tensors start new version counters: its first call repacks once)
+        shared(x)  # (a copy's data is elsewhere: its first call repacks once)
         packed = shared.weight_packed
         shared.share_memory()  # in place: the shared packed buffer is the one kept
         assert shared.weight_packed is packed and packed.is_shared()

@@ -36,7 +36,9 @@ class Int8Linear(nn.Module):
     `int8_linear_packed` on `weight_packed`, the weight in the CPU kernels' panel layout, packed
     once instead of on every call. `weight_packed` is a cache, not state: a non-persistent buffer
     rebuilt by `from_float` and `load_state_dict`, carried along by `.to()`, and rebuilt in eager
-    mode whenever `weight_q` was changed in place. A call that finds another `weight_q` than the
+    mode whenever `weight_q` was changed in place (except an inference tensor, made under
+    torch.inference_mode, which has no version counter: call `repack()` after editing one) or
+    given new data (`.data = ...`, a copy). A call that finds another `weight_q` than the
     one packed (swapped in by `torch.func.functional_call` or a parametrization) multiplies by
     that `weight_q` itself (after assigning a new `weight_q` for good, call `repack()` to pack it
     once). A graph from torch.compile / torch.export takes `weight_packed` as it was traced: after
@@ -75,20 +77,21 @@ class Int8Linear(nn.Module):
         self._mark_packed()
 
     def _mark_packed(self) -> None:
-        """Remember which weight_q weight_packed holds, and its version counter (bumped by every
-        in-place change; inference tensors have none)."""
+        """Remember which weight_q weight_packed holds: the tensor, its data pointer (a copy, a
+        pickle round trip or `.data = ...` moves it, and a copy's version counter starts again)
+        and its version counter (bumped by every in-place change; inference tensors have none)."""
         weight_q = self.weight_q
-        self._packed_from = (weight_q, None if weight_q.is_inference() else weight_q._version)
+        self._packed_from = (weight_q, weight_q.data_ptr(), None if weight_q.is_inference() else weight_q._version)
 
     def _packed_is_current(self) -> bool:
         """Whether weight_packed holds the weight_q there now; repacks it first if weight_q was
-        changed in place. False when weight_q is another tensor than the one packed (for the one
-        call, e.g. torch.func.functional_call with a state dict)."""
-        packed_q, version = self._packed_from
+        changed in place or its data moved. False when weight_q is another tensor than the one
+        packed (for the one call, e.g. torch.func.functional_call with a state dict)."""
+        packed_q, data_ptr, version = self._packed_from
         weight_q = self._buffers["weight_q"]
         if packed_q is not weight_q:
             return False
-        if version is not None and version != weight_q._version:
+        if data_ptr != weight_q.data_ptr() or (version is not None and version != weight_q._version):
             self.repack()
         return True
 
