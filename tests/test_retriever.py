@@ -96,6 +96,22 @@ def test_state_dict_round_trip_and_save():
     assert torch.equal(loaded.search(q, 9)[1], r.search(q, 9)[1])
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_item_bias_stays_fp32_through_a_model_cast(cast):
+    # an int8 catalog is untouched by float casts; its bias must be too (bf16 changed the top-k)
+    g = torch.Generator().manual_seed(5)
+    items, bias, q = torch.randn(200, 16, generator=g), torch.randn(200, generator=g) * 100, torch.randn(7, 16, generator=g)
+    r = Retriever(items, bias, bits=8)
+    before = r.search(q, 10)
+    model = torch.nn.Sequential(r)
+    getattr(model, cast)()
+    assert r.item_bias.dtype == torch.float32 and r.items.dtype == torch.uint8
+    after = r.search(q, 10)
+    assert torch.equal(after[1], before[1]) and torch.equal(after[0], before[0])
+    r.to("meta")  # a device move still takes it along
+    assert r.item_bias.device.type == "meta" and r.item_bias.dtype == torch.float32
+
+
 def test_compiles_fullgraph():
     g = torch.Generator().manual_seed(5)
     r = Retriever(torch.randn(200, 16, generator=g), torch.randn(200, generator=g))

@@ -75,6 +75,15 @@ class Retriever(nn.Module):
         self.register_buffer("items", items.detach().contiguous())
         self.register_buffer("item_bias", item_bias)
 
+    def _apply(self, *args, **kwargs):
+        # the item bias stays fp32 through a model's .half() / .bfloat16() / .double() (rounded to
+        # 16 bits it moved scores by up to 0.5; the ops take no fp64): only its device follows
+        bias = self.item_bias
+        module = super()._apply(*args, **kwargs)
+        if bias is not None and self.item_bias.dtype != torch.float32:
+            self.item_bias = bias.to(self.item_bias.device)
+        return module
+
     @property
     def num_items(self) -> int:
         return self.items.shape[0]
