@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .nn._hooks import carry_forward_hooks, has_forward_hooks
 from .nn.embedding import FusedEmbeddingBag
 from .nn.linear import Int8Linear
 
@@ -105,7 +106,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     parent_name, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent_name) if parent_name else gm, name, module)
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, name, carry_forward_hooks(getattr(parent, name), module))  # the user's hooks stay
 
 
 def _finish(gm: fx.GraphModule) -> None:
@@ -190,6 +192,8 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """The Int8Linear epilogue name of activation node `node`, or None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
+        if has_forward_hooks(mod):  # fused away, its hooks would not run
+            return None
         if type(mod) is nn.ReLU:
             return "relu"
         if type(mod) is nn.GELU and mod.approximate == "none":
@@ -244,7 +248,8 @@ def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
             continue
         users = list(node.users)
         act = None
-        if call_sites[node.target] == 1 and len(users) == 1 and users[0].args[:1] == (node,):
+        if (call_sites[node.target] == 1 and len(users) == 1 and users[0].args[:1] == (node,)
+                and not has_forward_hooks(mod)):
             act = _activation_of(gm, users[0])
         _set_submodule(gm, node.target, Int8Linear.from_float(mod, activation=act, act_quant=act_quant))
         what = "nn.Linear"

@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .nn._hooks import carry_forward_hooks, has_forward_hooks
 from .nn.linear import Int8Linear
 from .ops.int8_matmul import ACT_QUANTS
 
@@ -59,15 +60,18 @@ def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn]
             setattr(parent, name, converted[id(child)])
         elif _is_candidate(child, parent) and (filter_fn is None or filter_fn(child, fqn)):
             activation = None
-            # Fuse only where "directly followed by" is the execution order, and only into a Linear
-            # that runs in this one place (a fused activation would apply at every call).
-            if runs_in_order(parent) and slots[id(child)] == 1 and i + 1 < len(children):
+            # Fuse only where "directly followed by" is the execution order, only into a Linear
+            # that runs in this one place (a fused activation would apply at every call), and
+            # neither with forward hooks (they would see the other module's tensors, or none).
+            if (runs_in_order(parent) and slots[id(child)] == 1 and i + 1 < len(children)
+                    and not has_forward_hooks(child)):
                 next_name, next_child = children[i + 1]
-                activation = _fusable_activation(next_child)
+                activation = None if has_forward_hooks(next_child) else _fusable_activation(next_child)
                 if activation is not None:
                     setattr(parent, next_name, nn.Identity())
                     fused.add(next_name)
-            converted[id(child)] = Int8Linear.from_float(child, activation=activation, act_quant=act_quant)
+            converted[id(child)] = carry_forward_hooks(
+                child, Int8Linear.from_float(child, activation=activation, act_quant=act_quant))
             setattr(parent, name, converted[id(child)])
         else:
             _swap_children(child, f"{fqn}.", filter_fn, act_quant, slots, converted)
@@ -96,8 +100,9 @@ def quantize_(model: nn.Module, filter_fn: Optional[FilterFn] = None, *, act_qua
     e.g. "encoder.layers.0.linear1"); default: all. A Linear directly followed, inside an
     nn.Sequential (not a subclass with its own forward), by nn.ReLU, nn.GELU(approximate="none")
     or nn.SiLU gets that activation fused into its epilogue and the activation module becomes
-    nn.Identity, unless the Linear is shared (in more than one place of the model). A shared
-    Linear becomes one shared Int8Linear.
+    nn.Identity, unless the Linear is shared (in more than one place of the model) or either
+    module has forward hooks. A shared Linear becomes one shared Int8Linear. A converted layer
+    keeps the Linear's forward pre-hooks and forward hooks (re-registered on the Int8Linear).
 
     Always left in float: nn.Linear subclasses with their own forward, nn.MultiheadAttention's
     out_proj (MHA reads its .weight directly).

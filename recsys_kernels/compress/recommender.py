@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn._hooks import carry_forward_hooks
 from ..nn.embedding import FusedEmbeddingBag
 from ..quant import quantize_
 from .embedding import RemappedEmbedding, RemappedEmbeddingBag, prune_embedding
@@ -26,7 +27,7 @@ def quantize_tables_(model: nn.Module, bits: int, names: tuple[str, ...] = TABLE
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     done = []
     for name in names:
-        mod = getattr(model, name, None)
+        mod = old = getattr(model, name, None)
         if isinstance(mod, nn.Embedding):
             mod = RemappedEmbedding.from_embedding(mod)
         elif isinstance(mod, nn.EmbeddingBag):
@@ -38,7 +39,7 @@ def quantize_tables_(model: nn.Module, bits: int, names: tuple[str, ...] = TABLE
         if mod.bits is None:
             mod.quantize(bits)
             done.append(f"{name} -> int{bits}")
-        setattr(model, name, mod)
+        setattr(model, name, carry_forward_hooks(old, mod))
     return done
 
 
@@ -68,7 +69,7 @@ def prune_rows_(model: nn.Module, amount: float, *, by: str = "frequency", train
         if isinstance(mod, (RemappedEmbedding, RemappedEmbeddingBag)):
             raise ValueError(f"{name} is already pruned or quantized; prune the float model first")
         new = prune_embedding(mod, amount, by=by, counts=counts, default=dflt)
-        setattr(model, name, new)
+        setattr(model, name, carry_forward_hooks(mod, new))
         rows = new.table.num_embeddings if isinstance(new, RemappedEmbedding) else new.bag.num_embeddings
         done.append(f"{name}: {mod.num_embeddings} -> {rows} rows (by {by}, default row {dflt})")
     return done

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn._hooks import carry_forward_hooks
+
 # measured with measure_break_even((128, 128), batch=1024) and ((512, 512), batch=256) on the
 # development machine, 1 thread: see docs/design.md "Compression" for the table
 BREAK_EVEN_SPARSITY = 0.9
@@ -83,7 +85,7 @@ def sparsify_(model: nn.Module, min_sparsity: float = BREAK_EVEN_SPARSITY) -> li
             if type(child) is nn.Linear:
                 sparsity = float((child.weight == 0).float().mean())
                 if sparsity >= min_sparsity:
-                    setattr(parent, name, SparseLinear.from_linear(child))
+                    setattr(parent, name, carry_forward_hooks(child, SparseLinear.from_linear(child)))
                     converted.append(f"{parent_name}.{name}" if parent_name else name)
     return converted
 
