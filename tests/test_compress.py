@@ -13,6 +13,7 @@ from torch import nn
 import recsys_kernels as rk
 from recsys_kernels import compress as C
 from recsys_kernels import data as D
+from recsys_kernels import graph as G
 from recsys_kernels.compress import pipeline as P
 from recsys_kernels.models.recommender import Recommender, train_model
 from recsys_kernels.nn import FusedEmbeddingBag, Int8Linear
@@ -310,6 +311,40 @@ def test_sparse_linear_matches_dense():
     x = torch.randn(2, 5, 33)
     with torch.no_grad():
         torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_linear_copies_and_loads_any_nnz():
+    # deepcopy / pickle (torch cannot deep-copy a CSR tensor), and a checkpoint whose nnz differs
+    # from the module it is loaded into (global pruning makes it data-dependent)
+    import io
+    import pickle
+
+    def sparse_model(seed, amount):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+        C.magnitude_prune_(m[0:1], amount, scope="layer")
+        assert C.sparsify_(m, min_sparsity=0.5) == ["0"]
+        return m.eval()
+
+    src, x = sparse_model(0, 0.95), torch.randn(3, 16)
+    with torch.no_grad():
+        y = src(x)
+        for clone in (copy.deepcopy(src), pickle.loads(pickle.dumps(src))):
+            assert clone[0].weight_csr.values().data_ptr() != src[0].weight_csr.values().data_ptr()
+            torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+        assert G.optimize_graph(src, int8=False)[0](x).allclose(y, atol=1e-6)  # deep-copies the model
+        fresh = sparse_model(1, 0.6)
+        assert fresh[0].nnz != src[0].nnz
+        buf = io.BytesIO()
+        torch.save(src.state_dict(), buf)
+        buf.seek(0)
+        fresh.load_state_dict(torch.load(buf))
+        assert fresh[0].nnz == src[0].nnz
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="weight_csr: expected a torch.sparse_csr tensor of shape"):
+            fresh.load_state_dict({**src.state_dict(), "0.weight_csr": torch.zeros(12, 16)})
+        with pytest.raises(RuntimeError, match="Missing key.*0.weight_csr"):
+            fresh.load_state_dict({k: v for k, v in src.state_dict().items() if k != "0.weight_csr"})
 
 
 def test_sparsify_keeps_dense_below_break_even():

@@ -26,7 +26,13 @@ BREAK_EVEN_SPARSITY = 0.9
 
 
 class SparseLinear(nn.Module):
-    """y = x @ W.T + b with W a torch.sparse_csr buffer [out, in] (inference only: no grad)."""
+    """y = x @ W.T + b with W a torch.sparse_csr buffer [out, in] (inference only: no grad).
+
+    Its number of non-zeros is data: `load_state_dict` assigns the checkpoint's CSR weight (any
+    nnz; same shape) instead of copying into the current one, and copies / pickles carry the CSR
+    as its three dense parts (torch cannot deep-copy a CSR tensor). Built from weights by
+    `sparsify_`, it has no meta-device form: to load a checkpoint, rebuild the model the same way
+    (or put SparseLinear layers in the same places), then load."""
 
     def __init__(self, weight_csr: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
@@ -44,6 +50,39 @@ class SparseLinear(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             csr = linear.weight.detach().to_sparse_csr()
         return cls(csr, linear.bias)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_buffers"] = dict(state["_buffers"], weight_csr=None)
+        csr = self.weight_csr
+        state["_csr_parts"] = (csr.crow_indices(), csr.col_indices(), csr.values(), tuple(csr.shape))
+        return state
+
+    def __setstate__(self, state):
+        crow, col, values, shape = state.pop("_csr_parts")
+        super().__setstate__(state)
+        self._buffers["weight_csr"] = torch.sparse_csr_tensor(crow, col, values, shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight_csr"
+        loaded = state_dict.get(key)
+        others = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(others, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if loaded is None:
+            return  # reported missing by the call above
+        missing_keys.remove(key)
+        shape = (self.out_features, self.in_features)
+        if not isinstance(loaded, Tensor) or loaded.layout != torch.sparse_csr or tuple(loaded.shape) != shape:
+            error_msgs.append(f"{key}: expected a torch.sparse_csr tensor of shape {shape}, got "
+                              f"{getattr(loaded, 'layout', type(loaded))} {tuple(getattr(loaded, 'shape', ()))}")
+            return
+        current = self._buffers["weight_csr"]
+        if local_metadata.get("assign_to_params_buffers", False):
+            self._buffers["weight_csr"] = loaded
+        else:
+            self._buffers["weight_csr"] = loaded.to(device=current.device, dtype=current.dtype, copy=True)
 
     @property
     def nnz(self) -> int:
