@@ -347,6 +347,19 @@ def test_sparse_linear_copies_and_loads_any_nnz():
             fresh.load_state_dict({k: v for k, v in src.state_dict().items() if k != "0.weight_csr"})
 
 
+def test_sparsify_converts_a_shared_linear_once_in_every_place():
+    lin = nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight[:, 1:] = 0
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Sequential(lin))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        y = model(x)
+        assert C.sparsify_(model, min_sparsity=0.5) == ["0", "2", "3.0"]
+        assert model[0] is model[2] is model[3][0] and isinstance(model[0], C.SparseLinear)
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+
+
 def test_sparsify_keeps_dense_below_break_even():
     model = _mlp()
     C.magnitude_prune_(model[0:1], 0.99, scope="layer")

@@ -119,12 +119,16 @@ def sparsify_(model: nn.Module, min_sparsity: float = BREAK_EVEN_SPARSITY) -> li
     SparseLinear; the rest stay dense (below break-even dense is faster). Returns the names
     converted."""
     converted = []
+    sparse_of: dict[int, Optional[SparseLinear]] = {}  # a shared Linear becomes one shared SparseLinear
     for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # every slot (named_children lists one)
             if type(child) is nn.Linear:
-                sparsity = float((child.weight == 0).float().mean())
-                if sparsity >= min_sparsity:
-                    setattr(parent, name, carry_forward_hooks(child, SparseLinear.from_linear(child)))
+                if id(child) not in sparse_of:
+                    sparsity = float((child.weight == 0).float().mean())
+                    sparse_of[id(child)] = (carry_forward_hooks(child, SparseLinear.from_linear(child))
+                                            if sparsity >= min_sparsity else None)
+                if sparse_of[id(child)] is not None:
+                    setattr(parent, name, sparse_of[id(child)])
                     converted.append(f"{parent_name}.{name}" if parent_name else name)
     return converted
 
