@@ -648,6 +648,20 @@ def test_bad_input(bad, exc, match):
         bad()
 
 
+@pytest.mark.parametrize("device,backend", backend_params("topk_scores"))
+def test_topk_checks_the_bias_before_the_exclusion_values(device, backend):
+    # one call with a bad bias and a bad exclusion list: every backend names the bias (the front
+    # door's order: every argument's metadata, then values); the C++ ops checked the list first
+    q, items = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
+    off, ex = torch.tensor([0, 2, 1, 2], device=device), torch.tensor([1, 9], device=device)
+    for bias, exc in ((torch.zeros(5, dtype=torch.float64, device=device), TypeError),
+                      (torch.zeros(4, device=device), ValueError)):
+        for queries in (q, q.clone().requires_grad_()):  # the direct call and the checked one
+            with pytest.raises(exc, match="item_bias"):
+                scoring.topk_scores(queries, items, 2, exclude_offsets=off, exclude_items=ex, item_bias=bias,
+                                    backend=backend)
+
+
 def test_non_finite_packed_scale_raises():
     packed = PACKED.clone()
     packed[2, 4:8] = torch.tensor([float("nan")]).view(torch.uint8)

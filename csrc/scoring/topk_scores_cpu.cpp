@@ -307,11 +307,13 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries_in,
     check_index_tensor(*exclude_items, "exclude_items");
     TORCH_CHECK_VALUE(exclude_offsets->size(0) == n_users + 1, "exclude_offsets must have U + 1 = ", n_users + 1,
                       " elements, got ", exclude_offsets->size(0));
+  }
+  const at::Tensor bias = bias_f32(item_bias, n_items);  // metadata before values, as the front door
+  if (exclude_offsets.has_value()) {
     ex_off = check_offsets(*exclude_offsets, exclude_items->size(0), "exclude_offsets");
     check_index_range(*exclude_items, n_items, "exclude_items");
     ex_items = exclude_items->to(at::kLong).contiguous().clone();
   }
-  const at::Tensor bias = bias_f32(item_bias, n_items);
   at::Tensor values = at::empty({n_users, k}, queries_in.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({n_users, k}, queries_in.options().dtype(at::kLong));
   if (n_users == 0) return {values, ids};

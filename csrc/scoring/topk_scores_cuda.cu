@@ -96,6 +96,9 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries_in
     check_cuda(*exclude_offsets, "exclude_offsets", queries_in, "queries");
     check_cuda(*exclude_items, "exclude_items", queries_in, "queries");
     std::tie(ex_off, ex_items) = index_pair(*exclude_offsets, "exclude_offsets", *exclude_items, "exclude_items");
+  }
+  const at::Tensor bias = bias_f32(item_bias, n_items, queries_in, "queries");  // metadata before values
+  if (ex_off.defined()) {
     launch_check_offsets(ex_off, flags);
     launch_check_index(ex_items, n_items, kIndexA, nullptr, flags);
   }
@@ -105,7 +108,6 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries_in
     raise_offsets(f, ex_items.size(0), "exclude_offsets");
     raise_index(f, kIndexA, n_items, "exclude_items");
   }
-  const at::Tensor bias = bias_f32(item_bias, n_items, queries_in, "queries");
   at::Tensor values = at::empty({n_users, k}, queries_in.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({n_users, k}, queries_in.options().dtype(at::kLong));
   if (n_users == 0) return {values, ids};
