@@ -72,7 +72,8 @@ class SparseLinear(nn.Module):
                                       error_msgs)
         if loaded is None:
             return  # reported missing by the call above
-        missing_keys.remove(key)
+        if key in missing_keys:  # (listed only when strict)
+            missing_keys.remove(key)
         shape = (self.out_features, self.in_features)
         if not isinstance(loaded, Tensor) or loaded.layout != torch.sparse_csr or tuple(loaded.shape) != shape:
             error_msgs.append(f"{key}: expected a torch.sparse_csr tensor of shape {shape}, got "
