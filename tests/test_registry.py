@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -183,6 +184,39 @@ def test_double_backward_raises(backend):
         torch.testing.assert_close(first, expected, msg=name)
         with pytest.raises(RuntimeError, match=r"_backward: a gradient of a gradient"):
             torch.autograd.grad(sum(g.sum() for g in first), leaves)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_vmap_over_trainable_inputs_records_their_gradient(backend):
+    """torch.func.vmap over an op whose batched input requires grad: one call per sample (torch's
+    batching fallback), each recorded by autograd, so the gradient is a loop's. Batched tensors do
+    not report requires_grad, and _common.call went below the Autograd key: the output came back
+    without a gradient and backward silently left that term out. torch.func.grad still raises."""
+    _skip_unless_backend(backend)
+    inputs, calls = _differentiable_calls()
+    for name, fn in calls.items():
+        for arg in (0, 1):  # the user side batched, then the item side
+            batch = torch.stack([inputs[arg], inputs[arg] * 2 - 1])
+
+            def f(x, arg=arg):
+                args = list(inputs)
+                args[arg] = x
+                return fn(*args, backend)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's "performance drop" note on the fallback
+                leaf = batch.clone().requires_grad_()
+                out = torch.func.vmap(f)(leaf)
+                assert out.requires_grad, name
+                weights = torch.randn_like(out)
+                (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
+                loop_leaf = batch.clone().requires_grad_()
+                expected = torch.stack([f(x) for x in loop_leaf.unbind()])
+                (loop_grad,) = torch.autograd.grad((expected * weights).sum(), loop_leaf)
+            torch.testing.assert_close(out.detach(), expected.detach(), msg=name)
+            torch.testing.assert_close(grad, loop_grad, msg=name)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda x: calls["pair_scores"](x, inputs[1], inputs[2], backend).sum())(inputs[0])
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

@@ -297,11 +297,14 @@ def call(name: str, device: torch.device, backend: str | None, *args):
     """Run op `name` through the backend that the selection rules pick."""
     _, fn = _backend.resolve(name, device.type, backend)
     refuse_forward_ad(f"{LIB}.{name}", args)  # (here for embedding_bag_grouped too, whose kernel is torch's)
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+    if (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))):
         # No gradient to record: go straight below the Autograd key, which is all the op's
         # autograd kernel (Python: _register_autograd's or torch's) would do here; torch's cost
         # ~4 us a call (a 32-row embedding_bag: 8.1 -> 4.1 us). Under torch.compile the op stays
-        # as traced. (Plain eager CPU calls of embedding_bag and the scoring ops do not get here:
+        # as traced; under vmap, whose batched tensors do not report requires_grad, neither (below
+        # the Autograd key the gradient of a batched trainable input was lost without an error).
+        # (Plain eager CPU calls of embedding_bag and the scoring ops do not get here:
         # their front doors hand them to the C++ op unchecked, direct_cpu_op.)
         with torch._C._AutoDispatchBelowAutograd():
             return fn(*args)
