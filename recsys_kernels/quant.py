@@ -119,7 +119,7 @@ def quantize_(model: nn.Module, filter_fn: Optional[FilterFn] = None, *, act_qua
         raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
     if isinstance(model, nn.Linear):
         if filter_fn is None or filter_fn(model, ""):
-            return Int8Linear.from_float(model, act_quant=act_quant)
+            return carry_forward_hooks(model, Int8Linear.from_float(model, act_quant=act_quant))
         return model
     _swap_children(model, "", filter_fn, act_quant, _slot_counts(model), {})
     _disable_transformer_fast_paths(model)

@@ -38,6 +38,10 @@ def test_quantize_keeps_hooks_and_does_not_fuse_across_them():
     plain = mlp()
     rk.quantize_(plain)  # without hooks the ReLUs are fused as before
     assert plain[0].activation == "relu" and type(plain[1]) is nn.Identity
+    bare, calls = nn.Linear(4, 2), []  # a model that is one Linear: the converted one is returned
+    tap(bare, calls, "bare")
+    rk.quantize_(bare)(torch.randn(1, 4))
+    assert calls == ["bare:pre", "bare:post", "bare:always"]
 
 
 def test_graph_passes_keep_hooks():
