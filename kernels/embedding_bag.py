@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import to_dtype_rne
+from .rounding import mul_rn, to_dtype_rne
 
 # constexpr codes
 MODE_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -42,7 +42,7 @@ def _bag_rows(IDX, pos, pmask, n_rows, pad, BOUNDS: tl.constexpr, HAS_PAD: tl.co
 
 
 @triton.jit
-def _int8_rows(W, row, row_stride, dim, cols, keep, m2):
+def _int8_rows(W, row, row_stride, dim, cols, keep, m2, GPU_RN: tl.constexpr):
     """An int8 row is D codes, fp32 scale, fp32 bias; rows of D + 8 bytes are not 4-byte aligned,
     so the scale and bias are read byte by byte."""
     base = W + row * row_stride
@@ -58,11 +58,11 @@ def _int8_rows(W, row, row_stride, dim, cols, keep, m2):
     b3 = tl.load(tail + 7, mask=keep, other=0).to(tl.uint32)
     scale = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
     bias = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
-    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
+    return tl.where(m2, mul_rn(codes.to(tl.float32), scale[:, None], GPU_RN) + bias[:, None], 0.0)
 
 
 @triton.jit
-def _int4_rows(W, row, row_stride, dim, cols, keep, m2):
+def _int4_rows(W, row, row_stride, dim, cols, keep, m2, GPU_RN: tl.constexpr):
     """An int4 row is D/2 bytes (low nibble first), fp16 scale, fp16 bias."""
     base = W + row * row_stride
     packed = tl.load(base[:, None] + (cols // 2)[None, :], mask=m2, other=0)
@@ -74,7 +74,7 @@ def _int4_rows(W, row, row_stride, dim, cols, keep, m2):
     b1 = tl.load(tail + 3, mask=keep, other=0).to(tl.uint16)
     scale = (s0 | (s1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
     bias = (b0 | (b1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-    return tl.where(m2, codes.to(tl.float32) * scale[:, None] + bias[:, None], 0.0)
+    return tl.where(m2, mul_rn(codes.to(tl.float32), scale[:, None], GPU_RN) + bias[:, None], 0.0)
 
 
 @triton.jit
@@ -86,6 +86,7 @@ def _embedding_bag_fwd_kernel(
     MODE: tl.constexpr, BOUNDS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_PSW: tl.constexpr,
     BITS: tl.constexpr,  # 0: float table; 8 / 4: fused row-wise uint8 table
     ACC64: tl.constexpr,
+    GPU_RN: tl.constexpr,  # on a GPU: products rounded on their own (rounding.mul_rn)
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0).to(tl.int64)
@@ -114,9 +115,9 @@ def _embedding_bag_fwd_kernel(
 
         m2 = keep[:, None] & cmask[None, :]
         if BITS == 8:
-            vals = _int8_rows(W, row, row_stride, D, cols, keep, m2).to(ACC)
+            vals = _int8_rows(W, row, row_stride, D, cols, keep, m2, GPU_RN).to(ACC)
         elif BITS == 4:
-            vals = _int4_rows(W, row, row_stride, D, cols, keep, m2).to(ACC)
+            vals = _int4_rows(W, row, row_stride, D, cols, keep, m2, GPU_RN).to(ACC)
         else:
             base = W + row * row_stride  # [BLOCK_L] pointers, int64 offsets
             vals = tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0).to(ACC)
@@ -129,12 +130,14 @@ def _embedding_bag_fwd_kernel(
             if HAS_PSW:
                 # as the reference: a skipped index's weight (even inf or NaN) contributes nothing
                 w = tl.load(PSW + pos, mask=keep, other=0.0).to(ACC)
-                vals = vals * w[:, None]
+                vals = mul_rn(vals, w[:, None], GPU_RN)
             acc += tl.sum(vals, axis=0)
 
     n = tl.sum(count, axis=0)
     if MODE == 1:
-        acc = acc / tl.maximum(n, 1).to(ACC)
+        # correctly rounded, as the reference (fp32 `/` is div.full.f32 on a GPU: 2 ulp)
+        n_acc = tl.maximum(n, 1).to(ACC)
+        acc = acc / n_acc if ACC64 else tl.math.div_rn(acc, tl.full([BLOCK_D], 1, ACC) * n_acc)
     elif MODE == 2:
         acc = tl.where(nan_seen > 0, float("nan"), acc)
         acc = tl.where(n > 0, acc, 0.0)

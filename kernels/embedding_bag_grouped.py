@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .embedding_bag import _int4_rows, _int8_rows
-from .rounding import to_dtype_rne
+from .rounding import mul_rn, to_dtype_rne
 
 # fields of a META row
 F_WEIGHT, F_INDICES, F_OFFSETS, F_PSW, F_ROWS, F_ROW_STRIDE, F_DIM, F_FORMAT, F_INDEX64, F_MODE, F_PAD, \
@@ -63,7 +63,8 @@ def _float_rows(W, row, row_stride, cols, m2):
 
 
 @triton.jit
-def _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, GPU_RN: tl.constexpr, BLOCK_L: tl.constexpr,
+               BLOCK_D: tl.constexpr):
     """The [BLOCK_L, BLOCK_D] tile of rows `row`, columns `cols`, in fp32; 0 where ~m2. The table's
     address becomes a pointer of its format's element type."""
     vals = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
@@ -74,9 +75,9 @@ def _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, BLOCK_L: tl.co
     elif fmt == 2:
         vals = _float_rows(w_addr.to(tl.pointer_type(tl.bfloat16)), row, row_stride, cols, m2)
     elif fmt == 3:
-        vals = _int8_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2)
+        vals = _int8_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2, GPU_RN)
     else:
-        vals = _int4_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2)
+        vals = _int4_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2, GPU_RN)
     return vals
 
 
@@ -86,6 +87,7 @@ def _embedding_bag_grouped_fwd_kernel(
     n_tasks, out_stride,
     NF: tl.constexpr,  # int64 fields per META row
     BOUNDS: tl.constexpr,
+    GPU_RN: tl.constexpr,  # on a GPU: products rounded on their own (rounding.mul_rn)
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bag = tl.program_id(0).to(tl.int64)
@@ -131,7 +133,7 @@ def _embedding_bag_grouped_fwd_kernel(
             keep = keep & ((pad < 0) | (row != pad))
             count += keep.to(tl.int32)
             m2 = keep[:, None] & cmask[None, :]
-            vals = _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, BLOCK_L, BLOCK_D)
+            vals = _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, GPU_RN, BLOCK_L, BLOCK_D)
             if mode == 2:
                 vals = tl.where(m2, vals, float("-inf"))
                 acc = tl.maximum(acc, tl.max(vals, axis=0))
@@ -140,11 +142,12 @@ def _embedding_bag_grouped_fwd_kernel(
                 if has_psw != 0:
                     # as the reference: a skipped index's weight (even inf or NaN) contributes nothing
                     w = tl.load(psw_addr.to(tl.pointer_type(tl.float32)) + pos, mask=keep, other=0.0)
-                    vals = vals * w[:, None]
+                    vals = mul_rn(vals, w[:, None], GPU_RN)
                 acc += tl.sum(vals, axis=0)
         n = tl.sum(count, axis=0)
         if mode == 1:
-            acc = acc / tl.maximum(n, 1).to(tl.float32)
+            # correctly rounded, as the reference (fp32 `/` is div.full.f32 on a GPU: 2 ulp)
+            acc = tl.math.div_rn(acc, tl.full([BLOCK_D], 1, tl.float32) * tl.maximum(n, 1).to(tl.float32))
         elif mode == 2:
             acc = tl.where(nan_seen > 0, float("nan"), acc)
             acc = tl.where(n > 0, acc, 0.0)

@@ -1,4 +1,4 @@
-"""A Triton helper the kernels share: fp32 -> the output dtype, rounded to nearest even."""
+"""Triton helpers the kernels share: roundings that match the reference's on a GPU too."""
 from __future__ import annotations
 
 import triton
@@ -10,9 +10,31 @@ def to_dtype_rne(y, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
     """y in `dtype`, rounded to nearest even. Triton's interpreter truncates fp32 -> bf16 (a GPU
     rounds), so with BF16_BY_HAND an fp32 y goes to bf16 on its bits: the same result as a GPU's
     cast, on both."""
+    if y.dtype == tl.float64 and (dtype == tl.float16 or dtype == tl.bfloat16):
+        # torch's fp64 -> fp16 / bf16 goes through fp32 (two roundings; a GPU's cvt.rn.f16.f64
+        # rounds once), and the interpreter's fp64 -> bf16 cast returned garbage
+        y = y.to(tl.float32)
     if BF16_BY_HAND and dtype == tl.bfloat16 and y.dtype == tl.float32:
         bits = y.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a NaN
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return y.to(dtype)
+
+
+@triton.jit
+def mul_rn(a, b, GPU_RN: tl.constexpr):
+    """a * b rounded on its own, as the reference computes it. Triton lets the compiler contract a
+    product and a following add into one fma (one rounding: other bits than the reference's), so
+    on a GPU (GPU_RN) the product is an inline `mul.rn`, which is never contracted."""
+    if GPU_RN:
+        a, b = tl.broadcast(a, b)
+        if a.dtype.is_fp64():
+            product = tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=d,d,d", [a, b], dtype=tl.float64,
+                                                is_pure=True, pack=1)
+        else:
+            product = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                                is_pure=True, pack=1)
+    else:
+        product = a * b
+    return product

@@ -30,20 +30,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import mul_rn
+
 ORD_NAN = tl.constexpr(-2139095042)  # the ordinal of NaN: one below fp32 -inf's
 KEY_INVALID = tl.constexpr((-2139095041 - 2) << 32)  # padding / excluded: below every NaN
 ID_MASK = tl.constexpr(4294967295)
-
-
-@triton.jit
-def _mul_rn(a, b, GPU_RN: tl.constexpr):
-    """a * b rounded once, never fused with a following add (see the module docstring)."""
-    if GPU_RN:
-        a, b = tl.broadcast(a, b)
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return a * b
 
 
 @triton.jit
@@ -65,7 +56,7 @@ def _item_rows(ITEMS, rows, row_stride, D, cols, rmask, m2, INT8: tl.constexpr, 
         codes = tl.load(base[:, None] + cols[None, :], mask=m2, other=0).to(tl.float32)
         scale = _tail_f32(base + D, 0, rmask)
         bias = _tail_f32(base + D, 4, rmask)
-        vals = _mul_rn(codes, scale[:, None], GPU_RN) + bias[:, None]
+        vals = mul_rn(codes, scale[:, None], GPU_RN) + bias[:, None]
         return tl.where(m2, vals, 0.0)
     else:
         return tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -80,7 +71,7 @@ def _item_cols(ITEMS, items, row_stride, D, ks, imask, m2, INT8: tl.constexpr, G
         codes = tl.load(base[None, :] + ks[:, None], mask=m2, other=0).to(tl.float32)
         scale = _tail_f32(base + D, 0, imask)
         bias = _tail_f32(base + D, 4, imask)
-        vals = _mul_rn(codes, scale[None, :], GPU_RN) + bias[None, :]
+        vals = mul_rn(codes, scale[None, :], GPU_RN) + bias[None, :]
         return tl.where(m2, vals, 0.0)
     else:
         return tl.load(base[None, :] + ks[:, None], mask=m2, other=0.0)
@@ -235,7 +226,7 @@ def _segment_grad_kernel(
             vals = _item_rows(OTHER, oi, other_stride, D, cols, a, m2, INT8, GPU_RN)
         else:
             vals = tl.load(OTHER + oi[:, None] * other_stride + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc += _mul_rn(g[:, None], vals, GPU_RN)  # +0.0 where masked: no change
+        acc += mul_rn(g[:, None], vals, GPU_RN)  # +0.0 where masked: no change
         if HAS_BIAS:
             bacc += g
     tl.store(OUT + rows[:, None] * D + cols[None, :], acc, mask=rm[:, None] & cm[None, :])

@@ -180,6 +180,44 @@ def test_bf16_results_round_to_nearest_even():
     assert all(torch.equal(g, grads[0]) for g in grads) and grads[0][2, 0] == 1.0078125
 
 
+def test_dequantized_values_means_and_fp64_casts_have_the_reference_bits():
+    """Where the reference's result is exact arithmetic plus its roundings, the Triton backend gives
+    its bits: a max over int8 / int4 rows (each output one dequantized code * scale + bias, two
+    roundings: on a GPU Triton contracted them into one fma), a mean of bags whose sums are exact
+    (a GPU's fp32 `/` is div.full.f32, 2 ulp), an fp64 table's one-row bags cast to fp16 / bf16
+    (torch casts through fp32, a GPU's cvt rounds once; the interpreter's fp64 -> bf16 cast gave
+    garbage). Checked in the compiled PTX for sm_90 as well (docs/design.md)."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 50, (60,), generator=g).to(DEVICE)
+    off = torch.arange(0, 61, 3).to(DEVICE)
+    for bits in (8, 4):
+        packed = quantize_rowwise(torch.randn(50, 64, generator=g) * 3, bits).to(DEVICE)
+        for mode in ("max", "mean") if bits == 8 else ("max",):
+            got, ref = (embedding_bag(packed, idx, off, mode=mode, bits=bits, backend=b) for b in ("triton", "reference"))
+            assert torch.equal(got.cpu(), ref.cpu()), (bits, mode)
+    ints = torch.randint(-50, 50, (50, 33), generator=g).float().to(DEVICE)  # exact sums
+    got, ref = (embedding_bag(ints, idx, off, mode="mean", backend=b) for b in ("triton", "reference"))
+    assert torch.equal(got.cpu(), ref.cpu())
+    near_ties = torch.tensor([[1 + 2 ** -11 + 2 ** -40], [1 + 2 ** -8 + 2 ** -30], [3.14159], [-2.5e-3]],
+                             dtype=torch.float64, device=DEVICE)
+    one_each = torch.arange(4, device=DEVICE)
+    for out_dtype in (torch.float16, torch.bfloat16):
+        got, ref = (embedding_bag(near_ties, one_each, torch.arange(5, device=DEVICE), output_dtype=out_dtype,
+                                  backend=b) for b in ("triton", "reference"))
+        assert torch.equal(got.cpu(), ref.cpu()), out_dtype
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    # Triton launches on the current device: the ops enter the tensors' (_common.cuda_device_of)
+    weight = torch.randn(30, 16, device="cuda:1")
+    idx, off = torch.randint(0, 30, (40,), device="cuda:1"), torch.arange(0, 41, 4, device="cuda:1")
+    with torch.cuda.device(0):
+        got = embedding_bag(weight, idx, off, backend="triton")
+        torch.cuda.synchronize(1)
+    torch.testing.assert_close(got, embedding_bag(weight, idx, off, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
 def test_max_ties_and_infinities():
     weight = torch.tensor([[1.0, -float("inf")], [1.0, 2.0], [float("inf"), -float("inf")]])
     got, ref = both(weight, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 2, 3, 4]), mode="max")

@@ -11,6 +11,7 @@ index bounds, finite scales) run inside every kernel, where they are opaque to t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -79,6 +80,31 @@ def triton_kernels(module: str):
         return importlib.import_module(f"recsys_kernels._triton.{module}"), None
     except Exception as e:  # noqa: BLE001
         return None, f"triton cannot be imported: {type(e).__name__}: {e}"
+
+
+def cuda_device_of(t: torch.Tensor):
+    """The context a Triton kernel on `t` launches in: `t`'s GPU as the current CUDA device.
+    Triton launches on the current device, and an eager custom op sets none (the C++ ops take a
+    CUDAGuard), so with tensors on cuda:1 and cuda:0 current the kernel ran on the wrong GPU.
+    Nothing to do for CPU tensors (the interpreter) or under torch.compile, whose generated code
+    sets the device itself."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def launch_triton(kernel, grid):
+    """`torch.library.wrap_triton(kernel)[grid]`, launched on the GPU of its first tensor argument
+    (see cuda_device_of)."""
+    launcher = torch.library.wrap_triton(kernel)[grid]
+
+    def launch(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return launcher(*args, **kwargs)
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        with cuda_device_of(first):
+            return launcher(*args, **kwargs)
+    return launch
 
 
 def keep_opaque_under_interpreter(op) -> None:

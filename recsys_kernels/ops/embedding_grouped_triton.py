@@ -117,9 +117,10 @@ def _embedding_bag_grouped_triton(weights: list[Tensor], indices: list[Tensor], 
         col += dims[f]
     meta = torch.tensor(rows, dtype=torch.int64).to(device)
     task_table = torch.tensor(tasks, dtype=torch.int32).to(device)
-    _k._embedding_bag_grouped_fwd_kernel[_k.grid(n_bags, len(tasks))](
-        meta, task_table, out, len(tasks), out.stride(0),
-        NF=_k.N_FIELDS, BOUNDS=_k.BOUNDS_CODES[bounds], **cfg)
+    with _common.cuda_device_of(out):
+        _k._embedding_bag_grouped_fwd_kernel[_k.grid(n_bags, len(tasks))](
+            meta, task_table, out, len(tasks), out.stride(0),
+            NF=_k.N_FIELDS, BOUNDS=_k.BOUNDS_CODES[bounds], GPU_RN=out.is_cuda and not _k.interpreted(), **cfg)
     return out
 
 

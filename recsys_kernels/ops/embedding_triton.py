@@ -134,12 +134,13 @@ def _embedding_bag_triton(weight: Tensor, indices: Tensor, offsets: Tensor, per_
     psw = None if per_sample_weights is None else per_sample_weights.contiguous()
     out = torch.empty(n_bags, dim, dtype=out_dtype, device=weight.device)
     cfg = _k.launch_config(dim, weight.is_cuda)
-    torch.library.wrap_triton(_k._embedding_bag_fwd_kernel)[_k.grid(n_bags, dim, cfg["BLOCK_D"])](
+    _common.launch_triton(_k._embedding_bag_fwd_kernel, _k.grid(n_bags, dim, cfg["BLOCK_D"]))(
         weight, indices, offsets, psw if psw is not None else token, out, token,
         n_rows, weight.stride(0), dim,
         -1 if padding_idx is None else padding_idx,
         MODE=_k.MODE_CODES[mode], BOUNDS=_k.BOUNDS_CODES[bounds], HAS_PAD=padding_idx is not None,
         HAS_PSW=psw is not None, BITS=bits if quantized else 0, ACC64=weight.dtype == torch.float64,
+        GPU_RN=weight.is_cuda and not _k.interpreted(),
         **cfg)
     return out
 
@@ -178,7 +179,7 @@ def _embedding_bag_backward_triton(grad_output: Tensor, weight: Tensor, indices:
     # one part of the per-sample-weight gradient per column block, added up below (no atomics)
     psw_parts = torch.empty(grid[1] if psw is not None else 0, nnz, dtype=acc, device=weight.device)
     row_of = torch.empty(0 if sparse else nnz, dtype=torch.int64, device=weight.device)
-    torch.library.wrap_triton(_k._embedding_bag_bwd_rows_kernel)[grid](
+    _common.launch_triton(_k._embedding_bag_bwd_rows_kernel, grid)(
         grad_output, weight, indices, offsets, psw if psw is not None else token, grad_rows, psw_parts, row_of, token,
         n_rows, nnz, dim,
         -1 if padding_idx is None else padding_idx,
@@ -197,8 +198,8 @@ def _embedding_bag_backward_triton(grad_output: Tensor, weight: Tensor, indices:
         seg_grid = ((nnz + seg_cfg["BLOCK_S"] - 1) // seg_cfg["BLOCK_S"], grid[1])
         seg_args = (grad_rows, grad_weight, sorted_rows, perm, seg_start, seg_end, nnz, dim)
         seg_cfg["CHUNK"] = _k.DENSE_CHUNK
-        torch.library.wrap_triton(_k._embedding_bag_bwd_segment_kernel)[seg_grid](*seg_args, **seg_cfg)
-        torch.library.wrap_triton(_k._embedding_bag_bwd_combine_kernel)[seg_grid](*seg_args, **seg_cfg)
+        _common.launch_triton(_k._embedding_bag_bwd_segment_kernel, seg_grid)(*seg_args, **seg_cfg)
+        _common.launch_triton(_k._embedding_bag_bwd_combine_kernel, seg_grid)(*seg_args, **seg_cfg)
     if psw is None:
         grad_psw = weight.new_empty(0)
     else:

@@ -80,7 +80,7 @@ def _launch_quantize(x: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
     if m == 0:
         return q, _keep(scale, token)
     cfg = _k.quantize_config(k, not _k.interpreted())
-    torch.library.wrap_triton(_k._quantize_rows_kernel)[_k.quantize_grid(m, cfg["BLOCK_M"])](
+    _common.launch_triton(_k._quantize_rows_kernel, _k.quantize_grid(m, cfg["BLOCK_M"]))(
         x, q, scale, token, m, k, **cfg)
     return q, scale
 
@@ -100,7 +100,7 @@ def _launch_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optio
         kernel, cfg = _k._int8_gemm_kernel, _k.interpreter_gemm_config(m, n, k)
     else:
         kernel, cfg = _k.int8_gemm_tuned, {}
-    torch.library.wrap_triton(kernel)[_k.gemm_grid(m, n)](
+    _common.launch_triton(kernel, _k.gemm_grid(m, n))(
         a, b, c,
         a_scale if scaled else c, b_scale if scaled else c, bias if bias is not None else c,
         overflow, token,
@@ -123,7 +123,7 @@ def _launch_weight_only(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Te
         kernel, cfg = _k._weight_only_kernel, _k.interpreter_gemm_config(m, n, k)
     else:
         kernel, cfg = _k.weight_only_tuned, {}
-    torch.library.wrap_triton(kernel)[_k.gemm_grid(m, n)](
+    _common.launch_triton(kernel, _k.gemm_grid(m, n))(
         x, w, c, w_scale, bias if bias is not None else w_scale, token,
         m, n, k, _k.m_bucket(m),
         HAS_BIAS=bias is not None, ACT=_k.ACT_CODES[activation],

@@ -159,7 +159,7 @@ def _gather_dot(queries: Tensor, items: Tensor, q_idx: Tensor, i_idx: Tensor, it
     dim = _dim(items)
     cfg = _k.gather_config(dim, _on_gpu(queries))
     grid = (triton_cdiv(n, cfg["BLOCK_P"]),)
-    torch.library.wrap_triton(_k._gather_dot_kernel)[grid](
+    _common.launch_triton(_k._gather_dot_kernel, grid)(
         queries, items, item_bias if item_bias is not None else out, q_idx, i_idx, out,
         keys if with_keys else out, token,
         n, dim, items.stride(0),
@@ -192,7 +192,7 @@ def _segment_grad(grad_output: Tensor, other: Tensor, other_idx: Tensor, row_idx
     perm, seg_lo, seg_hi = _segments(row_idx, n_rows)
     cfg = _k.segment_config(dim, n_rows, _on_gpu(grad_output))
     grid = (triton_cdiv(n_rows, cfg["BLOCK_R"]), max(1, triton_cdiv(dim, cfg["BLOCK_D"])))
-    torch.library.wrap_triton(_k._segment_grad_kernel)[grid](
+    _common.launch_triton(_k._segment_grad_kernel, grid)(
         grad_output, other, other_idx, perm, seg_lo, seg_hi, out, out_bias if with_bias else out, token,
         n_rows, dim, other.stride(0),
         INT8=other.dtype == torch.uint8, HAS_BIAS=with_bias, GPU_RN=_on_gpu(grad_output), **cfg)
@@ -324,7 +324,7 @@ def _topk_scores_triton(queries: Tensor, items: Tensor, k: int, exclude_offsets:
             # every key of the chunk, or each program's top KP (selected in the kernel)
             width = grid[1] * cfg["KP"] if cfg["KP"] else stop - start
             keys = torch.empty(u1 - u0, width, dtype=torch.int64, device=device)
-            torch.library.wrap_triton(_k._topk_keys_kernel)[grid](
+            _common.launch_triton(_k._topk_keys_kernel, grid)(
                 q, items, bias if bias is not None else q, ex_offsets[u0:] if ex_offsets is not None else keys,
                 ex_sorted if ex_sorted is not None else keys, keys, token,
                 u1 - u0, start, stop, span, dim, items.stride(0),
