@@ -337,6 +337,30 @@ def test_packed_weight_follows_the_weight_it_runs_with():
         assert shared.weight_packed is packed and packed.is_shared()
 
 
+def test_an_edit_made_while_packing_is_seen_by_the_next_call(monkeypatch):
+    # another thread's in-place edit that lands while repack() packs: the pack holds the old
+    # weights, so the record must be the one taken before packing (it was taken after: the
+    # stale pack was marked current for good)
+    import recsys_kernels.nn.linear as linear_module
+
+    layer = Int8Linear.from_float(nn.Linear(24, 9))
+    x = torch.randn(3, 24)
+    pack = linear_module.pack_weight_int8
+
+    def pack_then_edit(weight_q):
+        packed = pack(weight_q)
+        with torch.no_grad():
+            weight_q.neg_()  # the concurrent edit, finished before the record is written
+        return packed
+
+    monkeypatch.setattr(linear_module, "pack_weight_int8", pack_then_edit)
+    layer.repack()
+    monkeypatch.setattr(linear_module, "pack_weight_int8", pack)
+    with torch.no_grad():
+        expected = int8_linear(x, layer.weight_q, layer.weight_scale, layer.bias, backend="reference")
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_eager_fast_path_matches_the_dispatched_op():
     # In plain eager inference Int8Linear calls the CPU kernel below the op's autograd wrapper;
     # under a dispatch mode (here one that records the ops it sees) it must go through the op.

@@ -36,9 +36,10 @@ class Int8Linear(nn.Module):
     `int8_linear_packed` on `weight_packed`, the weight in the CPU kernels' panel layout, packed
     once instead of on every call. `weight_packed` is a cache, not state: a non-persistent buffer
     rebuilt by `from_float` and `load_state_dict`, carried along by `.to()`, and rebuilt in eager
-    mode whenever `weight_q` was changed in place (except an inference tensor, made under
-    torch.inference_mode, which has no version counter: call `repack()` after editing one) or
-    given new data (`.data = ...`, a copy). A call that finds another `weight_q` than the
+    mode whenever `weight_q` was changed in place or given new data (`.data = ...`, a copy). An
+    edit that the tensor's version counter does not see is not noticed: through `.data` or a NumPy
+    view, by another process sharing the memory, or of an inference tensor (made under
+    torch.inference_mode, which has no version counter); call `repack()` after one. A call that finds another `weight_q` than the
     one packed (swapped in by `torch.func.functional_call` or a parametrization) multiplies by
     that `weight_q` itself (after assigning a new `weight_q` for good, call `repack()` to pack it
     once). A graph from torch.compile / torch.export takes `weight_packed` as it was traced: after
@@ -73,15 +74,21 @@ class Int8Linear(nn.Module):
     def repack(self) -> None:
         """Rebuild `weight_packed` from `weight_q` (done by from_float, load_state_dict and the
         forward after an in-place change of weight_q)."""
+        # recorded before packing: an edit made while it packs (another thread) is seen by the next call
+        record = self._weight_q_record()
         self.weight_packed = pack_weight_int8(self.weight_q)
-        self._mark_packed()
+        self._packed_from = record
+
+    def _weight_q_record(self) -> tuple:
+        """What identifies the weight_q there now: the tensor, its data pointer (a copy, a pickle
+        round trip or `.data = ...` moves it, and a copy's version counter starts again) and its
+        version counter (bumped by every in-place change; inference tensors have none)."""
+        weight_q = self.weight_q
+        return weight_q, weight_q.data_ptr(), None if weight_q.is_inference() else weight_q._version
 
     def _mark_packed(self) -> None:
-        """Remember which weight_q weight_packed holds: the tensor, its data pointer (a copy, a
-        pickle round trip or `.data = ...` moves it, and a copy's version counter starts again)
-        and its version counter (bumped by every in-place change; inference tensors have none)."""
-        weight_q = self.weight_q
-        self._packed_from = (weight_q, weight_q.data_ptr(), None if weight_q.is_inference() else weight_q._version)
+        """Remember that weight_packed holds the weight_q there now."""
+        self._packed_from = self._weight_q_record()
 
     def _packed_is_current(self) -> bool:
         """Whether weight_packed holds the weight_q there now; repacks it first if weight_q was
