@@ -240,6 +240,28 @@ def test_topk_int8_nan_query_and_huge_rows():
     assert_same(avx2, cpu_topk(q, dequantize_rowwise(packed, 8), 40))
 
 
+@pytest.mark.parametrize("query,best,rest", [
+    ([63.5] + [0.5] * 7, [1, 3, 3, 3, 3, 3, 3, 3], [1, 3, 3, 3, 3, 3, 3, 2]),  # VNNI's query range
+    ([8.0] + [0.25] * 7, [1, 6, 6, 6, 6, 6, 6, 6], [1, 6, 6, 6, 6, 6, 6, 5]),  # AVX2's
+])
+def test_topk_int8_prefilter_leaves_out_subnormal_rows(query, best, rest):
+    # rows scaled by 2^-149: every score is a few units of the smallest subnormal, where the
+    # prefilter's relative slack is less than one rounding; the gate sends such rows (as the
+    # float path's quantizer does, below 2^-60) to the fp32 tile. It let them through, and the
+    # best row (one unit above the others) was dropped on AVX2 / AVX-512 / VNNI.
+    n_items, dim = 70000, 8  # >= 65536 items and 17 queries: the prefilter runs
+    codes = torch.zeros(n_items, dim, dtype=torch.uint8)
+    codes[:200] = torch.tensor(rest, dtype=torch.uint8)
+    codes[5000] = torch.tensor(best, dtype=torch.uint8)
+    scale_bias = torch.tensor([2.0 ** -149, 0.0]).expand(n_items, 2).contiguous().view(torch.uint8)
+    packed = torch.cat([codes, scale_bias], 1)
+    queries = torch.tensor(query).expand(17, dim).contiguous()
+    scalar, avx2 = both_paths(lambda: cpu_topk(queries, packed, 1))
+    assert_same(avx2, scalar)
+    assert avx2[1].flatten().tolist() == [5000] * 17
+    assert_same(avx2, ref_topk(queries, packed, 1))
+
+
 @pytest.mark.parametrize("dim", [1, 5, 33, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_topk_float_catalog_prefilter_equals_fp32_tile(dim, dtype):

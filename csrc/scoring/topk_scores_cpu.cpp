@@ -194,8 +194,9 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
       }
       return x;
     };
-    // the prefilter's bound needs rows of moderate size (packed: 255 |scale| + |bias| <= 1e30; the
-    // quantizer checks the rows it makes)
+    // the prefilter's bound needs rows of moderate size (packed: 2^-60 <= 255 |scale| + |bias| <=
+    // 1e30 or 0, as the quantizer checks the rows it makes): its slack is relative, so scores in
+    // the subnormal range could round past it (a tiny-scaled int8 catalog lost its top item)
     bool chunk_q8 = P.q8 != nullptr;
     if (quantize_chunks) {
       chunk_q8 = q8_quantize_rows_avx2(fp32_rows(), n, d, q8_rows.data(), norm.data(), res_norm.data(), abs_max.data());
@@ -203,7 +204,8 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
       for (int64_t i = 0; chunk_q8 && i < n; ++i) {
         float sb[2];
         std::memcpy(sb, P.items.data + (c0 + i) * P.items.row_bytes + d, 8);
-        chunk_q8 = 255.0f * std::fabs(sb[0]) + std::fabs(sb[1]) <= 1e30f;
+        const float magnitude = 255.0f * std::fabs(sb[0]) + std::fabs(sb[1]);
+        chunk_q8 = magnitude <= 1e30f && !(magnitude > 0.0f && magnitude < 0x1p-60f);
       }
     }
     TileArgs a{};
