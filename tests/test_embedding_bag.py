@@ -252,6 +252,25 @@ def test_output_dtype_and_fp64_accumulation():
     assert out.item() == 2052.0  # fp16 accumulation would round 2049 back to 2048 each step
 
 
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_per_sample_weight_gradient_of_a_table_with_no_columns(device, backend, sparse):
+    # D = 0: every bag's output is empty, so every weight's gradient is an empty dot product, 0
+    # (the C++ backward took an empty G for its "no per-index rows" case and returned its
+    # uninitialised per-sample-weight gradient); the grouped op's backward calls the same op
+    weight = torch.randn(6, 0, device=device, requires_grad=True)
+    idx, off = torch.tensor([0, 5, 2, 2], device=device), torch.tensor([0, 1, 4], device=device)
+    psw = torch.full((4,), 7.0, device=device, requires_grad=True)
+    for _ in range(3):  # fresh memory each time: garbage would show in one of them
+        psw.grad = None
+        embedding_bag(weight, idx, off, per_sample_weights=psw, sparse=sparse, backend=backend).sum().backward()
+        assert torch.equal(psw.grad.cpu(), torch.zeros(4))
+    psw.grad = None
+    rk.embedding_bag_grouped([weight, torch.randn(6, 3, device=device)], [idx, idx], [off, off],
+                             per_sample_weights=[psw, None], backend=backend).sum().backward()
+    assert torch.equal(psw.grad.cpu(), torch.zeros(4))
+
+
 def test_64bit_offsets_arithmetic():
     # offsets past 2^31 are read as int64 (the data itself stays small: a 0-row check only)
     weight = torch.randn(3, 2)

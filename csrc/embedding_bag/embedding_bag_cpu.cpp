@@ -66,7 +66,7 @@ at::Tensor embedding_bag_forward_cpu(const at::Tensor& weight, const at::Tensor&
 // ----------------------------------------------------------------------------- backward
 template <typename I, typename T, typename Acc>
 void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& grad, const Acc* psw,
-                   Acc* G, Acc* grad_psw, int64_t* row_of) {
+                   bool direct, Acc* G, Acc* grad_psw, int64_t* row_of) {
   const I* idx = c.indices.const_data_ptr<I>();
   const I* off = c.offsets.const_data_ptr<I>();
   const int64_t d = weight.size(1);
@@ -83,7 +83,9 @@ void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& 
         row_of[p] = resolve(idx[p], c.n_rows, c.bounds, c.padding);
         count += row_of[p] >= 0;
       }
-      if (G == nullptr) continue;  // the dense sum/mean gradient is reduced from grad directly
+      // the dense sum/mean gradient is reduced from grad directly (not `G == nullptr`: an empty G
+      // of D = 0 has none either, and the per-sample-weight gradient was left unwritten)
+      if (direct) continue;
       const Acc* gb = g + b * d;
       if (c.mode == Mode::kMax) {
         // first position attaining the max, per column; -1 where a NaN makes the max NaN
@@ -223,22 +225,22 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     AT_DISPATCH_SWITCH(wt, "embedding_bag_backward_cpu_table",
       AT_DISPATCH_CASE(at::kFloat, [&] {
         backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          direct ? nullptr : G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
+                                          direct, G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
                                           row_of.data_ptr<int64_t>());
       })
       AT_DISPATCH_CASE(at::kHalf, [&] {
         backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          direct ? nullptr : G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
+                                          direct, G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
                                           row_of.data_ptr<int64_t>());
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
         backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          direct ? nullptr : G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
+                                          direct, G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
                                           row_of.data_ptr<int64_t>());
       })
       AT_DISPATCH_CASE(at::kDouble, [&] {
         backward_impl<I, scalar_t, double>(c, weight, grad, psw ? psw->const_data_ptr<double>() : nullptr,
-                                           direct ? nullptr : G.data_ptr<double>(), psw ? grad_psw.data_ptr<double>() : nullptr,
+                                           direct, G.data_ptr<double>(), psw ? grad_psw.data_ptr<double>() : nullptr,
                                            row_of.data_ptr<int64_t>());
       }));
   });
