@@ -39,10 +39,10 @@ class Int8Linear(nn.Module):
     mode whenever `weight_q` was changed in place or given new data (`.data = ...`, a copy). An
     edit that the tensor's version counter does not see is not noticed: through `.data` or a NumPy
     view, by another process sharing the memory, or of an inference tensor (made under
-    torch.inference_mode, which has no version counter); call `repack()` after one. A call that finds another `weight_q` than the
-    one packed (swapped in by `torch.func.functional_call` or a parametrization) multiplies by
-    that `weight_q` itself (after assigning a new `weight_q` for good, call `repack()` to pack it
-    once). A graph from torch.compile / torch.export takes `weight_packed` as it was traced: after
+    torch.inference_mode, which has no version counter); call `repack()` after one. A call that
+    finds another `weight_q` than the one packed (swapped in by `torch.func.functional_call` or a
+    parametrization) multiplies by that `weight_q` itself (after assigning a new `weight_q` for
+    good, call `repack()` to pack it once). A graph from torch.compile / torch.export takes `weight_packed` as it was traced: after
     loading other weights into an exported module (`ExportedProgram.module()`), export it again.
 
     Inference only: backward through it raises. There is no `.weight` attribute; code that reads
