@@ -46,9 +46,9 @@ TORCH_LIBRARY(recsys_kernels, m) {
         "Tensor item_idx, Tensor? item_bias) -> (Tensor, Tensor, Tensor)");
   m.def("candidate_scores(Tensor queries, Tensor items, Tensor cand_offsets, Tensor cand_items, "
         "Tensor? item_bias) -> Tensor");
-  m.def("candidate_topk(Tensor queries, Tensor items, Tensor cand_offsets, Tensor cand_items, int k, "
+  m.def("candidate_topk(Tensor queries, Tensor items, Tensor cand_offsets, Tensor cand_items, SymInt k, "
         "Tensor? item_bias) -> (Tensor, Tensor)");
-  m.def("topk_scores(Tensor queries, Tensor items, int k, Tensor? exclude_offsets, "
+  m.def("topk_scores(Tensor queries, Tensor items, SymInt k, Tensor? exclude_offsets, "
         "Tensor? exclude_items, Tensor? item_bias) -> (Tensor, Tensor)");
 }
 

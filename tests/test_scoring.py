@@ -535,6 +535,30 @@ def test_compile_fullgraph():
         assert torch.equal(g, e)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("topk_scores"))
+def test_compiled_k_does_not_recompile_per_value(device, backend):
+    # k is a SymInt in the schemas: like torch.topk's, it goes dynamic after the second value.
+    # As `int k` every new k compiled a new graph, and the 9th hit torch's recompile limit
+    # (FailOnRecompileLimitHit with fullgraph=True).
+    from torch._dynamo.utils import counters
+
+    q, items, bias = exact(4, 6).to(device), exact(30, 6).to(device), exact(30).to(device)
+    off, cand = (t.to(device) for t in csr([[1, 2, 3, 4], [], [8, 0, 0, 5, 9, 10, 11, 12, 13, 14], [5]]))
+
+    def fn(q, k):
+        return (scoring.topk_scores(q, items, k, item_bias=bias, backend=backend),
+                scoring.candidate_topk(q, items, off, cand, k, bias, backend=backend))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for k in range(1, 12):
+        for got, expected in zip(compiled(q, k), fn(q, k)):
+            for g, e in zip(got, expected):
+                assert torch.equal(g.cpu(), e.cpu()), k
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
 def test_compile_fullgraph_backward():
     u = torch.randn(4, 3, requires_grad=True)
     v = torch.randn(6, 3, requires_grad=True)
