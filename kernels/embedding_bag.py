@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import mul_rn, to_dtype_rne
+from .rounding import compiled_on_gpu, interpreted, mul_rn, to_dtype_rne  # noqa: F401 - for the wrappers too
 
 # constexpr codes
 MODE_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -309,11 +309,6 @@ def _embedding_bag_bwd_combine_kernel(
         acc += part  # +0.0 where masked off: no change (see the segment kernel)
     tl.store(GW + row[:, None] * D + cols[None, :], to_dtype_rne(acc, GW.dtype.element_ty, True),
              mask=owner[:, None] & cmask[None, :])
-
-
-def interpreted() -> bool:
-    """True under TRITON_INTERPRET=1 (the kernel is an InterpretedFunction, not a JITFunction)."""
-    return not isinstance(_embedding_bag_fwd_kernel, triton.runtime.JITFunction)
 
 
 def launch_config(dim: int, on_gpu: bool) -> dict:

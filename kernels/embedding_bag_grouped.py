@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .embedding_bag import _int4_rows, _int8_rows
-from .rounding import mul_rn, to_dtype_rne
+from .rounding import compiled_on_gpu, interpreted, mul_rn, to_dtype_rne  # noqa: F401 - for the wrappers too
 
 # fields of a META row
 F_WEIGHT, F_INDICES, F_OFFSETS, F_PSW, F_ROWS, F_ROW_STRIDE, F_DIM, F_FORMAT, F_INDEX64, F_MODE, F_PAD, \
@@ -152,11 +152,6 @@ def _embedding_bag_grouped_fwd_kernel(
             acc = tl.where(nan_seen > 0, float("nan"), acc)
             acc = tl.where(n > 0, acc, 0.0)
         tl.store(OUT + bag * out_stride + out_col + cols, to_dtype_rne(acc, OUT.dtype.element_ty, True), mask=cmask)
-
-
-def interpreted() -> bool:
-    """True under TRITON_INTERPRET=1 (the kernel is an InterpretedFunction, not a JITFunction)."""
-    return not isinstance(_embedding_bag_grouped_fwd_kernel, triton.runtime.JITFunction)
 
 
 def launch_config(max_dim: int, on_gpu: bool) -> dict:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import to_dtype_rne
+from .rounding import interpreted, to_dtype_rne  # noqa: F401 - interpreted: for the wrappers
 
 INT32_SAFE_K = 131071  # the largest K at which no int8 dot product can leave int32
 CHUNK_K = tl.constexpr(65536)  # terms per int32 partial sum when K > INT32_SAFE_K (a power of two >= any BLOCK_K)
@@ -217,11 +217,6 @@ def _weight_only_kernel(
 
 
 # ----------------------------------------------------------------------------- launch helpers
-def interpreted() -> bool:
-    """True under TRITON_INTERPRET=1 (the kernel is an InterpretedFunction, not a JITFunction)."""
-    return not isinstance(_int8_gemm_kernel, triton.runtime.JITFunction)
-
-
 def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 

@@ -1,4 +1,5 @@
-"""Triton helpers the kernels share: roundings that match the reference's on a GPU too."""
+"""What the Triton kernels share: roundings that match the reference's on a GPU too, and whether
+they run compiled on a GPU or under the interpreter."""
 from __future__ import annotations
 
 import triton
@@ -38,3 +39,14 @@ def mul_rn(a, b, GPU_RN: tl.constexpr):
     else:
         product = a * b
     return product
+
+
+def interpreted() -> bool:
+    """True under TRITON_INTERPRET=1 (a jitted function is an InterpretedFunction, not a JITFunction)."""
+    return not isinstance(to_dtype_rne, triton.runtime.JITFunction)
+
+
+def compiled_on_gpu(t) -> bool:
+    """Whether kernels on `t`'s device run compiled on a GPU (not interpreted on CPU tensors): the
+    GPU launch configs, and GPU_RN (mul_rn)."""
+    return t.is_cuda and not interpreted()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import mul_rn
+from .rounding import compiled_on_gpu, interpreted, mul_rn  # noqa: F401 - for the wrappers too
 
 ORD_NAN = tl.constexpr(-2139095042)  # the ordinal of NaN: one below fp32 -inf's
 KEY_INVALID = tl.constexpr((-2139095041 - 2) << 32)  # padding / excluded: below every NaN
@@ -235,11 +235,6 @@ def _segment_grad_kernel(
 
 
 # ----------------------------------------------------------------------------- launch helpers
-def interpreted() -> bool:
-    """True under TRITON_INTERPRET=1 (the kernel is an InterpretedFunction, not a JITFunction)."""
-    return not isinstance(_gather_dot_kernel, triton.runtime.JITFunction)
-
-
 def gather_config(dim: int, on_gpu: bool) -> dict:
     block_d = min(triton.next_power_of_2(max(dim, 1)), 128 if on_gpu else 1024)
     if on_gpu:

@@ -120,7 +120,7 @@ def _embedding_bag_grouped_triton(weights: list[Tensor], indices: list[Tensor], 
     with _common.cuda_device_of(out):
         _k._embedding_bag_grouped_fwd_kernel[_k.grid(n_bags, len(tasks))](
             meta, task_table, out, len(tasks), out.stride(0),
-            NF=_k.N_FIELDS, BOUNDS=_k.BOUNDS_CODES[bounds], GPU_RN=out.is_cuda and not _k.interpreted(), **cfg)
+            NF=_k.N_FIELDS, BOUNDS=_k.BOUNDS_CODES[bounds], GPU_RN=_k.compiled_on_gpu(out), **cfg)
     return out
 
 

@@ -140,7 +140,7 @@ def _embedding_bag_triton(weight: Tensor, indices: Tensor, offsets: Tensor, per_
         -1 if padding_idx is None else padding_idx,
         MODE=_k.MODE_CODES[mode], BOUNDS=_k.BOUNDS_CODES[bounds], HAS_PAD=padding_idx is not None,
         HAS_PSW=psw is not None, BITS=bits if quantized else 0, ACC64=weight.dtype == torch.float64,
-        GPU_RN=weight.is_cuda and not _k.interpreted(),
+        GPU_RN=_k.compiled_on_gpu(weight),
         **cfg)
     return out
 

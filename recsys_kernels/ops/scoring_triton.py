@@ -139,10 +139,6 @@ def _keep(t: Tensor, token: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- launches
-def _on_gpu(t: Tensor) -> bool:
-    return t.is_cuda and not _k.interpreted()
-
-
 def _dim(items: Tensor) -> int:
     return items.shape[1] - 8 if items.dtype == torch.uint8 else items.shape[1]
 
@@ -157,14 +153,14 @@ def _gather_dot(queries: Tensor, items: Tensor, q_idx: Tensor, i_idx: Tensor, it
     if n == 0:
         return _keep(out, token), keys
     dim = _dim(items)
-    cfg = _k.gather_config(dim, _on_gpu(queries))
+    cfg = _k.gather_config(dim, _k.compiled_on_gpu(queries))
     grid = (triton_cdiv(n, cfg["BLOCK_P"]),)
     _common.launch_triton(_k._gather_dot_kernel, grid)(
         queries, items, item_bias if item_bias is not None else out, q_idx, i_idx, out,
         keys if with_keys else out, token,
         n, dim, items.stride(0),
         HAS_BIAS=item_bias is not None, INT8=items.dtype == torch.uint8, WRITE_KEYS=with_keys,
-        GPU_RN=_on_gpu(queries), **cfg)
+        GPU_RN=_k.compiled_on_gpu(queries), **cfg)
     return out, keys
 
 
@@ -190,12 +186,12 @@ def _segment_grad(grad_output: Tensor, other: Tensor, other_idx: Tensor, row_idx
     if n_rows == 0 or row_idx.numel() == 0 or (dim == 0 and not with_bias):
         return _keep(out, token), out_bias
     perm, seg_lo, seg_hi = _segments(row_idx, n_rows)
-    cfg = _k.segment_config(dim, n_rows, _on_gpu(grad_output))
+    cfg = _k.segment_config(dim, n_rows, _k.compiled_on_gpu(grad_output))
     grid = (triton_cdiv(n_rows, cfg["BLOCK_R"]), max(1, triton_cdiv(dim, cfg["BLOCK_D"])))
     _common.launch_triton(_k._segment_grad_kernel, grid)(
         grad_output, other, other_idx, perm, seg_lo, seg_hi, out, out_bias if with_bias else out, token,
         n_rows, dim, other.stride(0),
-        INT8=other.dtype == torch.uint8, HAS_BIAS=with_bias, GPU_RN=_on_gpu(grad_output), **cfg)
+        INT8=other.dtype == torch.uint8, HAS_BIAS=with_bias, GPU_RN=_k.compiled_on_gpu(grad_output), **cfg)
     return out, out_bias
 
 
@@ -309,7 +305,7 @@ def _topk_scores_triton(queries: Tensor, items: Tensor, k: int, exclude_offsets:
     dim = _dim(items)
     chunk = max(1, int(_s.TOPK_CHUNK))
     user_step = max(1, int(_s.TOPK_USER_CHUNK))
-    on_gpu = _on_gpu(queries)
+    on_gpu = _k.compiled_on_gpu(queries)
     dot_fp32 = not on_gpu or queries.dtype == torch.float32 or queries.dtype != items.dtype
     out_keys = []
     for u0 in range(0, n_users, user_step):
