@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .nn._hooks import carry_forward_hooks, has_forward_hooks
 from .nn.embedding import FusedEmbeddingBag
 from .nn.linear import Int8Linear
+from .quant import fusable_activation
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -191,16 +192,7 @@ _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu"}
 def _activation_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """The Int8Linear epilogue name of activation node `node`, or None."""
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if has_forward_hooks(mod):  # fused away, its hooks would not run
-            return None
-        if type(mod) is nn.ReLU:
-            return "relu"
-        if type(mod) is nn.GELU and mod.approximate == "none":
-            return "gelu"
-        if type(mod) is nn.SiLU:
-            return "silu"
-        return None
+        return fusable_activation(gm.get_submodule(node.target))
     if node.op == "call_function":
         if node.target in _ACT_FUNCTIONS and not node.kwargs.get("inplace", False) and len(node.args) == 1:
             return _ACT_FUNCTIONS[node.target]

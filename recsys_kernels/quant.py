@@ -12,8 +12,11 @@ from .ops.int8_matmul import ACT_QUANTS
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _fusable_activation(module: nn.Module) -> Optional[str]:
-    """The epilogue name of an activation module Int8Linear can fuse, else None."""
+def fusable_activation(module: nn.Module) -> Optional[str]:
+    """The epilogue name of an activation module Int8Linear can fuse, else None (also for one with
+    forward hooks: fused away, they would not run)."""
+    if has_forward_hooks(module):
+        return None
     if type(module) is nn.ReLU:
         return "relu"
     if type(module) is nn.GELU and module.approximate == "none":
@@ -66,7 +69,7 @@ def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn]
             if (runs_in_order(parent) and slots[id(child)] == 1 and i + 1 < len(children)
                     and not has_forward_hooks(child)):
                 next_name, next_child = children[i + 1]
-                activation = None if has_forward_hooks(next_child) else _fusable_activation(next_child)
+                activation = fusable_activation(next_child)
                 if activation is not None:
                     setattr(parent, next_name, nn.Identity())
                     fused.add(next_name)
