@@ -43,6 +43,11 @@ class PassReport:
     removed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
+    def skip(self, pass_name: str, node: str, why: str) -> None:
+        """List a layer the pass left alone, once however many calls of it the graph has."""
+        if (pass_name, node, why) not in self.skipped:
+            self.skipped.append((pass_name, node, why))
+
     def extend(self, other: "PassReport") -> "PassReport":
         self.changes += other.changes
         self.removed += other.removed
@@ -170,12 +175,12 @@ def swap_embedding_bags(gm: fx.GraphModule, bits: Optional[int] = None) -> PassR
         mod = gm.get_submodule(node.target)
         if type(mod) is nn.EmbeddingBag:
             if bits is not None and _reads_into(read, node.target):
-                report.skipped.append(("embedding_bag", node.target, "its weight is read directly (would be packed)"))
+                report.skip("embedding_bag", node.target, "its weight is read directly (would be packed)")
                 continue
             try:
                 fused = FusedEmbeddingBag.from_embedding_bag(mod)
             except NotImplementedError as e:  # max_norm, scale_grad_by_freq
-                report.skipped.append(("embedding_bag", node.target, str(e)))
+                report.skip("embedding_bag", node.target, str(e))
                 continue
             if bits is not None:
                 fused = copy.deepcopy(fused).quantize(bits)  # leave the shared float Parameter alone
@@ -235,8 +240,7 @@ def linear_to_int8(gm: fx.GraphModule, *, act_quant: str = "dynamic",
         if type(mod) is not nn.Linear or (filter_fn is not None and not filter_fn(mod, node.target)):
             continue
         if _reads_into(read, node.target):
-            if ("linear_to_int8", node.target, _READ) not in report.skipped:  # once, however many calls
-                report.skipped.append(("linear_to_int8", node.target, _READ))
+            report.skip("linear_to_int8", node.target, _READ)
             continue
         users = list(node.users)
         act = None
@@ -265,8 +269,7 @@ def linear_to_conv1x1(gm: fx.GraphModule, *, filter_fn: Optional[FilterFn] = Non
         mod = gm.get_submodule(node.target)
         if type(mod) is nn.Linear and (filter_fn is None or filter_fn(mod, node.target)):
             if _reads_into(read, node.target):
-                if ("linear_to_conv1x1", node.target, _READ) not in report.skipped:
-                    report.skipped.append(("linear_to_conv1x1", node.target, _READ))
+                report.skip("linear_to_conv1x1", node.target, _READ)
                 continue
             _set_submodule(gm, node.target, Conv1x1(mod))
             report.changes.append(("linear_to_conv1x1", node.target, "nn.Linear", "Conv1x1 (nn.Conv1d k=1)"))
