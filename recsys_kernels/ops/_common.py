@@ -86,11 +86,9 @@ def cuda_device_of(t: torch.Tensor):
     """The context a Triton kernel on `t` launches in: `t`'s GPU as the current CUDA device.
     Triton launches on the current device, and an eager custom op sets none (the C++ ops take a
     CUDAGuard), so with tensors on cuda:1 and cuda:0 current the kernel ran on the wrong GPU.
-    Nothing to do for CPU tensors (the interpreter) or under torch.compile, whose generated code
-    sets the device itself."""
-    if t.is_cuda and not torch.compiler.is_compiling():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    Nothing to do for CPU tensors (the interpreter). (Eager only: launch_triton leaves a launch
+    under torch.compile alone, whose generated code sets the device itself.)"""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def launch_triton(kernel, grid):
