@@ -42,8 +42,9 @@ class Int8Linear(nn.Module):
     torch.inference_mode, which has no version counter); call `repack()` after one. A call that
     finds another `weight_q` than the one packed (swapped in by `torch.func.functional_call` or a
     parametrization) multiplies by that `weight_q` itself (after assigning a new `weight_q` for
-    good, call `repack()` to pack it once). A graph from torch.compile / torch.export takes `weight_packed` as it was traced: after
-    loading other weights into an exported module (`ExportedProgram.module()`), export it again.
+    good, call `repack()` to pack it once). A graph from torch.compile / torch.export takes
+    `weight_packed` as it was traced: after loading other weights into an exported module
+    (`ExportedProgram.module()`), export it again.
 
     Inference only: backward through it raises. There is no `.weight` attribute; code that reads
     `linear.weight` directly (nn.MultiheadAttention's out_proj, fused transformer fast paths)
