@@ -461,7 +461,7 @@ RK_AVX2 bool q8_quantize_rows_avx2(const float* x, int64_t n, int64_t dim, uint8
       mx = std::max(mx, xr[c]);
     }
     const float amax = std::max(-mn, mx);
-    if (nan || !(amax <= 0x1p96f) || (amax > 0.0f && amax < 0x1p-60f)) return false;
+    if (nan || !(amax <= 0x1p96f) || too_small_for_prefilter(amax)) return false;
     // with max |x| >= 2^-60 a row that is not constant has max - min >= 2^-83: scale >= 2^-91 and
     // 1 / scale is finite; a constant row gets scale 0, every code 0 and no residual
     const float scale = (mx - mn) / 255.0f, inv = mx > mn ? 1.0f / scale : 0.0f;

@@ -106,6 +106,10 @@ int64_t score_tile_avx512(const TileArgs& a, Candidate* out);  // scoring_cpu_av
 // those of the fp32 tile on the catalog's own rows: the quantization only decides what to rescore.
 constexpr int kQ8QueryMax = 32;
 constexpr int kQ8QueryMaxVnni = 127;
+// Queries, rows and int8 rows (255 |scale| + |bias|) whose magnitude is below 2^-60 (not 0) take
+// the fp32 tile: the bound's slack is relative, and its roundings must stay in the normal range
+// (in the subnormal one a score's roundings exceed it).
+inline bool too_small_for_prefilter(float magnitude) { return magnitude > 0.0f && magnitude < 0x1p-60f; }
 // Quads (4 columns) of a q8 query panel: ceil(D / 4) rounded up to even, the kernel's step. The
 // codes read past D are the row's scale and bias bytes (row_bytes = D + 8 > 4 * quads - 1),
 // multiplied by zero queries.

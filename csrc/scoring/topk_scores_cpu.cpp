@@ -71,7 +71,7 @@ Q8Queries quantize_queries(const float* q, int64_t n_users, int64_t d, int64_t g
       maxabs = std::max(maxabs, std::fabs(row[c]));
     }
     // (tiny queries too: the bound's roundings must stay in the normal range, see q8_quantize_rows)
-    if (!finite || !std::isfinite(maxabs / qmax) || (maxabs > 0.0f && maxabs < 0x1p-60f)) {
+    if (!finite || !std::isfinite(maxabs / qmax) || too_small_for_prefilter(maxabs)) {
       r.exact_only[g] = 1;
       continue;
     }
@@ -205,7 +205,7 @@ void run_unit(const Problem& P, int64_t g0, int64_t g1, int64_t i0, int64_t i1, 
         float sb[2];
         std::memcpy(sb, P.items.data + (c0 + i) * P.items.row_bytes + d, 8);
         const float magnitude = 255.0f * std::fabs(sb[0]) + std::fabs(sb[1]);
-        chunk_q8 = magnitude <= 1e30f && !(magnitude > 0.0f && magnitude < 0x1p-60f);
+        chunk_q8 = magnitude <= 1e30f && !too_small_for_prefilter(magnitude);
       }
     }
     TileArgs a{};
