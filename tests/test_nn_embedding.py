@@ -249,6 +249,18 @@ def test_quantized_state_dict(bits):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_float64_tables_quantize_through_float32(bits):
+    # the quantizer (like torch's prepack ops) takes no float64: the module rounds to float32 first
+    table = torch.randn(10, 6, dtype=torch.float64)
+    expected = quantize_rowwise(table.float(), bits)
+    fused = FusedEmbeddingBag(10, 6, dtype=torch.float64, _weight=table.clone()).quantize(bits)
+    assert torch.equal(fused.weight, expected)
+    loaded = FusedEmbeddingBag(10, 6).quantize(bits)
+    loaded.load_state_dict({"weight": table})  # a float64 checkpoint into a quantized module
+    assert torch.equal(loaded.weight, expected)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_from_packed_torch_prepack(bits):
     table = torch.randn(15, 8)
     prepack = torch.ops.quantized.embedding_bag_byte_prepack if bits == 8 else \

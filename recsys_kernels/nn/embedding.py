@@ -22,6 +22,12 @@ from ..ops.embedding_grouped import embedding_bag_grouped
 from ..ops.rowwise import check_packed_table, packed_width, quantize_rowwise
 
 
+def _quantizable(table: Tensor) -> Tensor:
+    """The table as the row-wise quantizer takes it: a float64 table is rounded to float32 first
+    (torch's prepack ops refuse float64; the codes are far coarser than that rounding)."""
+    return table.float() if table.dtype == torch.float64 else table
+
+
 class FusedEmbeddingBag(nn.Module):
     """nn.EmbeddingBag with the recsys_kernels embedding_bag op underneath.
 
@@ -137,7 +143,7 @@ class FusedEmbeddingBag(nn.Module):
         """Convert in place to a uint8 fused row-wise table (inference only). Returns self."""
         if self.bits is not None:
             raise RuntimeError(f"the table is already quantized ({self.bits}-bit)")
-        self._set_packed(quantize_rowwise(self.weight.detach(), bits, backend=self.backend), bits)
+        self._set_packed(quantize_rowwise(_quantizable(self.weight.detach()), bits, backend=self.backend), bits)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -149,7 +155,7 @@ class FusedEmbeddingBag(nn.Module):
                 # a float checkpoint into a quantized module: quantize it the same way, where the
                 # table lives (a module on the meta device takes the checkpoint's with assign=True)
                 device = incoming.device if self.weight.is_meta else self.weight.device
-                state_dict[key] = quantize_rowwise(incoming.to(device), self.bits, backend=self.backend)
+                state_dict[key] = quantize_rowwise(_quantizable(incoming.to(device)), self.bits, backend=self.backend)
             elif self.bits is None and incoming.dtype == torch.uint8:
                 bits = 8 if incoming.shape[-1] == packed_width(self.embedding_dim, 8) else 4
                 error_msgs.append(f"{key}: the checkpoint holds a quantized (uint8, {bits}-bit) table; call "
