@@ -295,13 +295,15 @@ def test_bad_input(kwargs, exc, match):
 @pytest.mark.parametrize("short", range(1, 8))
 @pytest.mark.parametrize("device,backend", backend_params("embedding_bag_grouped", include_reference=False))
 def test_raw_op_checks_every_list_length(device, backend, short):
-    """The op called directly (no front door): a per-lookup list one entry short raises."""
+    """The op called directly (no front door): a per-lookup list one entry short raises the front
+    door's message, naming the list."""
+    names = ["weights", "indices", "offsets", "per_sample_weights", "modes", "padding_idx", "bits", "sparse"]
     args = [[W, W], [I, I], [O, O], [None, None], ["sum", "sum"], [-1, -1], [8, 8], [False, False]]
     args[short] = args[short][:1]
     args = [[t.to(device) if isinstance(t, torch.Tensor) else t for t in a] for a in args]
     op = torch.ops.recsys_kernels.embedding_bag_grouped_triton if backend == "triton" else \
         torch.ops.recsys_kernels.embedding_bag_grouped
-    with pytest.raises(ValueError, match="every per-lookup list"):
+    with pytest.raises(ValueError, match=rf"^{names[short]} must have one entry per lookup \(2\), got 1$"):
         op(*args, "raise", torch.float32)
 
 

@@ -364,7 +364,7 @@ def test_non_finite_scale_raises(bits):
 def test_metadata_errors():
     lk = good()
     args = list(grouped_args([lk, good()], "raise", torch.float32))
-    with pytest.raises(ValueError, match="one entry per table"):
+    with pytest.raises(ValueError, match=r"^modes must have one entry per lookup \(2\), got 1$"):
         OP(*(args[:4] + [["sum"]] + args[5:]))
     with pytest.raises(ValueError, match=r"offsets\[1\] must have B \+ 1 = 21"):
         OP(*(args[:2] + [[lk.offsets, lk.offsets[:-1]]] + args[3:]))

@@ -150,9 +150,9 @@ at::Tensor embedding_bag_grouped_cuda(at::TensorList weights, at::TensorList ind
                                       at::ScalarType output_dtype) {
   // Metadata checks (the front door made them already; the op can be called directly).
   const int64_t n_lookups = static_cast<int64_t>(weights.size());
-  TORCH_CHECK_VALUE(n_lookups >= 1, "weights must hold at least one table, got an empty list");
+  TORCH_CHECK_VALUE(n_lookups >= 1, "weights must hold at least one table (one per lookup), got an empty list");
   const auto same_length = [&](int64_t n, const char* name) {
-    RK_CHECK_VALUE(n == n_lookups, name, "must have one entry per table (", n_lookups, "), got ", n);
+    RK_CHECK_VALUE(n == n_lookups, name, "must have one entry per lookup (", n_lookups, "), got ", n);
   };
   same_length(static_cast<int64_t>(indices_list.size()), "indices");
   same_length(static_cast<int64_t>(offsets_list.size()), "offsets");

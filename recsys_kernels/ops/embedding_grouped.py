@@ -123,6 +123,15 @@ _common.register_autograd_with_backward_op(FORWARD, BACKWARD, "embedding_bag_bac
 
 
 # ----------------------------------------------------------------------------- front door
+def check_lookup_count(n: int, name: str, got: int) -> None:
+    """n tables (at least one) and a per-lookup list `name` of `got` entries; the C++ ops raise
+    the same messages."""
+    if n == 0:
+        raise ValueError("weights must hold at least one table (one per lookup), got an empty list")
+    if got != n:
+        raise ValueError(f"{name} must have one entry per lookup ({n}), got {got}")
+
+
 def _per_lookup(value, name: str, n: int, scalar_types) -> list:
     """A per-lookup list from one value for every lookup or a sequence of n values. Integer
     scalars of other types (numpy's) become ints where scalar_types is numbers.Integral (bools
@@ -132,9 +141,8 @@ def _per_lookup(value, name: str, n: int, scalar_types) -> list:
     elif not isinstance(value, (list, tuple)):
         raise TypeError(f"{name} must be a list of {n} values (one per lookup) or a single value, "
                         f"got {type(value).__name__}")
-    elif len(value) != n:
-        raise ValueError(f"{name} must have one entry per lookup ({n}), got {len(value)}")
     else:
+        check_lookup_count(n, name, len(value))
         values = list(value)
     if scalar_types is numbers.Integral:
         values = [int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v for v in values]
@@ -182,10 +190,7 @@ def embedding_bag_grouped(weights: Sequence[Tensor], indices: Sequence[Tensor],
     if not isinstance(weights, (list, tuple)) or not isinstance(indices, (list, tuple)):
         raise TypeError("weights and indices must be lists of tensors (one per lookup)")
     n = len(weights)
-    if n == 0:
-        raise ValueError("weights must hold at least one table (one per lookup), got an empty list")
-    if len(indices) != n:
-        raise ValueError(f"indices must have one entry per lookup ({n}), got {len(indices)}")
+    check_lookup_count(n, "indices", len(indices))
     offsets = _per_lookup(offsets, "offsets", n, Tensor)
     modes = _per_lookup(modes, "modes", n, str)
     pads = _per_lookup(padding_idx, "padding_idx", n, numbers.Integral)

@@ -24,7 +24,7 @@ from .. import _backend
 from . import _common, embedding_triton
 from .embedding import BACKWARD, BOUNDS, check_raw_lookup
 from .embedding_grouped import (NAME, SCHEMA, _embedding_bag_grouped_fake, _make_backward, _setup_context,
-                                lookup_dim)
+                                check_lookup_count, lookup_dim)
 
 _k, _REASON = _common.triton_kernels("embedding_bag_grouped")
 
@@ -66,9 +66,9 @@ def _embedding_bag_grouped_triton(weights: list[Tensor], indices: list[Tensor], 
                                   bits: list[int], sparse: list[bool], bounds: str,
                                   output_dtype: torch.dtype) -> Tensor:
     n = len(weights)
-    if not n == len(indices) == len(offsets) == len(per_sample_weights) == len(modes) == len(padding_idx) \
-            == len(bits) == len(sparse) or n == 0:
-        raise ValueError("embedding_bag_grouped: every per-lookup list needs the same number (>= 1) of entries")
+    for name, values in (("indices", indices), ("offsets", offsets), ("per_sample_weights", per_sample_weights),
+                         ("modes", modes), ("padding_idx", padding_idx), ("bits", bits), ("sparse", sparse)):
+        check_lookup_count(n, name, len(values))
     n_bags = offsets[0].shape[0] - 1
     if any(o.shape[0] - 1 != n_bags for o in offsets):
         raise ValueError("embedding_bag_grouped: every offsets[f] needs the same number of entries (B + 1)")
