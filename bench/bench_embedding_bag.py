@@ -77,13 +77,11 @@ def _bytes(row_bytes, idx, out_bytes):
     return idx.numel() * row_bytes + idx.numel() * idx.element_size() + (B + 1) * idx.element_size() + out_bytes
 
 
-@pytest.mark.benchmark(group=f"embedding_bag sum fp32 {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
-                       min_rounds=5, max_time=1.0)
-@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "torch_compile_ref", "ours", "ours_int32"])
-def test_fp32_uniform(run_bench, impl):
+def _fp32_case(run_bench, impl, shape, dist):
+    """One fp32 sum-pooling case of `shape` with `dist` indices (int32 ones for impl "..._int32")."""
     _skip_unless_ours(impl)
-    w = _table(*SHAPE_A)
-    idx, off = _bags(SHAPE_A[0], "uniform")
+    w = _table(*shape)
+    idx, off = _bags(shape[0], dist)
     if impl.endswith("int32"):
         idx, off = idx.int(), off.int()
     if impl == "torch_compile_ref":
@@ -93,11 +91,19 @@ def test_fp32_uniform(run_bench, impl):
             return F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
     else:
         def fn(w, i, o):
-            return rk.embedding_bag(w, i, o, backend="cpu")
-        expected = F.embedding_bag(idx[:4096], w, off[:129], mode="sum", include_last_offset=True)
-        torch.testing.assert_close(fn(w, idx[:4096], off[:129]), expected, rtol=1e-5, atol=1e-5)
-    run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_A[1] * 4, idx, B * SHAPE_A[1] * 4),
-              ops=idx.numel() * SHAPE_A[1], shape=(*SHAPE_A, B, L), impl=impl, peer=impl.startswith("torch"))
+            return rk.embedding_bag(w, i, o, backend="reference" if impl == "reference" else "cpu")
+        some_idx, some_off = idx[:128 * L], off[:129]  # the first 128 bags: enough to catch a wrong kernel
+        expected = F.embedding_bag(some_idx, w, some_off, mode="sum", include_last_offset=True)
+        torch.testing.assert_close(fn(w, some_idx, some_off), expected, rtol=1e-5, atol=1e-5)
+    run_bench(fn, w, idx, off, bytes_moved=_bytes(shape[1] * 4, idx, B * shape[1] * 4),
+              ops=idx.numel() * shape[1], shape=(*shape, B, L), impl=impl, peer=impl.startswith("torch"))
+
+
+@pytest.mark.benchmark(group=f"embedding_bag sum fp32 {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
+                       min_rounds=5, max_time=1.0)
+@pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "torch_compile_ref", "ours", "ours_int32"])
+def test_fp32_uniform(run_bench, impl):
+    _fp32_case(run_bench, impl, SHAPE_A, "uniform")
 
 
 @pytest.mark.benchmark(group=f"embedding_bag sum row-wise quantized {SHAPE_A[0]}x{SHAPE_A[1]} B={B} L={L} uniform",
@@ -127,23 +133,7 @@ def test_quantized_uniform(run_bench, impl, bits):
                        min_rounds=5, max_time=1.0)
 @pytest.mark.parametrize("impl", ["torch_int64", "torch_int32", "torch_compile_ref", "ours", "reference"])
 def test_fp32_zipf(run_bench, impl):
-    _skip_unless_ours(impl)
-    w = _table(*SHAPE_B)
-    idx, off = _bags(SHAPE_B[0], "zipf")
-    if impl.endswith("int32"):
-        idx, off = idx.int(), off.int()
-    if impl == "torch_compile_ref":
-        fn = _compiled_reference()
-    elif impl.startswith("torch"):
-        def fn(w, i, o):
-            return F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
-    else:
-        def fn(w, i, o):
-            return rk.embedding_bag(w, i, o, backend=impl if impl == "reference" else "cpu")
-        torch.testing.assert_close(fn(w, idx, off), F.embedding_bag(idx, w, off, mode="sum", include_last_offset=True),
-                                   rtol=1e-5, atol=1e-5)
-    run_bench(fn, w, idx, off, bytes_moved=_bytes(SHAPE_B[1] * 4, idx, B * SHAPE_B[1] * 4),
-              ops=idx.numel() * SHAPE_B[1], shape=(*SHAPE_B, B, L), impl=impl, peer=impl.startswith("torch"))
+    _fp32_case(run_bench, impl, SHAPE_B, "zipf")
 
 
 @pytest.mark.parametrize("case", ["A_fp32_int64", "A_fp32_int32", "A_int8", "A_int4", "B_fp32_int64"])
