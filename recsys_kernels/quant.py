@@ -51,7 +51,9 @@ def _slot_counts(model: nn.Module) -> dict[int, int]:
 
 
 def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn], act_quant: str,
-                   slots: dict[int, int], converted: dict[int, nn.Module]) -> None:
+                   slots: dict[int, int], converted: dict[int, tuple[nn.Module, nn.Module]]) -> None:
+    # converted: id(Linear) -> (that Linear, its Int8Linear). The Linear is kept so that its id
+    # cannot pass to a module made during the walk (a shared block is walked once per slot).
     # every slot, shared modules included (named_children lists a module once)
     children = [(name, child) for name, child in parent._modules.items() if child is not None]
     fused = set()  # names of activation modules already folded into the Linear before them
@@ -60,7 +62,7 @@ def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn]
             continue
         fqn = f"{prefix}{name}"
         if id(child) in converted:  # a shared Linear: the same Int8Linear in every place
-            setattr(parent, name, converted[id(child)])
+            setattr(parent, name, converted[id(child)][1])
         elif _is_candidate(child, parent) and (filter_fn is None or filter_fn(child, fqn)):
             activation = None
             # Fuse only where "directly followed by" is the execution order, only into a Linear
@@ -73,9 +75,9 @@ def _swap_children(parent: nn.Module, prefix: str, filter_fn: Optional[FilterFn]
                 if activation is not None:
                     setattr(parent, next_name, nn.Identity())
                     fused.add(next_name)
-            converted[id(child)] = carry_forward_hooks(
-                child, Int8Linear.from_float(child, activation=activation, act_quant=act_quant))
-            setattr(parent, name, converted[id(child)])
+            new = carry_forward_hooks(child, Int8Linear.from_float(child, activation=activation, act_quant=act_quant))
+            converted[id(child)] = (child, new)
+            setattr(parent, name, new)
         else:
             _swap_children(child, f"{fqn}.", filter_fn, act_quant, slots, converted)
 

@@ -176,6 +176,28 @@ def test_quantize_fuses_only_where_the_activation_runs_next():
     assert twice[0] is twice[1] and two_parents[0][0] is two_parents[1][0]
 
 
+def test_quantize_block_in_two_places_after_many_layers():
+    """A block that sits in two slots is walked twice; the Linears converted before it are freed as
+    the walk goes on, and a module made during the walk can get a freed Linear's id. Every slot
+    must still hold its own layer (until 2026-11-30 most of these models got another layer's)."""
+    x = torch.randn(4, 16)
+    for _ in range(10):
+        pre = nn.Sequential(*[m for _ in range(32) for m in (nn.Linear(16, 16), nn.ReLU())])
+        block = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+        model = nn.Sequential(pre, block, block)
+        ref = copy.deepcopy(model)
+        quantize_(model)
+        layers = zip(model.named_modules(remove_duplicate=False), ref.named_modules(remove_duplicate=False))
+        for (name, q), (_, f) in layers:
+            if isinstance(f, nn.Linear):
+                assert isinstance(q, Int8Linear), name
+                torch.testing.assert_close(q.dequantized_weight(), f.weight.detach(), rtol=0,
+                                           atol=f.weight.detach().abs().max().item() / 127)
+        assert model[1] is model[2]
+        with torch.no_grad():
+            assert _rel(model(x), ref(x)) < 2e-2
+
+
 def test_quantize_leaves_linear_subclasses_with_their_own_forward():
     class Scaled(nn.Linear):
         def forward(self, x):
