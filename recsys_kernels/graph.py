@@ -94,11 +94,28 @@ def _leaf_types() -> tuple[type, ...]:
     return (FusedEmbeddingBag, Int8Linear, Conv1x1, RemappedEmbedding, RemappedEmbeddingBag, SparseLinear)
 
 
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
 class _Tracer(fx.Tracer):
-    """Keeps this package's modules whole (their forwards branch on tensor metadata)."""
+    """Keeps this package's modules whole (their forwards branch on tensor metadata), and refuses
+    a forward that enters torch.autocast: fx records no context manager, so the graph would run
+    the block's ops without it."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _leaf_types()) or super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        self._autocast_outside = _autocast_state()
+        return super().trace(root, concrete_args)
+
+    def create_node(self, *args, **kwargs):
+        if _autocast_state() != self._autocast_outside:
+            raise NotImplementedError(
+                "the model's forward enters or leaves torch.autocast, which torch.fx tracing cannot record "
+                "(the graph would run those ops without it); call the model inside torch.autocast instead")
+        return super().create_node(*args, **kwargs)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

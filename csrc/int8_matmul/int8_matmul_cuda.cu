@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -232,6 +233,9 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in, cons
       // matmul (TF32 only if the user enabled it for matmuls), then bias + activation + cast.
       at::Tensor wf = at::empty({N, K}, x.options().dtype(at::kFloat));
       launch_dequantize_weight(w.data_ptr<int8_t>(), w_scale.data_ptr<float>(), wf.data_ptr<float>(), N, K, stream);
+      // (autocast off: the op has no autocast kernel, so inside torch.autocast this at::mm would
+      // otherwise run in fp16 / bf16)
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       const at::Tensor y = at::mm(x.to(at::kFloat), wf.t()).contiguous();
       launch_bias_act(y.data_ptr<float>(), M, N, ep, stream);
     }

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn._hooks import carry_forward_hooks
+from ..ops._common import autocast_dtype
 
 # measured with measure_break_even((128, 128), batch=1024) and ((512, 512), batch=256) on the
 # development machine, 1 thread: see docs/design.md "Compression" for the table
@@ -99,10 +100,20 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        weight, bias = self.weight_csr, self.bias
+        out_dtype = autocast_dtype(x.device.type)  # under torch.autocast, its dtype (as nn.Linear)
+        if out_dtype is not None or (weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16)):
+            # torch's CPU sparse kernels take no fp16 / bf16, which a half model or autocast would
+            # hand them: the product in fp32, rounded once at the end
+            with torch.autocast(x.device.type, enabled=False):
+                y = torch.mm(weight.float(), x2.float().t()).t()
+                if bias is not None:
+                    y = y + bias.float()
+            return y.to(out_dtype or x.dtype).reshape(*lead, self.out_features)
         # CSR @ dense: [out, in] @ [in, M] -> [out, M]
-        y = torch.mm(self.weight_csr, x2.t()).t()
-        if self.bias is not None:
-            y = y + self.bias
+        y = torch.mm(weight, x2.t()).t()
+        if bias is not None:
+            y = y + bias
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -30,7 +30,8 @@ class Int8Linear(nn.Module):
     (W ≈ weight_q * weight_scale[:, None]) and `bias` fp32 [out] or None. `act_quant="dynamic"`
     quantizes each input row to int8 and runs the int8 GEMM; `"none"` keeps x in float
     (weight-only, for small batches). The activation ("none" | "relu" | "gelu" (erf) | "silu")
-    is fused into the GEMM epilogue. Output dtype: `out_dtype`, default x's dtype.
+    is fused into the GEMM epilogue. Output dtype: `out_dtype`, default x's dtype, or inside
+    torch.autocast the autocast dtype, as nn.Linear gives (the int8 GEMM itself is the same).
 
     On the CPU (backend "auto" or "cpu", C++ kernels built) the forward runs
     `int8_linear_packed` on `weight_packed`, the weight in the CPU kernels' panel layout, packed
@@ -149,6 +150,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: calls by keyword work
         x = input
+        out_dtype = self.out_dtype
+        if out_dtype is None and isinstance(x, Tensor):  # under torch.autocast, its dtype (as nn.Linear)
+            out_dtype = _common.autocast_dtype(x.device.type)
         if self._packed_path(x) and (torch.compiler.is_compiling() or self._packed_is_current()):
             if isinstance(x, Tensor) and x.dtype in _common.FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == self.in_features:
                 # Straight to the C++ op (which checks its arguments again): the generic front door
@@ -160,17 +164,17 @@ class Int8Linear(nn.Module):
                 if bias is not None and bias.dtype == torch.float64:  # (.double(): no fp64 epilogue)
                     bias = bias.float()
                 x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)  # -1: not if empty
-                args = (x2, buffers["weight_packed"], scale, bias, self.activation, self.act_quant, self.out_dtype)
+                args = (x2, buffers["weight_packed"], scale, bias, self.activation, self.act_quant, out_dtype)
                 # below the op's Python autograd wrapper when nothing above the kernel would act:
                 # ~10 us of a ~15 us call at M = 1
                 y = _common.redispatch_cpu(_PACKED_OP, *args) if _common.plain_eager(*args) else _PACKED_OP(*args)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
             return int8_linear_packed(x, self.weight_packed, self.weight_scale.float(), self._bias(),
                                       in_features=self.in_features, activation=self.activation,  # raises clearly
-                                      act_quant=self.act_quant, out_dtype=self.out_dtype, backend="cpu")
+                                      act_quant=self.act_quant, out_dtype=out_dtype, backend="cpu")
         return int8_linear(x, self.weight_q, self.weight_scale.float(), self._bias(),
                            activation=self.activation, act_quant=self.act_quant,
-                           out_dtype=self.out_dtype, backend=self.backend)
+                           out_dtype=out_dtype, backend=self.backend)
 
     def _bias(self) -> Tensor | None:
         """The bias for the ops: fp32 where a model cast with .double() made it fp64."""

@@ -12,6 +12,7 @@ index bounds, finite scales) run inside every kernel, where they are opaque to t
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import os
@@ -46,12 +47,35 @@ def _native_reason(name: str, key: str) -> str | None:
     return None
 
 
+def _outside_autocast(reference: Callable) -> Callable:
+    """The reference body with torch.autocast off: the ops compute in their inputs' dtypes on every
+    backend (a custom op has no autocast rule, so autocast would reach the body's matmuls)."""
+    @functools.wraps(reference)
+    def body(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return reference(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return reference(*args, **kwargs)
+    return body
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """torch.autocast's dtype where it is on for this device type, else None. The modules that
+    stand in for nn.Linear give their output in it, as nn.Linear does; the ops themselves compute in
+    their inputs' dtypes."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def define_op(name: str, reference: Callable, fake: Callable, schema: str | None = None):
     """Define X_reference from the `reference` function (its type hints give the schema, which
     must equal csrc/ops.cpp's; `schema`, "(args) -> ret", where type hints cannot say it, e.g.
     str[]), give every variant the fake kernel, register the backends.
     Returns {backend: op} for the variants that exist, for autograd registration."""
-    ref_op = torch.library.custom_op(f"{LIB}::{name}_reference", reference, mutates_args=(), schema=schema)
+    schema = schema or torch.library.infer_schema(reference, mutates_args=())  # (the wrapper's hints are strings)
+    ref_op = torch.library.custom_op(f"{LIB}::{name}_reference", _outside_autocast(reference), mutates_args=(),
+                                     schema=schema)
     ref_op.register_fake(fake)
     _backend.register(name, "reference", ref_op, devices=("cpu", "cuda"))
     variants = {"reference": ref_op}
