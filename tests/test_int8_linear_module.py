@@ -359,6 +359,60 @@ def test_packed_weight_follows_the_weight_it_runs_with():
         assert shared.weight_packed is packed and packed.is_shared()
 
 
+def test_packed_weight_is_never_taken_for_a_freed_weights_successor():
+    """A freed weight's address (and version number) can come back: a module saved and loaded
+    whole in the same process, or `.data` given new storage twice. The record now holds the
+    storage weakly, which cannot come back (it held the address: 13-27 of 30 loads and 9-97 of
+    100 reassignments were stale)."""
+    x = torch.randn(4, 64)
+
+    def expected(m):
+        return int8_linear(x, m.weight_q, m.weight_scale, m.bias, backend="reference")
+
+    with torch.no_grad():
+        for _ in range(30):
+            m = Int8Linear.from_float(nn.Linear(64, 32))
+            m(x)
+            m.weight_q.copy_(torch.randint(-127, 128, m.weight_q.shape, dtype=torch.int8))
+            buf = io.BytesIO()
+            torch.save(m, buf)
+            del m
+            buf.seek(0)
+            loaded = torch.load(buf, weights_only=False)
+            torch.testing.assert_close(loaded(x), expected(loaded), rtol=1e-5, atol=1e-5)
+        m = Int8Linear.from_float(nn.Linear(64, 32))
+        for _ in range(30):
+            m(x)
+            new = torch.randint(-127, 128, m.weight_q.shape, dtype=torch.int8)
+            m.weight_q.data = torch.zeros(0, 64, dtype=torch.int8)  # frees the storage that was packed
+            m.weight_q.data = new
+            torch.testing.assert_close(m(x), expected(m), rtol=1e-5, atol=1e-5)
+
+
+def test_replaced_weight_is_not_kept_and_a_parametrized_one_is_used():
+    import weakref
+    from torch.nn.utils import parametrize
+
+    m = Int8Linear.from_float(nn.Linear(64, 32))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        m(x)
+        old = weakref.ref(m.weight_q)
+        m.weight_q = -m.weight_q  # replaced for good: the next call packs it
+        assert old() is None
+        torch.testing.assert_close(m(x), int8_linear(x, m.weight_q, m.weight_scale, m.bias, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
+        assert m._packed_is_current()
+
+        class Negate(nn.Module):
+            def forward(self, w):
+                return -w
+
+        parametrize.register_parametrization(m, "weight_q", Negate())  # weight_q leaves _buffers (a KeyError)
+        torch.testing.assert_close(m(x), int8_linear(x, m.weight_q, m.weight_scale, m.bias, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_an_edit_made_while_packing_is_seen_by_the_next_call(monkeypatch):
     # another thread's in-place edit that lands while repack() packs: the pack holds the old
     # weights, so the record must be the one taken before packing (it was taken after: the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +43,10 @@ class Int8Linear(nn.Module):
     view, by another process sharing the memory, or of an inference tensor (made under
     torch.inference_mode, which has no version counter); call `repack()` after one. A call that
     finds another `weight_q` than the one packed (swapped in by `torch.func.functional_call` or a
-    parametrization) multiplies by that `weight_q` itself (after assigning a new `weight_q` for
-    good, call `repack()` to pack it once). A graph from torch.compile / torch.export takes
-    `weight_packed` as it was traced: after loading other weights into an exported module
-    (`ExportedProgram.module()`), export it again.
+    parametrization) multiplies by that `weight_q` itself; once the packed tensor is gone (a new
+    `weight_q` assigned for good) the next call packs the new one. A graph from torch.compile /
+    torch.export takes `weight_packed` as it was traced: after loading other weights into an
+    exported module (`ExportedProgram.module()`), export it again.
 
     Inference only: backward through it raises. There is no `.weight` attribute; code that reads
     `linear.weight` directly (nn.MultiheadAttention's out_proj, fused transformer fast paths)
@@ -82,11 +83,14 @@ class Int8Linear(nn.Module):
         self._packed_from = record
 
     def _weight_q_record(self) -> tuple:
-        """What identifies the weight_q there now: the tensor, its data pointer (a copy, a pickle
-        round trip or `.data = ...` moves it, and a copy's version counter starts again) and its
-        version counter (bumped by every in-place change; inference tensors have none)."""
+        """What identifies the weight_q there now, held weakly (a weight_q replaced for good is
+        not kept alive): the tensor; its storage (`.data = ...` gives it another, and a storage
+        object that is gone cannot come back, where a freed address can) and data pointer (another
+        view of it); its version counter (bumped by every in-place change; inference tensors have
+        none)."""
         weight_q = self.weight_q
-        return weight_q, weight_q.data_ptr(), None if weight_q.is_inference() else weight_q._version
+        return (weakref.ref(weight_q), weakref.ref(weight_q.untyped_storage()), weight_q.data_ptr(),
+                None if weight_q.is_inference() else weight_q._version)
 
     def _mark_packed(self) -> None:
         """Remember that weight_packed holds the weight_q there now."""
@@ -94,15 +98,32 @@ class Int8Linear(nn.Module):
 
     def _packed_is_current(self) -> bool:
         """Whether weight_packed holds the weight_q there now; repacks it first if weight_q was
-        changed in place or its data moved. False when weight_q is another tensor than the one
-        packed (for the one call, e.g. torch.func.functional_call with a state dict)."""
-        packed_q, data_ptr, version = self._packed_from
-        weight_q = self._buffers["weight_q"]
-        if packed_q is not weight_q:
+        changed in place, got other data, or replaced the packed tensor for good (that one is
+        gone). False when the packed tensor is alive and weight_q is another (for the one call,
+        e.g. torch.func.functional_call with a state dict)."""
+        packed_q, storage, data_ptr, version = self._packed_from
+        weight_q = self._buffers.get("weight_q")
+        if weight_q is None:  # a parametrization computes it: another tensor on every call
             return False
-        if data_ptr != weight_q.data_ptr() or (version is not None and version != weight_q._version):
-            self.repack()
+        packed_q = packed_q()
+        if packed_q is not weight_q:
+            if packed_q is not None:
+                return False
+        elif (storage() is weight_q.untyped_storage() and data_ptr == weight_q.data_ptr()
+              and (version is None or version == weight_q._version)):
+            return True
+        self.repack()
         return True
+
+    def __getstate__(self):
+        # a pickle or deepcopy packs again on arrival (the record's weak references do not travel)
+        state = super().__getstate__()
+        state.pop("_packed_from", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.repack()
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
