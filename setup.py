@@ -13,8 +13,14 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    # pip's isolated build environment has no torch (pyproject.toml does not ask for one): an
+    # extension built there against another torch would not load in the target environment
+    sys.exit("recsys_kernels compiles against the torch installed in the environment it goes to: install "
+             "torch first, then build with `pip install --no-build-isolation ...`")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # SASS for Ampere (sm_80; it also runs on sm_86/sm_89: same major version) and Hopper (sm_90),
@@ -31,6 +37,9 @@ def cuda_build_requested():
         problems.append("torch is a CPU-only build")
     if cpp_extension.CUDA_HOME is None:
         problems.append("no CUDA toolkit found (set CUDA_HOME)")
+    elif not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        # (torch's finder takes /usr/local/cuda whenever it exists, a runtime-only one too)
+        problems.append(f"no nvcc in CUDA_HOME={cpp_extension.CUDA_HOME}")
     if problems:
         if switch in ("1", "on", "true", "yes"):
             sys.exit("RECSYS_KERNELS_CUDA=1 but the CUDA extension cannot be built: " + "; ".join(problems))
@@ -101,7 +110,12 @@ def extensions():
     return exts
 
 
+# The extension loads only with the torch it was compiled against (recsys_kernels/_loader.py
+# checks): the package asks for that release.
+TORCH_RELEASE = torch.__version__.split("+")[0]
+
 setup(
+    install_requires=[f"torch=={TORCH_RELEASE}", "numpy"],
     packages=find_packages(include=["recsys_kernels", "recsys_kernels.*"]) + ["recsys_kernels._triton"],
     package_dir={"recsys_kernels._triton": "kernels"},
     ext_modules=extensions(),

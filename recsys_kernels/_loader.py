@@ -11,7 +11,9 @@ import torch
 EXTENSIONS: dict[str, object] = {}
 LOAD_ERRORS: dict[str, str] = {}
 
-_REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` in this environment"
+# (a wheel user has no checkout: the hint says where the command runs)
+_REBUILD_HINT = ("build it from a source checkout with `pip install --no-build-isolation -e .` in this "
+                 "environment (RECSYS_KERNELS_CUDA=1 for the CUDA extension)")
 
 
 def _load(name: str, what: str) -> None:
