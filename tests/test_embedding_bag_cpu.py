@@ -262,10 +262,12 @@ def _packed_table(bits, n_rows, d, g):
 
 @pytest.mark.parametrize("bits,d", [(None, 128), (None, 129), (8, 128), (4, 128)])
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("max", False)])
-def test_tables_that_prefetch_into_l2(bits, d, mode, weighted):
-    """Tables beyond 32 MiB (kL2PrefetchBytes: their rows come from DRAM) prefetch the rows ahead
-    into L2 only, in instances of the kernels of their own: every path against the reference.
-    d = 129: the scalar tail's prefetch; quantized rows: their scale and bias lines."""
+def test_tables_that_prefetch_into_l2(bits, d, mode, weighted, monkeypatch):
+    """Tables beyond the last-level cache (their rows come from DRAM; the threshold set to 32 MiB
+    here, whatever L3 this machine has) prefetch the rows ahead into L2 only, in instances of the
+    kernels of their own: every path against the reference. d = 129: the scalar tail's prefetch;
+    quantized rows: their scale and bias lines."""
+    monkeypatch.setenv("RECSYS_KERNELS_L2_PREFETCH_MIB", "32")
     g = torch.Generator().manual_seed(d + (bits or 0))
     row_bytes = {None: 4 * d, 8: d + 8, 4: d // 2 + 4}[bits]
     n_rows = (33 << 20) // row_bytes + 1000

@@ -349,6 +349,22 @@ def test_cpu_isa_env_rejects_unknown_names():
     assert out.returncode != 0 and "RECSYS_KERNELS_CPU_ISA" in out.stderr
 
 
+def test_l2_prefetch_threshold_is_the_l3_or_the_env(monkeypatch):
+    if "_C" not in _loader.EXTENSIONS:
+        pytest.skip("C++ extension not loaded")
+    monkeypatch.delenv("RECSYS_KERNELS_L2_PREFETCH_MIB", raising=False)
+    getconf = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True)  # glibc's sysconf
+    l3 = int(getconf.stdout) if getconf.returncode == 0 and getconf.stdout.strip().isdigit() else 0
+    expected = l3 >> 20 if l3 > 0 else 32
+    assert rk._C.cpu_features()["l2_prefetch_above_mib"] == str(expected)
+    monkeypatch.setenv("RECSYS_KERNELS_L2_PREFETCH_MIB", "7")  # read on every call
+    assert rk._C.cpu_features()["l2_prefetch_above_mib"] == "7"
+    for bad in ("x", "-1", "3.5"):
+        monkeypatch.setenv("RECSYS_KERNELS_L2_PREFETCH_MIB", bad)
+        with pytest.raises(ValueError, match="RECSYS_KERNELS_L2_PREFETCH_MIB='.*' is not a whole number of MiB"):
+            rk._C.cpu_features()
+
+
 @pytest.mark.parametrize("name", ["_C", "_C_cuda"])
 def test_extension_links_the_shared_cxx_runtime(name):
     """setup.py names -lstdc++ so that a compiler driver which links libstdc++ statically (a g++

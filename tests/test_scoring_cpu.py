@@ -363,8 +363,10 @@ def test_pair_scores_paths(dim, item_kind, query_dtype):
 
 
 @pytest.mark.parametrize("big", ["items", "users"])
-def test_pair_scores_tables_that_prefetch_into_l2(big):
-    # a table beyond 32 MiB (kL2PrefetchBytes): the gather-dot's instances that prefetch into L2
+def test_pair_scores_tables_that_prefetch_into_l2(big, monkeypatch):
+    # tables beyond the last-level cache (set to 32 MiB here): the gather-dot's instances that
+    # prefetch into L2
+    monkeypatch.setenv("RECSYS_KERNELS_L2_PREFETCH_MIB", "32")
     g = torch.Generator().manual_seed(len(big))
     n_big, dim = (33 << 20) // (4 * 64) + 1000, 64
     u = torch.randn(n_big if big == "users" else 50, dim, generator=g)

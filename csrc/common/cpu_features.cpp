@@ -4,6 +4,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <unistd.h>
+
 #include <c10/util/Exception.h>
 
 namespace recsys_kernels {
@@ -57,6 +59,21 @@ CpuIsa parse_cap(const char* s) {
 
 }  // namespace
 
+int64_t l2_prefetch_bytes() {
+  if (const char* v = std::getenv("RECSYS_KERNELS_L2_PREFETCH_MIB"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long mib = std::strtoll(v, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && mib >= 0 && mib < (1LL << 40), "RECSYS_KERNELS_L2_PREFETCH_MIB='", v,
+                      "' is not a whole number of MiB");
+    return static_cast<int64_t>(mib) << 20;
+  }
+  static const int64_t llc = [] {
+    const long bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);  // glibc reads it from cpuid; 0 or -1: unknown
+    return bytes > 0 ? int64_t{bytes} : int64_t{32} << 20;
+  }();
+  return llc;
+}
+
 const CpuFeatures& cpu_features() {
   static const CpuFeatures features = detect();
   return features;
@@ -90,6 +107,7 @@ std::map<std::string, std::string> cpu_features_dict() {
           {"avx512_bf16", yn(f.avx512_bf16)},
           {"avx512_vbmi", yn(f.avx512_vbmi)},
           {"amx_int8", yn(f.amx_int8)},
+          {"l2_prefetch_above_mib", std::to_string(l2_prefetch_bytes() >> 20)},
           {"best_path", isa_name(highest_supported(f))},
           {"selected_path", isa_name(cpu_isa())}};
 }

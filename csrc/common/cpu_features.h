@@ -20,10 +20,12 @@ struct CpuFeatures {
   bool amx_int8 = false;     // AMX-TILE + AMX-INT8 (the OS permission is requested by the AMX kernel)
 };
 
-// Gathers from a table larger than this (about a last-level cache: its rows come from DRAM)
-// prefetch the rows ahead into L2 only (prefetcht1), smaller ones into L1 (prefetcht0); the
-// measurements are in embedding_bag_cpu_pool.h (Ahead).
-constexpr int64_t kL2PrefetchBytes = int64_t{32} << 20;
+// Gathers from tables larger than l2_prefetch_bytes() (the last-level cache: their rows come
+// from DRAM) prefetch the rows ahead into L2 only (prefetcht1), smaller ones into L1
+// (prefetcht0); the measurements are in embedding_bag_cpu_pool.h (Ahead). The size is the L3
+// the OS reports (32 MiB where it reports none), or RECSYS_KERNELS_L2_PREFETCH_MIB (read on every
+// call: the tests force both ways with it).
+int64_t l2_prefetch_bytes();
 
 const CpuFeatures& cpu_features();
 // The highest path the CPU supports, capped by RECSYS_KERNELS_CPU_ISA (read on every call, cheap).

@@ -275,6 +275,7 @@ struct Lookup {
   uint8_t* out = nullptr;
   int64_t out_stride = 0, col0 = 0;
   at::ScalarType out_dtype = at::kFloat;
+  bool rows_from_dram = false;  // a table beyond l2_prefetch_bytes(): rows ahead prefetched into L2
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};  // first out-of-range index position
   std::atomic<bool> bad_scale{false};  // a non-finite scale or bias in a gathered quantized row
 
@@ -320,6 +321,8 @@ inline void prepare_lookup(Lookup& lk, const at::Tensor& weight_in, const at::Te
   }
   lk.reader = RowReader{kind, wt, static_cast<const uint8_t*>(lk.weight.const_data_ptr()),
                         lk.weight.size(1) * lk.weight.element_size(), d};
+  // (read here, once: it may raise, and reads the environment)
+  lk.rows_from_dram = lk.weight.size(0) * lk.reader.row_bytes > l2_prefetch_bytes();
   lk.first_bad.store(c.nnz);
 }
 
@@ -385,6 +388,7 @@ inline PoolArgs pool_args(const Lookup& lk, const void* idx, bool idx_is_int64, 
   a.weights = weights;
   a.out = out;
   a.out_stride = out_stride;
+  a.rows_from_dram = lk.rows_from_dram;
   return a;
 }
 

@@ -42,6 +42,7 @@ struct PoolArgs {
   const float* weights;       // one fp32 weight per index (same positions as idx), or nullptr
   float* out;                 // fp32 results, D per bag; an empty bag gets zeros
   int64_t out_stride;
+  bool rows_from_dram;        // the table is beyond l2_prefetch_bytes(): prefetch rows into L2
 };
 
 struct PoolResult {

@@ -17,7 +17,7 @@
 // Columns past the last full vector go through a scalar loop with the same operations.
 
 constexpr int64_t kPrefetch = 16;  // indices ahead (8..16 measured best on AVX2; 32 and more lose)
-// Prefetching into L2 (tables beyond kL2PrefetchBytes), where more misses are in flight: 32
+// Prefetching into L2 (PoolArgs::rows_from_dram), where more misses are in flight: 32
 // indices ahead. Zen 4, 2 threads, paired with torch, 4 alternations of the builds, 16 -> 32:
 // 4-bit shape A 1.97-2.01x -> 2.14-2.19x, fp32 1M x 64 1.24-1.31x -> 1.31-1.43x, 1M x 32
 // 0.89-0.93x -> 0.95-0.97x, fp32 shape A and int8 the same; 48 lost (1M x 32 0.70x).
@@ -25,11 +25,14 @@ constexpr int64_t kPrefetchL2 = 32;
 
 // Where a column block prefetches the rows ahead: nowhere (a bag's later blocks, which find the
 // row in cache), into L1 (prefetcht0), or into L2 only (prefetcht1), for tables beyond
-// kL2PrefetchBytes (cpu_features.h). Measured on Zen 4 (2 threads, paired with torch): prefetcht1
-// took the DRAM-bound shape A (1M x 128 fp32) from 0.98x to 1.57x torch, 31.8 GB/s of rows against
-// the 27-34 GB/s of a sequential read (prefetcht0 fills the L1's few miss buffers, and the rows
-// ahead wait for them); the cache-resident shape B (50K x 64, 12.8 MB) lost 5% with it
-// (0.92x -> 0.87x). A prefetcht0 a few rows ahead on top of it lost on both.
+// l2_prefetch_bytes(), the last-level cache (cpu_features.h). Measured on Zen 4 (32 MiB L3; 2
+// threads, paired with torch): prefetcht1 took the DRAM-bound shape A (1M x 128 fp32) from 0.98x
+// to 1.57x torch, 31.8 GB/s of rows against the 27-34 GB/s of a sequential read (prefetcht0 fills
+// the L1's few miss buffers, and the rows ahead wait for them); the cache-resident shape B (50K x
+// 64, 12.8 MB) lost 5% with it (0.92x -> 0.87x). A prefetcht0 a few rows ahead on top of it lost
+// on both. On a Xeon with a 480 MiB L3, where the int8 / int4 shape A tables (136 / 68 MB) stay
+// cached between calls, prefetcht0 won: int4 1.55-1.68x -> 1.99-2.20x, int8 0.84x -> 0.87-0.94x
+// (fp32 shape A, 512 MB, the same either way): hence the threshold at the L3's size.
 enum class Ahead { kNone, kL1, kL2 };
 
 // Accumulator vectors per column block, i.e. the columns one pass over a bag's rows covers. One
@@ -314,7 +317,7 @@ RK_POOL PoolResult pool_mode(const PoolArgs& a) {
 
 template <class L, class I>
 RK_POOL PoolResult pool_kind(const PoolArgs& a) {
-  return a.n_rows * a.row_bytes > kL2PrefetchBytes ? pool_mode<L, I, Ahead::kL2>(a) : pool_mode<L, I, Ahead::kL1>(a);
+  return a.rows_from_dram ? pool_mode<L, I, Ahead::kL2>(a) : pool_mode<L, I, Ahead::kL1>(a);
 }
 
 template <class I>

@@ -42,7 +42,7 @@ struct DotArgs {
   const float* bias;     // fp32 [I] or nullptr
   int64_t n;
   float* out;
-  bool rows_from_dram;   // a table beyond kL2PrefetchBytes: rows ahead prefetched into L2 only
+  bool rows_from_dram;   // tables beyond l2_prefetch_bytes(): rows ahead prefetched into L2 only
 };
 
 // Return false when an int8 row had a non-finite scale or bias (its score is then meaningless).
