@@ -16,10 +16,6 @@ from helpers import backend_params
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 
 
-def _autocast(device, dtype):
-    return torch.autocast(device, dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 @pytest.mark.parametrize("device,backend", backend_params("topk_scores"))
 def test_topk_scores_ignores_autocast(device, backend, dtype):
@@ -31,7 +27,7 @@ def test_topk_scores_ignores_autocast(device, backend, dtype):
     for bias in (None, torch.zeros(50, device=device)):
         expected = rk.topk_scores(q, items, k=2, item_bias=bias, backend=backend)
         assert expected[1].tolist() == [[1, 0]]
-        with _autocast(device, dtype):
+        with torch.autocast(device, dtype=dtype):
             got = rk.topk_scores(q, items, k=2, item_bias=bias, backend=backend)
         assert got[0].dtype == torch.float32
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
@@ -44,7 +40,7 @@ def test_int8_linear_weight_only_ignores_autocast(device, backend, dtype):
     w = torch.randint(-127, 128, (16, 24), dtype=torch.int8, device=device)
     scale = torch.rand(16, device=device) / 100
     expected = rk.int8_linear(x, w, scale, act_quant="none", backend=backend)
-    with _autocast(device, dtype):
+    with torch.autocast(device, dtype=dtype):
         got = rk.int8_linear(x, w, scale, act_quant="none", backend=backend)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
 
@@ -55,7 +51,7 @@ def test_pair_scores_ignores_autocast(device, backend, dtype):
     users, items = torch.randn(6, 32, device=device), torch.randn(9, 32, device=device)
     u, i = torch.randint(0, 6, (20,), device=device), torch.randint(0, 9, (20,), device=device)
     expected = rk.pair_scores(users, items, u, i, backend=backend)
-    with _autocast(device, dtype):
+    with torch.autocast(device, dtype=dtype):
         got = rk.pair_scores(users, items, u, i, backend=backend)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
 
@@ -71,7 +67,7 @@ def test_int8_linear_module_gives_nn_linears_dtype(backend, dtype):
     x = torch.randn(5, 16)
     with torch.no_grad():
         expected = quantized[0](x).to(dtype)  # the same GEMM, rounded once to the autocast dtype
-        with _autocast("cpu", dtype):
+        with torch.autocast("cpu", dtype=dtype):
             want, first, got = model(x), quantized[0](x), quantized(x)
             compiled = torch.compile(quantized[0], fullgraph=True)(x)
     assert got.dtype == want.dtype == first.dtype == compiled.dtype == dtype
@@ -90,7 +86,7 @@ def test_sparse_linear_under_autocast_and_in_half_models(dtype):
     x = torch.randn(5, 64)
     with torch.no_grad():
         expected = dense(x)
-        with _autocast("cpu", dtype):  # torch's CPU sparse kernels take no fp16 / bf16
+        with torch.autocast("cpu", dtype=dtype):  # torch's CPU sparse kernels take no fp16 / bf16
             got = model(x)
         assert got.dtype == dtype  # as nn.Linear under autocast
         torch.testing.assert_close(got, expected.to(dtype))

@@ -34,6 +34,13 @@
 
 namespace recsys_kernels {
 
+// n tables (at least one) and a per-lookup list `name` of the grouped ops with `got` entries:
+// the Python front door's check and messages (ops/embedding_grouped.py, check_lookup_count).
+inline void check_lookup_count(int64_t n, const char* name, int64_t got) {
+  TORCH_CHECK_VALUE(n >= 1, "weights must hold at least one table (one per lookup), got an empty list");
+  RK_CHECK_VALUE(got == n, name, "must have one entry per lookup (", n, "), got ", got);
+}
+
 // dtype names as Python spells them (torch.float32, not c10's "Float"), for messages.
 inline std::string dtype_name(at::ScalarType t) {
   switch (t) {

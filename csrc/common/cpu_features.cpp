@@ -69,7 +69,7 @@ int64_t l2_prefetch_bytes() {
   }
   static const int64_t llc = [] {
     const long bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);  // glibc reads it from cpuid; 0 or -1: unknown
-    return bytes > 0 ? int64_t{bytes} : int64_t{32} << 20;
+    return bytes > 0 ? int64_t{bytes} : kL3BytesIfUnknown;
   }();
   return llc;
 }

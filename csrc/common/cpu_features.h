@@ -23,8 +23,9 @@ struct CpuFeatures {
 // Gathers from tables larger than l2_prefetch_bytes() (the last-level cache: their rows come
 // from DRAM) prefetch the rows ahead into L2 only (prefetcht1), smaller ones into L1
 // (prefetcht0); the measurements are in embedding_bag_cpu_pool.h (Ahead). The size is the L3
-// the OS reports (32 MiB where it reports none), or RECSYS_KERNELS_L2_PREFETCH_MIB (read on every
-// call: the tests force both ways with it).
+// the OS reports (kL3BytesIfUnknown where it reports none: Zen 4's), or
+// RECSYS_KERNELS_L2_PREFETCH_MIB (read on every call: the tests force both ways with it).
+constexpr int64_t kL3BytesIfUnknown = int64_t{32} << 20;
 int64_t l2_prefetch_bytes();
 
 const CpuFeatures& cpu_features();

@@ -23,19 +23,14 @@ at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indi
                                      at::ScalarType output_dtype) {
   // (the signature must be the CUDA kernel's to the letter: one op, one C++ signature)
   // (sparse: only the backward reads it, but its length is checked like the others')
-  // (the front door's messages, as the CUDA and Triton ops give them)
   const size_t n = weights.size();
-  TORCH_CHECK_VALUE(n >= 1, "weights must hold at least one table (one per lookup), got an empty list");
-  const auto same_length = [&](size_t got, const char* name) {
-    RK_CHECK_VALUE(got == n, name, "must have one entry per lookup (", n, "), got ", got);
-  };
-  same_length(indices.size(), "indices");
-  same_length(offsets.size(), "offsets");
-  same_length(per_sample_weights.size(), "per_sample_weights");
-  same_length(modes.size(), "modes");
-  same_length(padding_idx.size(), "padding_idx");
-  same_length(bits.size(), "bits");
-  same_length(sparse.size(), "sparse");
+  check_lookup_count(n, "indices", indices.size());
+  check_lookup_count(n, "offsets", offsets.size());
+  check_lookup_count(n, "per_sample_weights", per_sample_weights.size());
+  check_lookup_count(n, "modes", modes.size());
+  check_lookup_count(n, "padding_idx", padding_idx.size());
+  check_lookup_count(n, "bits", bits.size());
+  check_lookup_count(n, "sparse", sparse.size());
   TORCH_CHECK_TYPE(is_float_dtype(output_dtype), "output_dtype must be float32, float16 or bfloat16, got ",
                    dtype_name(output_dtype));
   const std::string bounds_s(bounds);

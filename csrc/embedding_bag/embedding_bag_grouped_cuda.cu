@@ -150,17 +150,13 @@ at::Tensor embedding_bag_grouped_cuda(at::TensorList weights, at::TensorList ind
                                       at::ScalarType output_dtype) {
   // Metadata checks (the front door made them already; the op can be called directly).
   const int64_t n_lookups = static_cast<int64_t>(weights.size());
-  TORCH_CHECK_VALUE(n_lookups >= 1, "weights must hold at least one table (one per lookup), got an empty list");
-  const auto same_length = [&](int64_t n, const char* name) {
-    RK_CHECK_VALUE(n == n_lookups, name, "must have one entry per lookup (", n_lookups, "), got ", n);
-  };
-  same_length(static_cast<int64_t>(indices_list.size()), "indices");
-  same_length(static_cast<int64_t>(offsets_list.size()), "offsets");
-  same_length(static_cast<int64_t>(psw_list.size()), "per_sample_weights");
-  same_length(static_cast<int64_t>(modes.size()), "modes");
-  same_length(static_cast<int64_t>(padding_idx.size()), "padding_idx");
-  same_length(static_cast<int64_t>(bits.size()), "bits");
-  same_length(static_cast<int64_t>(sparse.size()), "sparse");
+  check_lookup_count(n_lookups, "indices", indices_list.size());
+  check_lookup_count(n_lookups, "offsets", offsets_list.size());
+  check_lookup_count(n_lookups, "per_sample_weights", psw_list.size());
+  check_lookup_count(n_lookups, "modes", modes.size());
+  check_lookup_count(n_lookups, "padding_idx", padding_idx.size());
+  check_lookup_count(n_lookups, "bits", bits.size());
+  check_lookup_count(n_lookups, "sparse", sparse.size());
   const int bounds = parse_bounds(bounds_str);
   TORCH_CHECK_TYPE(is_float_dtype(output_dtype), "output_dtype must be float32, float16 or bfloat16, got ",
                    dtype_name(output_dtype));

@@ -45,7 +45,8 @@ DotArgs dot_args(const at::Tensor& queries, const Table& items, const at::Tensor
   a.dim = items.dim;
   a.idx64 = item_idx.scalar_type() == at::kLong;
   a.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  a.rows_from_dram = queries.nbytes() + items.rows * items.row_bytes > l2_prefetch_bytes();  // both gathered
+  // both tables are gathered
+  a.rows_from_dram = static_cast<int64_t>(queries.nbytes()) + items.rows * items.row_bytes > l2_prefetch_bytes();
   return a;
 }
 

@@ -26,7 +26,7 @@ extern "C" int64_t rk_pool_bags_avx512(int kind, int is_max, int is_mean, const 
   a.weights = weights;
   a.out = out;
   a.out_stride = out_stride;
-  a.rows_from_dram = n_rows * row_bytes > (int64_t{32} << 20);  // as under a 32 MiB L3
+  a.rows_from_dram = n_rows * row_bytes > recsys_kernels::kL3BytesIfUnknown;  // (l2_prefetch_bytes()'s fallback)
   const PoolResult r = vbmi ? (a.idx_is_int64 ? pool_bags_avx512_vbmi_q4_i64(a) : pool_bags_avx512_vbmi_q4_i32(a))
                             : (a.idx_is_int64 ? pool_bags_avx512_i64(a) : pool_bags_avx512_i32(a));
   *finite = r.finite ? 1 : 0;
