@@ -38,9 +38,11 @@ def _rel(actual, expected):
 
 
 # M, N, K: tails of the 6-row / 16-column tile and of K pairs; K blocked (> 1024); one row / column;
-# for the wide kernels (tasks of >= 16 rows), more than 16 panels a task and K blocks of 1024
+# for the wide kernels (tasks of >= 16 rows), more than 16 panels a task, K blocks of 1024 and
+# tasks of more than 192 rows (AMX's row block) on 2 threads
 SHAPES = [(1, 1, 1), (1, 1024, 1024), (7, 17, 3), (6, 16, 2), (13, 33, 257), (1, 5, 2049),
-          (50, 1, 31), (97, 40, 1500), (3, 70, 0), (200, 48, 64), (40, 600, 1100), (33, 31, 0)]
+          (50, 1, 31), (97, 40, 1500), (3, 70, 0), (200, 48, 64), (40, 600, 1100), (33, 31, 0),
+          (421, 40, 130)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)

@@ -72,9 +72,10 @@ def isa(request):
 
 
 # M, N, K: one row / column / K value; K not a multiple of 4 or 64; rows past the 12 / 32 row
-# micro-tiles; an odd number of panels; > 16 panels (two N blocks); K > 1024 (two K blocks)
+# micro-tiles; an odd number of panels; > 16 panels (two N blocks); K > 1024 (two K blocks);
+# more rows than a row block (96 on VNNI, 192 on AMX)
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 17, 3), (12, 16, 64), (13, 33, 257), (33, 47, 130),
-                                   (40, 600, 1100), (97, 40, 1500), (3, 70, 0)])
+                                   (40, 600, 1100), (97, 40, 1500), (3, 70, 0), (197, 20, 130)])
 def test_int32_exact(lib, isa, m, n, k):
     g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
     a, b = _rand_i8(m, k, g=g), _rand_i8(n, k, g=g)

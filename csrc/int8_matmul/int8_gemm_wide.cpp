@@ -5,10 +5,10 @@
 // portable pair layout (pack_weight_int8) into quad panels, one (N block, K block) at a time:
 //     quad panel: quad q = 64 bytes, column c's four bytes w[c][4q .. 4q + 3] at 4 c,
 // which is both the VNNI operand (one zmm of 16 int32 lanes) and an AMX B tile row (16 quad rows
-// = a 64 x 16 tile, stride 64). It costs one pass over the block's B bytes per block of 96 rows,
-// against 96 multiply-adds per byte; the AVX2 kernel, which reads the pair layout as it is, takes
-// tasks of fewer rows (the driver decides). A rows are int8, padded with zeros to a multiple of
-// 64 bytes (one AMX tile row) and of the micro-tile's rows.
+// = a 64 x 16 tile, stride 64). It costs one pass over the block's B bytes per block of rows (96
+// on VNNI, 192 on AMX), against as many multiply-adds per byte; the AVX2 kernel, which reads the
+// pair layout as it is, takes tasks of fewer rows (the driver decides). A rows are int8, padded
+// with zeros to a multiple of 64 bytes (one AMX tile row) and of the micro-tile's rows.
 //  * VNNI (vpdpbusd: u8 x s8, four products summed into an int32 lane): A is stored as
 //    a + 128 (the sign bit flipped), and the column sums of the K block's B, times -128, are the
 //    starting value of the block's accumulators: sum (a + 128) b - 128 sum b = sum a b. The lanes
@@ -16,8 +16,9 @@
 //    Micro-tile: 12 rows x 32 columns, 24 zmm accumulators; per quad 2 B loads, 12 broadcasts.
 //  * AMX (tdpbssd: s8 x s8 into int32 tiles): micro-tile 32 rows x 32 columns = 4 C tiles, 2 A
 //    tiles (16 rows x 64 K), 2 B tiles (64 K x 16 columns) per 64 K values.
-// Both store the block's exact int32 sums to a buffer (96 rows x 256 columns, L2), from which the
-// AVX2 epilogue (shared with the AVX2 path, so both paths give the same bits) writes the output.
+// Both store the block's exact int32 sums to a buffer (the block's rows x 256 columns, L2), from
+// which the AVX2 epilogue (shared with the AVX2 path, so both paths give the same bits) writes the
+// output.
 //
 // Built with -DRK_EMULATE_WIDE by tests/test_int8_matmul_wide_emulated.py: SIMDe's AVX-512 and a
 // scalar model of the AMX tile ops stand in for the instructions, so the layouts, padding and
@@ -40,8 +41,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "int8_matmul/int8_gemm_kernels.h"
@@ -53,11 +56,29 @@ constexpr int64_t kQuadBytes = 64;     // one K-quad of a quad panel: 16 columns
 constexpr int64_t kKStep = 64;         // K granularity: one AMX tile row of int8
 constexpr int64_t kKc = 1024;          // K block: a micro-tile's 2 panels x 16 KB of B stay in L1
 constexpr int64_t kNcPanels = 16;      // panels per N block: 256 KB of quad panels at kKc (L2)
-constexpr int64_t kMc = 96;            // rows per A block: 8 VNNI micro-tiles, 3 AMX ones
+constexpr int64_t kMc = 96;            // rows per A block on VNNI: 8 micro-tiles
+// on AMX: 6 micro-tiles. The B re-layout (once per A block) costs as much as the tile products at
+// 96 rows; 192 halves it, 384 made the products and the epilogue slower (L2). Measured on the Xeon
+// of 2026-11-30, 2048 x 1024 x 1024 on 1 thread, million cycles for re-layout / tiles / epilogue:
+// 96 rows 2.8 / 3.7 / 2.9, 192 rows 1.3-1.6 / 3.8 / 2.7-3.0, 384 rows 0.8 / 4.3 / 3.6-3.9.
+constexpr int64_t kMcAmx = 192;
 constexpr int kVnniRows = 12;
 constexpr int kAmxRows = 32;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The task's buffers start on a cache line, so every A / B / C tile row (64 bytes at strides of
+// 64 bytes) and every zmm load is one line: tile loads straddling two lines took 84 cycles per
+// tdpbssd instead of 30 (Sapphire Rapids class Xeon, 2026-11-30).
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+std::unique_ptr<T[], FreeDeleter> aligned_buffer(int64_t n) {
+  void* p = std::aligned_alloc(64, round_up(n * static_cast<int64_t>(sizeof(T)), 64));
+  if (p == nullptr) throw std::bad_alloc();
+  return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
+}
 
 RK_WIDE_INLINE __m256i load_pair(const int8_t* panel, int64_t p, int64_t p_end) {
   return p < p_end ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanelPairBytes * p))
@@ -192,10 +213,10 @@ bool wide_task(WideIsa isa, const Problem& P, int64_t r0, int64_t r1, int64_t j0
   const int64_t kc_max = std::min(kpad, kKc);
   const int64_t p_end = P.b_p0 + (P.k + 1) / 2;  // this call's pairs end here (K chunks)
   const int64_t ldacc = kNcPanels * kNR;
-  const int64_t mc_max = std::min(kMc, round_up(r1 - r0, mr));
-  std::unique_ptr<int8_t[]> a(new int8_t[mc_max * kpad]);
-  std::unique_ptr<int8_t[]> b(new int8_t[kNcPanels * kc_max * kNR]);
-  std::unique_ptr<int32_t[]> acc(new int32_t[mc_max * ldacc]);
+  const int64_t mc_max = std::min(amx ? kMcAmx : kMc, round_up(r1 - r0, mr));
+  const auto a = aligned_buffer<int8_t>(mc_max * kpad);
+  const auto b = aligned_buffer<int8_t>(kNcPanels * kc_max * kNR);
+  const auto acc = aligned_buffer<int32_t>(mc_max * ldacc);
   std::vector<int32_t> comp(kNcPanels * kNR, 0);
   std::vector<float> scales(mc_max);
   if (amx) amx_begin();
