@@ -62,6 +62,12 @@ constexpr int64_t kMc = 96;            // rows per A block on VNNI: 8 micro-tile
 // of 2026-11-30, 2048 x 1024 x 1024 on 1 thread, million cycles for re-layout / tiles / epilogue:
 // 96 rows 2.8 / 3.7 / 2.9, 192 rows 1.3-1.6 / 3.8 / 2.7-3.0, 384 rows 0.8 / 4.3 / 3.6-3.9.
 constexpr int64_t kMcAmx = 192;
+// Rows per step of the epilogue. Panel by panel down a whole block (64-byte pieces of 192 rows),
+// the epilogue of 4096 x 1024 x 1024 on 2 threads took 9.4-11.5 million cycles; 8 rows at a time
+// across the panels, 5.8-7.6 (4 rows: 7.0-7.4). Whole tasks (bench/wide_task_timing.sh, 3
+// alternations): 256 x 1024 -> 4096 0.99-1.12 -> 0.91-0.95 ms, the other shapes within the noise.
+// The Xeon of 2026-11-30.
+constexpr int64_t kFinishRows = 8;
 constexpr int kVnniRows = 12;
 constexpr int kAmxRows = 32;
 
@@ -262,11 +268,15 @@ bool wide_task(WideIsa isa, const Problem& P, int64_t r0, int64_t r1, int64_t j0
                         kc0 == 0, comp.data() + kNR * j);
           }
       }
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t col0 = kNR * (jc + j);
-        finish_panel_avx2(acc.get() + kNR * j, ldacc, mc, row_scales, mb, col0,
-                          static_cast<int>(std::min<int64_t>(kNR, P.n - col0)), P.epi);
-      }
+      // kFinishRows rows at a time across the N block's panels: each output row gets up to 1 KB
+      // in one go rather than 64 bytes per panel down the whole block
+      for (int64_t r = 0; r < mc; r += kFinishRows)
+        for (int64_t j = 0; j < nc; ++j) {
+          const int64_t col0 = kNR * (jc + j);
+          finish_panel_avx2(acc.get() + r * ldacc + kNR * j, ldacc, std::min(kFinishRows, mc - r),
+                            row_scales ? row_scales + r : nullptr, mb + r, col0,
+                            static_cast<int>(std::min<int64_t>(kNR, P.n - col0)), P.epi);
+        }
     }
   }
   if (amx) amx_end();
