@@ -32,6 +32,8 @@ def test_sdist_carries_every_file_the_build_needs(tmp_path):
     with tarfile.open(tarball) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     needed = [os.path.relpath(os.path.join(d, f), src) for d, _, files in os.walk(src / "csrc") for f in files]
+    needed += [os.path.relpath(os.path.join(d, f), src) for d, _, files in os.walk(src / "bench") for f in files
+               if f.endswith((".py", ".sh", ".c", ".cpp", ".h"))]  # the benchmarks and their C / C++ programs
     needed += ["tests/conftest.py", "tests/helpers.py", "README.md", "MANIFEST.in", "kernels/embedding_bag.py"]
     assert [f for f in needed if f not in names] == []
 

@@ -60,7 +60,8 @@ constexpr int64_t kMc = 96;            // rows per A block on VNNI: 8 micro-tile
 // on AMX: 6 micro-tiles. The B re-layout (once per A block) costs as much as the tile products at
 // 96 rows; 192 halves it, 384 made the products and the epilogue slower (L2). Measured on the Xeon
 // of 2026-11-30, 2048 x 1024 x 1024 on 1 thread, million cycles for re-layout / tiles / epilogue:
-// 96 rows 2.8 / 3.7 / 2.9, 192 rows 1.3-1.6 / 3.8 / 2.7-3.0, 384 rows 0.8 / 4.3 / 3.6-3.9.
+// 96 rows 2.8-3.0 / 3.7 / 2.9-3.0, 192 rows 1.3-1.6 / 3.8-3.9 / 2.7-3.0, 384 rows 0.8-0.9 /
+// 4.3-4.4 / 3.6-3.9.
 constexpr int64_t kMcAmx = 192;
 // Rows per step of the epilogue. Panel by panel down a whole block (64-byte pieces of 192 rows),
 // the epilogue of 4096 x 1024 x 1024 on 2 threads took 9.4-11.5 million cycles; 8 rows at a time
@@ -74,8 +75,8 @@ constexpr int kAmxRows = 32;
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // The task's buffers start on a cache line, so every A / B / C tile row (64 bytes at strides of
-// 64 bytes) and every zmm load is one line: tile loads straddling two lines took 84 cycles per
-// tdpbssd instead of 30 (Sapphire Rapids class Xeon, 2026-11-30).
+// 64 bytes) and every zmm load is one line: with tile loads straddling two lines a tdpbssd took
+// 84 cycles instead of 30 (a timing loop offset by 16 bytes; the AMX Xeon of 2026-11-30).
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
