@@ -149,6 +149,32 @@ def test_quantize_ties_round_half_to_even(isa):
     assert torch.equal(q, torch.round(x).to(torch.int8))
 
 
+def _near_half_integer_quotients(absmax):
+    """Rows whose first value fixes the scale (absmax / 127 in fp32) and whose others make x / scale
+    a half-integer h in [-126.5, 126.5], as near as fp32 gets, and the fp32 values on either side."""
+    absmax = absmax.float()
+    scale = (absmax / 127)[:, None]
+    halves = torch.arange(-126.5, 127, 1.0)
+    x = halves * scale
+    rows = torch.cat([absmax[:, None], x, torch.nextafter(x, torch.tensor(float("inf"))),
+                      torch.nextafter(x, torch.tensor(-float("inf")))], dim=1)
+    return rows.clamp(-absmax[:, None], absmax[:, None])  # the scale stays absmax / 127
+
+
+def test_quantize_near_half_integers_matches_the_reference(isa):
+    # Where rounding x / scale is most fragile: quotients at and around every half-integer, for
+    # scales whose inverse is inexact, exact halves (scale 1, 3), a subnormal scale and a huge one.
+    # (A kernel that rounds x * (1 / scale) instead of the quotient fails it.)
+    g = torch.Generator().manual_seed(11)
+    absmax = torch.cat([torch.exp(torch.empty(200).uniform_(-30, 30, generator=g)),
+                        torch.tensor([127.0, 381.0, 1e-40, 3.4e38])])
+    x = _near_half_integer_quotients(absmax)
+    q, s = quantize_rows_int8(x, backend="cpu")
+    q_ref, s_ref = quantize_rows_int8(x, backend="reference")
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, q_ref), (q != q_ref).nonzero()[:5]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_raises(isa, bad):
     x = torch.randn(40, 37)
