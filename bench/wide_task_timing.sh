@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-g++ -O3 -std=c++17 -pthread -Icsrc -o "$out/wide_task_timing" bench/wide_task_timing.cpp \
+g++ -O3 -std=c++20 -pthread -Icsrc -o "$out/wide_task_timing" bench/wide_task_timing.cpp \
   csrc/int8_matmul/int8_gemm_wide.cpp csrc/int8_matmul/int8_gemm_avx2.cpp
 for shape in "4096 1024 1024" "256 1024 4096" "4096 128 128"; do
   "$out/wide_task_timing" $shape "${1:-2}"

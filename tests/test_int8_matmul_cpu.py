@@ -38,11 +38,10 @@ def _rel(actual, expected):
 
 
 # M, N, K: tails of the 6-row / 16-column tile and of K pairs; K blocked (> 1024); one row / column;
-# for the wide kernels (tasks of >= 16 rows), more than 16 panels a task, K blocks of 1024 and
-# tasks of more than 192 rows (AMX's row block) on 2 threads
+# for the wide kernels (tasks of >= 16 rows), more than 16 panels a task and K blocks of 1024
+# (test_wide_row_blocks_on_one_thread: tasks past the 96 / 192-row blocks)
 SHAPES = [(1, 1, 1), (1, 1024, 1024), (7, 17, 3), (6, 16, 2), (13, 33, 257), (1, 5, 2049),
-          (50, 1, 31), (97, 40, 1500), (3, 70, 0), (200, 48, 64), (40, 600, 1100), (33, 31, 0),
-          (421, 40, 130)]
+          (50, 1, 31), (97, 40, 1500), (3, 70, 0), (200, 48, 64), (40, 600, 1100), (33, 31, 0)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -240,6 +239,27 @@ def test_threads_do_not_change_results(isa):
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(one, two)
+
+
+def test_wide_row_blocks_on_one_thread(isa):
+    # one task of 421 rows on any machine: past VNNI's 96-row and AMX's 192-row blocks, with a
+    # last block of neither size, for the exact int32 sums and the quantized, scaled epilogue
+    g = torch.Generator().manual_seed(21)
+    a, b = _rand_i8(421, 130, g=g), _rand_i8(40, 130, g=g)
+    x = torch.randn(421, 130, generator=g) * 2
+    wq, ws = quantize_weight_int8(torch.randn(40, 130, generator=g))
+    bias = torch.randn(40, generator=g)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = int8_matmul(a, b, backend="cpu")
+        lin = int8_linear(x, wq, ws, bias, activation="gelu", backend="cpu")
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(got, _exact(a, b))
+    exp = int8_linear(x, wq, ws, bias, activation="gelu", backend="reference")
+    assert _rel(lin, exp) <= 1e-5
+    torch.testing.assert_close(lin, exp, rtol=1e-5, atol=1e-5)
 
 
 def test_paths_agree_on_int32():

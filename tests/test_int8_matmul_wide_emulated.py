@@ -100,7 +100,7 @@ def test_task_ranges_and_k_chunks(lib, isa):
         assert ok and torch.equal(got, _exact(a[:, k0:k1], b[:, k0:k1])), (k0, k1)
 
 
-@pytest.mark.parametrize("m,n,k", [(29, 37, 129), (97, 300, 1100)])
+@pytest.mark.parametrize("m,n,k", [(29, 37, 129), (97, 300, 1100), (197, 37, 129)])
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_scaled_epilogue_gives_the_avx2_bits(lib, isa, m, n, k, activation, out_dtype):
@@ -116,7 +116,7 @@ def test_scaled_epilogue_gives_the_avx2_bits(lib, isa, m, n, k, activation, out_
 
 
 @pytest.mark.parametrize("dtype", list(IN_KINDS))
-@pytest.mark.parametrize("m,k,n", [(16, 67, 9), (30, 1100, 20), (70, 333, 90)])
+@pytest.mark.parametrize("m,k,n", [(16, 67, 9), (30, 1100, 20), (70, 333, 90), (197, 129, 37)])
 def test_dynamic_quantization_gives_the_avx2_bits(lib, isa, dtype, m, k, n):
     g = torch.Generator().manual_seed(m + k + n)
     x = (torch.randn(m, k, generator=g) * 2).to(dtype)

@@ -65,18 +65,19 @@ constexpr int64_t kMc = 96;            // rows per A block on VNNI: 8 micro-tile
 constexpr int64_t kMcAmx = 192;
 // Rows per step of the epilogue. Panel by panel down a whole block (64-byte pieces of 192 rows),
 // the epilogue of 4096 x 1024 x 1024 on 2 threads took 9.4-11.5 million cycles; 8 rows at a time
-// across the panels, 5.8-7.6 (4 rows: 7.0-7.4). Whole tasks (bench/wide_task_timing.sh, 3
-// alternations): 256 x 1024 -> 4096 0.99-1.12 -> 0.91-0.95 ms, the other shapes within the noise.
-// The Xeon of 2026-11-30.
+// across the panels, 5.8-7.6 (4 rows: 7.0-7.4). Whole tasks (bench/wide_task_timing.cpp, 3
+// alternations with the code before): 256 x 1024 -> 4096 0.99-1.12 -> 0.91-0.95 ms, the other
+// shapes within the noise. The Xeon of 2026-11-30.
 constexpr int64_t kFinishRows = 8;
 constexpr int kVnniRows = 12;
 constexpr int kAmxRows = 32;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The task's buffers start on a cache line, so every A / B / C tile row (64 bytes at strides of
-// 64 bytes) and every zmm load is one line: with tile loads straddling two lines a tdpbssd took
-// 84 cycles instead of 30 (a timing loop offset by 16 bytes; the AMX Xeon of 2026-11-30).
+// The task's buffers start on a cache line, so every A / B / C tile row and every zmm load from
+// them (64 bytes at strides of 64 bytes) is one line: with tile loads straddling two lines a
+// tdpbssd took 77 cycles instead of 30 in the task, 84 in a timing loop offset by 16 bytes (the
+// AMX Xeon of 2026-11-30).
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
