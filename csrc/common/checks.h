@@ -12,9 +12,11 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -34,11 +36,23 @@
 
 namespace recsys_kernels {
 
-// n tables (at least one) and a per-lookup list `name` of the grouped ops with `got` entries:
+// The grouped ops' n tables (at least one) and their per-lookup lists, one entry per lookup each:
 // the Python front door's check and messages (ops/embedding_grouped.py, check_lookup_count).
-inline void check_lookup_count(int64_t n, const char* name, int64_t got) {
+inline void check_lookup_lists(int64_t n, at::TensorList indices, at::TensorList offsets,
+                               const c10::List<std::optional<at::Tensor>>& per_sample_weights,
+                               const c10::List<std::string>& modes, at::IntArrayRef padding_idx,
+                               at::IntArrayRef bits, const c10::List<bool>& sparse) {
   TORCH_CHECK_VALUE(n >= 1, "weights must hold at least one table (one per lookup), got an empty list");
-  RK_CHECK_VALUE(got == n, name, "must have one entry per lookup (", n, "), got ", got);
+  const auto check = [n](const char* name, int64_t got) {
+    RK_CHECK_VALUE(got == n, name, "must have one entry per lookup (", n, "), got ", got);
+  };
+  check("indices", indices.size());
+  check("offsets", offsets.size());
+  check("per_sample_weights", per_sample_weights.size());
+  check("modes", modes.size());
+  check("padding_idx", padding_idx.size());
+  check("bits", bits.size());
+  check("sparse", sparse.size());
 }
 
 // dtype names as Python spells them (torch.float32, not c10's "Float"), for messages.

@@ -24,13 +24,7 @@ at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indi
   // (the signature must be the CUDA kernel's to the letter: one op, one C++ signature)
   // (sparse: only the backward reads it, but its length is checked like the others')
   const size_t n = weights.size();
-  check_lookup_count(n, "indices", indices.size());
-  check_lookup_count(n, "offsets", offsets.size());
-  check_lookup_count(n, "per_sample_weights", per_sample_weights.size());
-  check_lookup_count(n, "modes", modes.size());
-  check_lookup_count(n, "padding_idx", padding_idx.size());
-  check_lookup_count(n, "bits", bits.size());
-  check_lookup_count(n, "sparse", sparse.size());
+  check_lookup_lists(n, indices, offsets, per_sample_weights, modes, padding_idx, bits, sparse);
   TORCH_CHECK_TYPE(is_float_dtype(output_dtype), "output_dtype must be float32, float16 or bfloat16, got ",
                    dtype_name(output_dtype));
   const std::string bounds_s(bounds);

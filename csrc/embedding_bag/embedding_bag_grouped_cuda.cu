@@ -150,13 +150,7 @@ at::Tensor embedding_bag_grouped_cuda(at::TensorList weights, at::TensorList ind
                                       at::ScalarType output_dtype) {
   // Metadata checks (the front door made them already; the op can be called directly).
   const int64_t n_lookups = static_cast<int64_t>(weights.size());
-  check_lookup_count(n_lookups, "indices", indices_list.size());
-  check_lookup_count(n_lookups, "offsets", offsets_list.size());
-  check_lookup_count(n_lookups, "per_sample_weights", psw_list.size());
-  check_lookup_count(n_lookups, "modes", modes.size());
-  check_lookup_count(n_lookups, "padding_idx", padding_idx.size());
-  check_lookup_count(n_lookups, "bits", bits.size());
-  check_lookup_count(n_lookups, "sparse", sparse.size());
+  check_lookup_lists(n_lookups, indices_list, offsets_list, psw_list, modes, padding_idx, bits, sparse);
   const int bounds = parse_bounds(bounds_str);
   TORCH_CHECK_TYPE(is_float_dtype(output_dtype), "output_dtype must be float32, float16 or bfloat16, got ",
                    dtype_name(output_dtype));

@@ -56,7 +56,7 @@ constexpr int64_t kQuadBytes = 64;     // one K-quad of a quad panel: 16 columns
 constexpr int64_t kKStep = 64;         // K granularity: one AMX tile row of int8
 constexpr int64_t kKc = 1024;          // K block: a micro-tile's 2 panels x 16 KB of B stay in L1
 constexpr int64_t kNcPanels = 16;      // panels per N block: 256 KB of quad panels at kKc (L2)
-constexpr int64_t kMc = 96;            // rows per A block on VNNI: 8 micro-tiles
+constexpr int64_t kMcVnni = 96;        // rows per A block on VNNI: 8 micro-tiles
 // on AMX: 6 micro-tiles. The B re-layout (once per A block) costs as much as the tile products at
 // 96 rows; 192 halves it, 384 made the products and the epilogue slower (L2). Measured on the Xeon
 // of 2026-11-30, 2048 x 1024 x 1024 on 1 thread, million cycles for re-layout / tiles / epilogue:
@@ -221,7 +221,7 @@ bool wide_task(WideIsa isa, const Problem& P, int64_t r0, int64_t r1, int64_t j0
   const int64_t kc_max = std::min(kpad, kKc);
   const int64_t p_end = P.b_p0 + (P.k + 1) / 2;  // this call's pairs end here (K chunks)
   const int64_t ldacc = kNcPanels * kNR;
-  const int64_t mc_max = std::min(amx ? kMcAmx : kMc, round_up(r1 - r0, mr));
+  const int64_t mc_max = std::min(amx ? kMcAmx : kMcVnni, round_up(r1 - r0, mr));
   const auto a = aligned_buffer<int8_t>(mc_max * kpad);
   const auto b = aligned_buffer<int8_t>(kNcPanels * kc_max * kNR);
   const auto acc = aligned_buffer<int32_t>(mc_max * ldacc);
