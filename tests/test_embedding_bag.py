@@ -442,6 +442,26 @@ def test_grads_match_torch(mode, sparse, dtype, padding_idx):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode,sparse", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
+def test_trainable_front_door_records_the_ops_autograd_node(mode, sparse):
+    # a trainable CPU table skips the dispatcher (_common.run_direct applies the op's
+    # autograd.Function itself): the same node, output and gradients as the op called through it
+    indices, offsets = random_bags(7, max_len=6, n_rows=9)
+    base = torch.randn(9, 5)
+    g_out = torch.randn(7, 5)
+    results = []
+    for call in (lambda w: embedding_bag(w, indices, offsets, mode=mode, sparse=sparse, backend="cpu"),
+                 lambda w: torch.ops.recsys_kernels.embedding_bag(w, indices, offsets, None, mode, None, "raise", 8,
+                                                                  None, sparse)):
+        w = base.clone().requires_grad_()
+        out = call(w)
+        (grad,) = torch.autograd.grad(out, [w], g_out)
+        results.append((type(out.grad_fn), out, grad.to_dense()))
+    (node, out, grad), (op_node, op_out, op_grad) = results
+    assert node is op_node and node.__name__ == "FunctionBackward"
+    assert torch.equal(out, op_out) and torch.equal(grad, op_grad)
+
+
 def test_max_ties_route_gradient_to_first_index():
     base = torch.randn(8, 3)
     base[5] = base[6] = base.abs().max() + 1  # rows 5 and 6 tie for the max in every column

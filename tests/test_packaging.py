@@ -62,3 +62,14 @@ def test_the_package_asks_for_the_torch_it_is_built_against(tmp_path):
     (info,) = tmp_path.glob("*.egg-info")
     requires = (info / "requires.txt").read_text().split("\n[")[0].split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requires and "numpy" in requires
+
+
+def test_the_metadata_version_is_the_package_version(tmp_path):
+    # one version, recsys_kernels.__version__, which pyproject.toml reads (it wrote its own before)
+    import recsys_kernels
+
+    out = _setup_py("-q", "egg_info", "-e", str(tmp_path), env={"RECSYS_KERNELS_CUDA": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (info,) = tmp_path.glob("*.egg-info")
+    metadata = (info / "PKG-INFO").read_text().splitlines()
+    assert f"Version: {recsys_kernels.__version__}" in metadata and "License-Expression: Apache-2.0" in metadata

@@ -149,6 +149,7 @@ def register_autograd(variants: dict, backward: Callable, setup_context: Callabl
 
 
 _AFTER_AUTOGRAD_KEYS = torch._C._after_autograd_keyset
+_AUTOGRAD_FUNCTIONS: dict = {}  # OpOverload -> the autograd.Function _register_autograd gave it
 _AUTOGRAD_LIB = torch.library.Library(LIB, "FRAGMENT")
 # torch versions before Library.impl(allow_override=...) cannot replace a registered kernel
 _CAN_REPLACE_KERNELS = "allow_override" in inspect.signature(torch.library.Library.impl).parameters
@@ -185,8 +186,11 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
         # bind the arguments to forward's signature with inspect, ~15 us a call.
         @staticmethod
         def forward(ctx, *inputs):
-            args = inputs[:-1]
-            output = below_autograd(inputs[-1], args)
+            args, keyset = inputs[:-1], inputs[-1]
+            # run_direct's call goes straight to the CPU kernel; forward runs without grad mode,
+            # so the kernel records nothing without the guard
+            output = (overload.redispatch(keyset, *args) if keyset is _CPU_KERNEL_KEYS
+                      else below_autograd(keyset, args))
             setup_context(ctx, args, output)
             return output
 
@@ -199,6 +203,8 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
             finally:
                 ctx.needs_input_grad = needs
             return (*result, None) if isinstance(result, tuple) else (result, None)
+
+    _AUTOGRAD_FUNCTIONS[overload] = Function
 
     def autograd_kernel(keyset, *args):
         refuse_forward_ad(op_name, args)
@@ -333,11 +339,15 @@ def redispatch_cpu(op, *args):
 
 
 def run_direct(op, *args):
-    """Run the op direct_cpu_op returned for the embedding front doors: through the dispatcher,
-    i.e. its autograd kernel, when an argument needs its gradient recorded (a trainable table,
-    which they do not hand to direct_cpu_op), else straight to the kernel."""
+    """Run the op direct_cpu_op returned for the embedding front doors straight on its CPU kernel.
+    Where an argument needs its gradient recorded (a trainable table, which they do not hand to
+    direct_cpu_op): through the op's autograd.Function (_register_autograd's) applied here, what
+    the dispatcher would reach through the op's autograd kernel, ~14 us a call sooner (a trainable
+    20-row bag: 33 -> 19 us; torch's own 13); through the dispatcher for an op on torch's
+    registration (embedding_bag_grouped)."""
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return op(*args)
+        function = _AUTOGRAD_FUNCTIONS.get(op)
+        return op(*args) if function is None else function.apply(*args, _CPU_KERNEL_KEYS)
     return redispatch_cpu(op, *args)
 
 
