@@ -116,12 +116,19 @@ def build_emulated_library(out_dir: Path, sources: list[str], opt: str = "-O2") 
     return _build_library(out_dir, sources, [opt, "-mavx2", "-mfma", "-mf16c", "-fwrapv", "-DRK_EMULATE_WIDE"])
 
 
-def build_cuda_emulated_library(out_dir: Path, sources: list[str]) -> ctypes.CDLL:
+def build_cuda_emulated_library(out_dir: Path, sources: list[str], torch_headers: bool = False) -> ctypes.CDLL:
     """Compiles sources that include tests/emulation/cuda_emulation.h (CUDA threads as OS threads)
-    into a shared library. Skips the calling test without g++."""
+    into a shared library; torch_headers: with torch's include folders, for a kernel header whose
+    host part uses ATen (nothing of libtorch is linked). Skips the calling test without g++."""
     if shutil.which("g++") is None:
         pytest.skip("needs g++")
-    return _build_library(out_dir, sources, ["-O1", "-pthread", "-ffp-contract=off"])
+    flags = ["-O1", "-pthread", "-ffp-contract=off"]
+    if torch_headers:
+        from torch.utils import cpp_extension
+
+        flags += [f"-I{p}" for p in cpp_extension.include_paths()]
+        flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+    return _build_library(out_dir, sources, flags)
 
 
 def _build_library(out_dir: Path, sources: list[str], flags: list[str]) -> ctypes.CDLL:

@@ -54,21 +54,8 @@ embedding_bag_fwd_kernel(const Rows rows, const IndexT* __restrict__ indices, co
                          const typename Rows::acc_t* __restrict__ psw, OutT* __restrict__ out, int64_t n_bags,
                          int64_t nnz, int64_t n_rows, int64_t d, int mode, int bounds, int64_t padding_idx,
                          int tpr_log2, int64_t* __restrict__ flags) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const IndexPtr<IndexT> idx{indices};
-  const IndexPtr<IndexT> off{offsets};
-  if (warp == 0 && lane == 0) {
-    flags[kFlagFirst] = off[0];
-    flags[kFlagLast] = off[n_bags];
-  }
-  // The launcher picks aligned readers only where the output rows allow VEC-wide stores too.
-  constexpr int kStoreWidth = Rows::kAligned ? Rows::kVec : 1;
-  for (int64_t bag = warp; bag < n_bags; bag += n_warps) {
-    pool_bag(rows, idx, off, psw, bag, nnz, n_rows, d, mode, bounds, padding_idx, tpr_log2, kStoreWidth,
-             out + bag * d, flags);
-  }
+  pool_bags(rows, IndexPtr<IndexT>{indices}, IndexPtr<IndexT>{offsets}, psw, out, n_bags, nnz, n_rows, d, mode, bounds,
+            padding_idx, tpr_log2, flags);
 }
 
 

@@ -9,9 +9,12 @@
 // lanes of a group cover VEC consecutive columns each (16-byte loads where the table and the row
 // width allow: float4 for fp32, 8 halves for fp16/bf16, 8 codes for uint8 rows), the groups take
 // the bag's indices round-robin (kUnroll of them per step, so several row loads are in flight),
-// and a butterfly over the group bits of the lane id combines the groups at the end. D wider than
+// and a butterfly over the group bits of the lane id combines the groups at the end. The indices
+// come 32 at a time, one per lane (a coalesced load, checked in parallel), and reach the groups by
+// shuffles: a step waits for its rows only, not for an index load before them (the H200 run of
+// 2026-11-28 found the kernel bound by rows in flight, not bytes). D wider than
 // TPR * VEC is covered chunk by chunk (the bag's index list is re-read per chunk, from L1/L2). All
-// index and address arithmetic is int64.
+// index and address arithmetic is int64. Every lane of the warp calls pool_bag (the shuffles).
 //
 // Error flags: one set of kFlagCount int64 per table (a lookup of the grouped op). The kernels
 // never read outside the tensors, whatever the offsets and indices hold; they record the first
@@ -30,7 +33,7 @@
 #include <c10/util/Half.h>
 
 #include "common/checks.h"
-#include "common/cuda_utils.cuh"
+#include "common/cuda_device.cuh"
 #include "embedding_bag/rowwise_common.h"
 
 namespace recsys_kernels::embedding_bag_cuda_common {
@@ -52,7 +55,7 @@ constexpr int kFlagFirst = 2;     // offsets[0]
 constexpr int kFlagLast = 3;      // offsets[B]
 constexpr int kFlagBadScale = 4;  // smallest p whose gathered (clamped) quantized row has a non-finite scale/bias
 constexpr int kFlagCount = 5;
-constexpr int64_t kNone = cuda::DeviceFlag::kNone;
+constexpr int64_t kNone = cuda::kNoPosition;
 
 // ----------------------------------------------------------------------------- index readers
 // indices / offsets through the read-only data cache, widened to int64. IndexPtr: dtype fixed at
@@ -262,57 +265,69 @@ __device__ __forceinline__ void pool_bag(const Rows& rows, const Index& indices,
   do {  // column chunks of tpr * VEC; at least one pass, so that D == 0 still checks the indices
     const int64_t col = c0 + static_cast<int64_t>(sub) * VEC;
     const bool active = col < d;
-    const bool report = c0 == 0 && sub == 0;  // each position is seen by one such lane
+    const bool report = c0 == 0;  // the first chunk's lanes check and report their positions
     acc_t acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = init;
     int64_t count = 0;  // contributing indices seen by this group
 
-    for (int64_t p0 = start + group; p0 < end; p0 += static_cast<int64_t>(groups) * kUnroll) {
-      int64_t row[kUnroll];
-      bool keep[kUnroll];
-      acc_t wgt[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t p = p0 + static_cast<int64_t>(u) * groups;
-        keep[u] = false;
-        row[u] = 0;
-        wgt[u] = acc_t(1);
-        if (p < end) {
-          const int64_t i = indices[p];
-          keep[u] = resolve_row(i, p, n_rows, bounds, padding_idx, report, flags, row[u]);
-          if (psw != nullptr) wgt[u] = psw[p];
-          if constexpr (Rows::kQuant) {
-            // The reference dequantizes every gathered row (index clamped), contributing or not,
-            // and raises for a non-finite scale or bias.
-            if (report && n_rows > 0) {
-              const int64_t g = i < 0 ? 0 : (i >= n_rows ? n_rows - 1 : i);
-              if (!rows.tail_finite(g))
-                cuda::report_bad(reinterpret_cast<unsigned long long*>(flags + kFlagBadScale), p);
-            }
+    // Batches of 32 positions: lane j reads and checks position b0 + j (one coalesced load of the
+    // indices for the whole warp, before any row load), then the groups take the batch's rows from
+    // the lanes by shuffles, kUnroll at a time. The trip counts are warp-uniform, as the shuffles
+    // need; a group's positions and their order are those of a plain round-robin over the bag.
+    for (int64_t b0 = start; b0 < end; b0 += kWarpSize) {
+      const int64_t n = end - b0 < kWarpSize ? end - b0 : kWarpSize;  // positions in this batch
+      int64_t my_row = 0;
+      bool my_keep = false;
+      acc_t my_wgt = acc_t(1);
+      if (lane < n) {
+        const int64_t p = b0 + lane;
+        const int64_t i = indices[p];
+        my_keep = resolve_row(i, p, n_rows, bounds, padding_idx, report, flags, my_row);
+        if (psw != nullptr) my_wgt = psw[p];
+        if constexpr (Rows::kQuant) {
+          // The reference dequantizes every gathered row (index clamped), contributing or not,
+          // and raises for a non-finite scale or bias.
+          if (report && n_rows > 0) {
+            const int64_t g = i < 0 ? 0 : (i >= n_rows ? n_rows - 1 : i);
+            if (!rows.tail_finite(g))
+              cuda::report_bad(reinterpret_cast<unsigned long long*>(flags + kFlagBadScale), p);
           }
         }
       }
-      acc_t v[kUnroll][VEC];
+      const unsigned keep_mask = __ballot_sync(kFullMask, my_keep);
+      for (int j0 = 0; j0 < n; j0 += groups * kUnroll) {
+        int64_t row[kUnroll];
+        bool keep[kUnroll];
+        acc_t wgt[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (keep[u] && active) {
-          rows.load(row[u], col, v[u]);
-        } else {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) v[u][k] = acc_t(0);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int j = j0 + u * groups + group;  // < 32 + groups * kUnroll; past n: kept by no lane
+          row[u] = __shfl_sync(kFullMask, my_row, j % kWarpSize);
+          wgt[u] = psw != nullptr ? __shfl_sync(kFullMask, my_wgt, j % kWarpSize) : acc_t(1);
+          keep[u] = j < n && ((keep_mask >> j) & 1u);
         }
-      }
+        acc_t v[kUnroll][VEC];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (!keep[u]) continue;
-        ++count;
+        for (int u = 0; u < kUnroll; ++u) {
+          if (keep[u] && active) {
+            rows.load(row[u], col, v[u]);
+          } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          // a rounded product (never contracted into an FMA with the sum, which nvcc decides per
-          // kernel): the single-table and the grouped kernels give the same bits, as the reference
-          const acc_t x = rowwise::mul_rn(v[u][k], wgt[u]);
-          acc[k] = mode == kMax ? max_nan(acc[k], x) : acc[k] + x;
+            for (int k = 0; k < VEC; ++k) v[u][k] = acc_t(0);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (!keep[u]) continue;
+          ++count;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            // a rounded product (never contracted into an FMA with the sum, which nvcc decides per
+            // kernel): the single-table and the grouped kernels give the same bits, as the reference
+            const acc_t x = rowwise::mul_rn(v[u][k], wgt[u]);
+            acc[k] = mode == kMax ? max_nan(acc[k], x) : acc[k] + x;
+          }
         }
       }
     }
@@ -340,6 +355,28 @@ __device__ __forceinline__ void pool_bag(const Rows& rows, const Index& indices,
     }
     c0 += static_cast<int64_t>(tpr) * VEC;
   } while (c0 < d);
+}
+
+// The single-table forward: warps take the bags of one table grid-stride (kWarpsPerBlock warps a
+// block), and the first lane of the grid records offsets[0] and offsets[B].
+template <typename Rows, typename OutT, typename Index>
+__device__ __forceinline__ void pool_bags(const Rows& rows, const Index& indices, const Index& offsets,
+                                          const typename Rows::acc_t* psw, OutT* out, int64_t n_bags, int64_t nnz,
+                                          int64_t n_rows, int64_t d, int mode, int bounds, int64_t padding_idx,
+                                          int tpr_log2, int64_t* flags) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  if (warp == 0 && lane == 0) {
+    flags[kFlagFirst] = offsets[0];
+    flags[kFlagLast] = offsets[n_bags];
+  }
+  // The launcher picks aligned readers only where the output rows allow VEC-wide stores too.
+  constexpr int kStoreWidth = Rows::kAligned ? Rows::kVec : 1;
+  for (int64_t bag = warp; bag < n_bags; bag += n_warps) {
+    pool_bag(rows, indices, offsets, psw, bag, nnz, n_rows, d, mode, bounds, padding_idx, tpr_log2, kStoreWidth,
+             out + bag * d, flags);
+  }
 }
 
 // ----------------------------------------------------------------------------- host side

@@ -1,8 +1,11 @@
-// Just enough of CUDA to run a torch-free kernel header as plain C++ on a machine without a GPU
-// (tests/emulation/topk_tile_harness.cpp): every CUDA thread of a block is an OS thread,
-// __syncthreads() a std::barrier, __shared__ arrays function-local statics (so blocks run one
-// at a time), atomics std::atomic_ref. It checks a kernel's indexing and synchronisation, not its
-// speed; a __syncthreads() that some threads of a block skip hangs, as it may on a GPU.
+// Just enough of CUDA to run a kernel header as plain C++ on a machine without a GPU
+// (tests/emulation/topk_tile_harness.cpp, embedding_bag_cuda_harness.cpp): every CUDA thread of a
+// block is an OS thread, __syncthreads() a std::barrier, __shared__ arrays function-local statics
+// (so blocks run one at a time), atomics std::atomic_ref, and the warp collectives (__shfl_sync,
+// __shfl_xor_sync, __ballot_sync) an exchange through the warp's slots between two barriers of its
+// 32 threads. It checks a kernel's indexing and synchronisation, not its speed; a __syncthreads()
+// or a warp collective that some threads skip hangs, as it may on a GPU. Blocks of a multiple of
+// 32 threads.
 #pragma once
 
 #include <atomic>
@@ -10,7 +13,10 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <deque>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -25,10 +31,14 @@
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
 struct alignas(16) float4 {
   float x, y, z, w;
 };
 
+using std::isfinite;
 using std::isnan;
 
 inline thread_local dim3 threadIdx, blockIdx;
@@ -40,6 +50,65 @@ inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
 inline int32_t __float_as_int(float x) { return std::bit_cast<int32_t>(x); }
 inline float __int_as_float(int32_t x) { return std::bit_cast<float>(x); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  std::atomic_ref<unsigned long long> a(*p);
+  unsigned long long old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+
+// One warp: its 32 threads meet at the barrier; slot[lane] carries each lane's value.
+struct EmulatedWarp {
+  std::barrier<> barrier{32};
+  uint64_t slot[32];
+};
+inline thread_local EmulatedWarp* emulated_warp = nullptr;
+
+// Every lane publishes `bits`; returns lane src's. The second barrier keeps a lane from
+// overwriting its slot (next collective) before every lane has read.
+inline uint64_t warp_exchange(uint64_t bits, int src) {
+  EmulatedWarp& w = *emulated_warp;
+  w.slot[threadIdx.x % 32] = bits;
+  w.barrier.arrive_and_wait();
+  const uint64_t got = w.slot[src % 32];
+  w.barrier.arrive_and_wait();
+  return got;
+}
+
+template <typename T>
+T warp_shuffle(T v, int src) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = warp_exchange(bits, src);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+// (the mask is not emulated: every lane of the warp must take part, as in the kernels here)
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) {
+  return warp_shuffle(v, src & 31);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  return warp_shuffle(v, static_cast<int>(threadIdx.x % 32) ^ (lane_mask & 31));
+}
+inline unsigned __ballot_sync(unsigned, bool predicate) {
+  EmulatedWarp& w = *emulated_warp;
+  w.slot[threadIdx.x % 32] = predicate ? 1 : 0;
+  w.barrier.arrive_and_wait();
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= static_cast<unsigned>(w.slot[l]) << l;
+  w.barrier.arrive_and_wait();
+  return bits;
+}
 
 // kernel<<<grid, block>>>(args...): the blocks in order, each as block.x threads (1-D blocks).
 template <typename Kernel, typename... Args>
@@ -50,12 +119,14 @@ void emulate_launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       std::barrier<> barrier(block.x);
       emulated_block_barrier = &barrier;
+      std::deque<EmulatedWarp> warps((block.x + 31) / 32);  // (a barrier cannot be moved)
       std::vector<std::thread> threads;
       threads.reserve(block.x);
       for (unsigned t = 0; t < block.x; ++t) {
-        threads.emplace_back([=] {
+        threads.emplace_back([=, &warps] {
           threadIdx = dim3{t, 0, 0};
           blockIdx = dim3{bx, by, 0};
+          emulated_warp = &warps[t / 32];
           kernel(args...);
         });
       }
