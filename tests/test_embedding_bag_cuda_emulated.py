@@ -9,6 +9,7 @@ scalar and vectorised readers of fp32 / int8 / int4 tables, and the error flags 
 the reference's exceptions. On a GPU, test_embedding_bag_cuda.py runs the real kernels through the
 op."""
 import ctypes
+import zlib
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ FORMATS = [(0, d) for d in (1, 3, 8, 64, 129, 256)] + [(8, d) for d in (1, 3, 8,
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
 @pytest.mark.parametrize("vec", [True, False], ids=["vec", "scalar"])
 def test_matches_the_reference(lib, bits, d, mode, weighted, vec):
-    gen = torch.Generator().manual_seed(hash((bits, d, mode, weighted, vec)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((bits, d, mode, weighted, vec)).encode()))
     n_rows = 50
     table, _ = table_for(bits, n_rows, d, gen)
     # bag 0 has 70 indices: two full batches of 32 and a partial one; 21 bags over 8 warps, one block
