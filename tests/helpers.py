@@ -99,6 +99,16 @@ def on_isa(isa, fn):
             os.environ[ISA_VAR] = old
 
 
+def on_threads(n, fn):
+    """fn() with torch's intra-op thread count at n."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ----------------------------------------------------------------------------- emulated AVX-512 / AMX
 ROOT = Path(__file__).resolve().parents[1]
 SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import INT8_GEMM_ISAS, ISA_VAR, has_avx2 as _has_avx2, has_cpu_feature, on_isa
+from helpers import INT8_GEMM_ISAS, ISA_VAR, has_avx2 as _has_avx2, has_cpu_feature, on_isa, on_threads
 from recsys_kernels import _loader
 from recsys_kernels.ops.int8_matmul import (int8_linear, int8_linear_packed, int8_matmul, pack_weight_int8,
                                             quantize_rows_int8, quantize_weight_int8, unpack_weight_int8)
@@ -230,14 +230,8 @@ def test_threads_do_not_change_results(isa):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 130, generator=g)
     wq, ws = quantize_weight_int8(torch.randn(70, 130, generator=g))
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = int8_linear(x, wq, ws, activation="silu", backend="cpu")
-        torch.set_num_threads(max(2, prev))
-        two = int8_linear(x, wq, ws, activation="silu", backend="cpu")
-    finally:
-        torch.set_num_threads(prev)
+    one = on_threads(1, lambda: int8_linear(x, wq, ws, activation="silu", backend="cpu"))
+    two = on_threads(max(2, torch.get_num_threads()), lambda: int8_linear(x, wq, ws, activation="silu", backend="cpu"))
     assert torch.equal(one, two)
 
 
@@ -249,13 +243,8 @@ def test_wide_row_blocks_on_one_thread(isa):
     x = torch.randn(421, 130, generator=g) * 2
     wq, ws = quantize_weight_int8(torch.randn(40, 130, generator=g))
     bias = torch.randn(40, generator=g)
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        got = int8_matmul(a, b, backend="cpu")
-        lin = int8_linear(x, wq, ws, bias, activation="gelu", backend="cpu")
-    finally:
-        torch.set_num_threads(prev)
+    got, lin = on_threads(1, lambda: (int8_matmul(a, b, backend="cpu"),
+                                      int8_linear(x, wq, ws, bias, activation="gelu", backend="cpu")))
     assert torch.equal(got, _exact(a, b))
     exp = int8_linear(x, wq, ws, bias, activation="gelu", backend="reference")
     assert _rel(lin, exp) <= 1e-5

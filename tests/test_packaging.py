@@ -54,22 +54,26 @@ def test_auto_skips_cuda_where_cuda_home_has_no_nvcc(tmp_path):
     assert out.returncode != 0 and "RECSYS_KERNELS_CUDA=1 but the CUDA extension cannot be built" in out.stderr
 
 
-def test_the_package_asks_for_the_torch_it_is_built_against(tmp_path):
+@pytest.fixture(scope="module")
+def egg_info(tmp_path_factory):
+    """The package metadata setup.py writes (its .egg-info folder)."""
+    out_dir = tmp_path_factory.mktemp("egg_info")
+    out = _setup_py("-q", "egg_info", "-e", str(out_dir), env={"RECSYS_KERNELS_CUDA": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (info,) = out_dir.glob("*.egg-info")
+    return info
+
+
+def test_the_package_asks_for_the_torch_it_is_built_against(egg_info):
     import torch
 
-    out = _setup_py("-q", "egg_info", "-e", str(tmp_path), env={"RECSYS_KERNELS_CUDA": "0"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    (info,) = tmp_path.glob("*.egg-info")
-    requires = (info / "requires.txt").read_text().split("\n[")[0].split()
+    requires = (egg_info / "requires.txt").read_text().split("\n[")[0].split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requires and "numpy" in requires
 
 
-def test_the_metadata_version_is_the_package_version(tmp_path):
+def test_the_metadata_version_is_the_package_version(egg_info):
     # one version, recsys_kernels.__version__, which pyproject.toml reads (it wrote its own before)
     import recsys_kernels
 
-    out = _setup_py("-q", "egg_info", "-e", str(tmp_path), env={"RECSYS_KERNELS_CUDA": "0"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    (info,) = tmp_path.glob("*.egg-info")
-    metadata = (info / "PKG-INFO").read_text().splitlines()
+    metadata = (egg_info / "PKG-INFO").read_text().splitlines()
     assert f"Version: {recsys_kernels.__version__}" in metadata and "License-Expression: Apache-2.0" in metadata

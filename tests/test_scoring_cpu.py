@@ -6,7 +6,7 @@ longer than I - k, no queries, int8 recall on random data, the native ops called
 import pytest
 import torch
 
-from helpers import has_avx2 as _has_avx2, has_cpu_feature, on_isa
+from helpers import has_avx2 as _has_avx2, has_cpu_feature, on_isa, on_threads
 from recsys_kernels import _loader
 from recsys_kernels.ops import scoring
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
@@ -142,12 +142,8 @@ def test_topk_dense_exclusions_across_item_ranges():
     q, items, bias = exact(21, 9, generator=g), exact(n_items, 9, generator=g), exact(n_items, generator=g)
     lists = [torch.randint(0, n_items, (n_items // 2,), generator=g).tolist() for _ in range(21)]
     off, ex = csr(lists)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        scalar, avx2 = both_paths(lambda: cpu_topk(q, items, 40, exclude_offsets=off, exclude_items=ex, item_bias=bias))
-    finally:
-        torch.set_num_threads(previous)
+    scalar, avx2 = on_threads(2, lambda: both_paths(
+        lambda: cpu_topk(q, items, 40, exclude_offsets=off, exclude_items=ex, item_bias=bias)))
     assert_same(scalar, avx2)
     assert_same(avx2, ref_topk(q, items, 40, exclude_offsets=off, exclude_items=ex, item_bias=bias))
 

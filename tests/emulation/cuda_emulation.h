@@ -69,23 +69,26 @@ struct EmulatedWarp {
 };
 inline thread_local EmulatedWarp* emulated_warp = nullptr;
 
-// Every lane publishes `bits`; returns lane src's. The second barrier keeps a lane from
-// overwriting its slot (next collective) before every lane has read.
-inline uint64_t warp_exchange(uint64_t bits, int src) {
+// A warp collective: every lane publishes `bits` in its slot, then `read` (the slots) gives its
+// result. The second barrier keeps a lane from overwriting its slot (next collective) before every
+// lane has read.
+template <typename Read>
+uint64_t warp_collective(uint64_t bits, Read read) {
   EmulatedWarp& w = *emulated_warp;
   w.slot[threadIdx.x % 32] = bits;
   w.barrier.arrive_and_wait();
-  const uint64_t got = w.slot[src % 32];
+  const uint64_t got = read(w.slot);
   w.barrier.arrive_and_wait();
   return got;
 }
 
+// Lane src's v.
 template <typename T>
 T warp_shuffle(T v, int src) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  bits = warp_exchange(bits, src);
+  bits = warp_collective(bits, [src](const uint64_t* slot) { return slot[src % 32]; });
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
@@ -101,13 +104,11 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   return warp_shuffle(v, static_cast<int>(threadIdx.x % 32) ^ (lane_mask & 31));
 }
 inline unsigned __ballot_sync(unsigned, bool predicate) {
-  EmulatedWarp& w = *emulated_warp;
-  w.slot[threadIdx.x % 32] = predicate ? 1 : 0;
-  w.barrier.arrive_and_wait();
-  unsigned bits = 0;
-  for (int l = 0; l < 32; ++l) bits |= static_cast<unsigned>(w.slot[l]) << l;
-  w.barrier.arrive_and_wait();
-  return bits;
+  return static_cast<unsigned>(warp_collective(predicate ? 1 : 0, [](const uint64_t* slot) {
+    uint64_t bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= slot[l] << l;
+    return bits;
+  }));
 }
 
 // kernel<<<grid, block>>>(args...): the blocks in order, each as block.x threads (1-D blocks).
