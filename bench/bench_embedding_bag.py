@@ -226,7 +226,8 @@ def _grad_output(d):
 @pytest.mark.parametrize("shape", ["A_uniform", "B_zipf"])
 def test_fp32_backward(run_bench, shape, impl, sparse):
     """The weight gradient alone (autograd.grad on a kept graph): torch's embedding_bag backward
-    against ours, dense ([N, D], zero-filled then accumulated) and sparse (one row per index)."""
+    against ours, dense ([N, D]) and sparse (torch's: one row per index; ours: one row per row read,
+    coalesced, so each repeated row is summed here and not in the optimizer)."""
     _skip_unless_ours(impl)
     (n, d), dist = (SHAPE_A, "uniform") if shape == "A_uniform" else (SHAPE_B, "zipf")
     w = _table(n, d).clone().requires_grad_()
@@ -243,7 +244,42 @@ def test_fp32_backward(run_bench, shape, impl, sparse):
     got = fn(out, go)
     want = torch.zeros_like(w).index_add_(0, idx, go.repeat_interleave(L, dim=0))
     torch.testing.assert_close(got.to_dense() if sparse else got, want, rtol=1e-4, atol=1e-4)
-    grad_bytes = idx.numel() * (d * 4 + 8) if sparse else n * d * 4
+    grad_bytes = got._nnz() * (d * 4 + 8) if sparse else n * d * 4
     run_bench(fn, out, go, bytes_moved=go.numel() * 4 + idx.numel() * 8 + grad_bytes,
               ops=idx.numel() * d, shape=(n, d, B, L), impl=impl, sparse=sparse,
               peer=impl == "torch", case=f"{shape} {'sparse' if sparse else 'dense'}")
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "SparseAdam", "Adagrad"])
+@pytest.mark.parametrize("shape", ["A_uniform", "B_zipf"])
+def test_paired_sparse_training_step(paired_ratio, shape, optimizer):
+    """A training step of a sparse-gradient table, the usual PyTorch recipe: nn.EmbeddingBag(
+    sparse=True) + a sparse optimizer against FusedEmbeddingBag(sparse=True) + the same optimizer
+    (forward, backward, step). Ours hands the optimizer a coalesced gradient (each touched row
+    once); torch's has a row per index, which SparseAdam and Adagrad coalesce and SGD scatters."""
+    _skip_unless_ours("ours")
+    from recsys_kernels.nn import FusedEmbeddingBag
+    (n, d), dist = (SHAPE_A, "uniform") if shape == "A_uniform" else (SHAPE_B, "zipf")
+    idx, off = _bags(n, dist)
+    starts = off[:-1]
+    go = _grad_output(d)
+    theirs = torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True, _weight=_table(n, d).clone())
+    ours = FusedEmbeddingBag.from_embedding_bag(torch.nn.EmbeddingBag(n, d, mode="sum", sparse=True,
+                                                                      _weight=_table(n, d).clone()))
+    make = {"SGD": lambda p: torch.optim.SGD(p, lr=0.01), "SparseAdam": lambda p: torch.optim.SparseAdam(p, lr=0.01),
+            "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.01)}[optimizer]
+
+    def stepper(module):
+        opt = make(list(module.parameters()))
+
+        def step():
+            opt.zero_grad()
+            module(idx, starts).backward(go)
+            opt.step()
+        return step
+
+    step_theirs, step_ours = stepper(theirs), stepper(ours)
+    step_theirs(), step_ours()  # one step each: the same update, up to the rounding of a hot row's long sum
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-4, atol=1e-4)
+    paired_ratio(f"sparse training step {shape} {optimizer} vs nn.EmbeddingBag", step_theirs, {"ours": step_ours},
+                 rounds=7 if shape == "A_uniform" else 20)

@@ -13,7 +13,10 @@ TORCH_LIBRARY(recsys_kernels, m) {
   m.def("embedding_bag(Tensor weight, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
         "str mode, int? padding_idx, str bounds, int bits, ScalarType? output_dtype, bool sparse) -> Tensor");
   // Returns (grad_weight, grad_per_sample_weights). grad_weight is [N, D] dense, or, with
-  // sparse=True, the per-index rows [nnz, D] of a sparse COO gradient (built in Python).
+  // sparse=True, the per-index rows [nnz, D] (each index's share, unsummed). The autograd formula
+  // calls it with sparse=False: its sparse gradient, coalesced, is the dense gradient of a compact
+  // table of the rows read (ops/embedding.py, weight_and_psw_grads). The table is read only for
+  // max mode and per-sample weights.
   // grad_per_sample_weights is [nnz], or empty when there are no per-sample weights.
   m.def("embedding_bag_backward(Tensor grad_output, Tensor weight, Tensor indices, Tensor offsets, "
         "Tensor? per_sample_weights, str mode, int? padding_idx, str bounds, bool sparse) -> (Tensor, Tensor)");

@@ -51,6 +51,12 @@ def random_bags(n_bags, max_len=4, n_rows=11, lo=0, hi=None):
     return indices, offsets
 
 
+def rows_read(indices, n_rows, bounds, padding_idx):
+    """The table rows a lookup reads, ascending, each once: a sparse gradient's coordinates."""
+    read = indices.clamp(0, n_rows - 1) if bounds == "clamp" else indices[(indices >= 0) & (indices < n_rows)]
+    return (read if padding_idx is None else read[read != padding_idx]).unique().tolist()
+
+
 def check_low_precision(got, exact, theirs, dtype):
     """fp16/bf16: no worse than 2x the same-precision error of PyTorch's own kernel (DESIGN §6),
     with one ulp of the largest value as a floor for the case where torch happens to be exact."""
@@ -404,13 +410,12 @@ def test_gradcheck(mode, sparse, bounds, padding_idx):
                              bounds=bounds, sparse=sparse)
 
     assert torch.autograd.gradcheck(fn, inputs)
-    if sparse:  # the sparse gradient itself: COO [N, D], one row per index
+    if sparse:  # the sparse gradient itself: coalesced COO [N, D], one row per row read
         g = embedding_bag(weight, indices, offsets, per_sample_weights=inputs[1] if mode == "sum" else None,
                           mode=mode, padding_idx=padding_idx, bounds=bounds, sparse=True)
         gw, = torch.autograd.grad(g.sum(), weight)
-        # one row per index; under bounds="zero" none for an out-of-range index (it read nothing)
-        in_range = ((indices >= 0) & (indices < 7)).sum() if bounds == "zero" else indices.numel()
-        assert gw.is_sparse and gw.shape == weight.shape and gw._nnz() == in_range
+        assert gw.is_sparse and gw.is_coalesced() and gw.shape == weight.shape
+        assert gw._indices()[0].tolist() == rows_read(indices, 7, bounds, padding_idx)
 
 
 # torch's F.embedding_bag has no sparse gradient in max mode (ours is checked by test_gradcheck)
@@ -440,6 +445,57 @@ def test_grads_match_torch(mode, sparse, dtype, padding_idx):
         grads.append([g.to_dense() if g.is_sparse else g for g in gs])
     for ours, theirs in zip(*grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
+@pytest.mark.parametrize("mode,weighted", MODES_WEIGHTED)
+@pytest.mark.parametrize("bounds,padding_idx", [("raise", None), ("raise", 3), ("zero", 0), ("clamp", 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_gradient_is_the_dense_one_coalesced(device, backend, mode, weighted, bounds, padding_idx, dtype):
+    """sparse=True gives the dense gradient's touched rows as a coalesced COO tensor: each row
+    read once, ascending, none for an index that reads nothing (padding, out of range under
+    "zero"), with the dense gradient's bits (the same sums in the same order); the
+    per-sample-weight gradient is unchanged. Hot rows, long bags and empty ones."""
+    n_rows = 9
+    lo, hi = (0, n_rows) if bounds == "raise" else (-3, n_rows + 3)
+    indices, offsets = random_bags(40, max_len=12, n_rows=n_rows, lo=lo, hi=hi)
+    indices[::3] = 4  # a hot row
+    base = torch.randn(n_rows, 5, dtype=dtype)
+    psw_base = torch.randn(indices.numel(), dtype=dtype) if weighted else None
+    grads = {}
+    for sparse in (False, True):
+        w = base.to(device).requires_grad_()
+        psw = None if psw_base is None else psw_base.to(device).requires_grad_()
+        out = embedding_bag(w, indices.to(device), offsets.to(device), per_sample_weights=psw, mode=mode,
+                            padding_idx=padding_idx, bounds=bounds, sparse=sparse, backend=backend)
+        g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+        grads[sparse] = torch.autograd.grad(out, [w] if psw is None else [w, psw], g_out)
+    sparse_grad = grads[True][0]
+    assert sparse_grad.is_sparse and sparse_grad.is_coalesced() and sparse_grad.shape == base.shape
+    assert sparse_grad._indices().cpu()[0].tolist() == rows_read(indices, n_rows, bounds, padding_idx)
+    assert torch.equal(sparse_grad.to_dense(), grads[False][0])
+    if weighted:
+        assert torch.equal(grads[True][1], grads[False][1])
+
+
+@pytest.mark.parametrize("device,backend", backend_params("embedding_bag"))
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sum_and_mean_gradients_do_not_read_the_table(device, backend, mode, sparse):
+    """Without per-sample weights the sum / mean gradient does not depend on the table: a table of
+    NaN gets the exact gradient. (The sparse gradient relies on it: its compact table is left
+    uninitialised.)"""
+    indices, offsets = random_bags(9, max_len=6, n_rows=7)
+    weight = torch.full((7, 3), float("nan"), device=device, requires_grad=True)
+    out = embedding_bag(weight, indices.to(device), offsets.to(device), mode=mode, sparse=sparse, backend=backend)
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    got, = torch.autograd.grad(out, weight, g_out)
+    want = torch.zeros(7, 3)
+    for b in range(offsets.numel() - 1):
+        s, e = int(offsets[b]), int(offsets[b + 1])
+        for p in range(s, e):
+            want[indices[p]] += g_out[b].cpu() / (e - s if mode == "mean" else 1)
+    torch.testing.assert_close((got.to_dense() if sparse else got).cpu(), want)
 
 
 @pytest.mark.parametrize("mode,sparse", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
@@ -574,6 +630,25 @@ def test_compile_backward():
     g, = torch.autograd.grad(f(weight), weight)
     g_ref, = torch.autograd.grad(embedding_bag(weight, idx, off, mode="mean").square().sum(), weight)
     torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in _backend.available_backends("embedding_bag", "cpu")])
+def test_compile_sparse_backward(backend):
+    """The coalesced sparse gradient has a data-dependent number of rows; a fullgraph compile of
+    forward and backward gives the eager one."""
+    torch._dynamo.reset()
+    weight = torch.randn(9, 5, requires_grad=True)
+    idx, off = random_bags(6, n_rows=11, lo=-2)
+    idx[:3] = 4
+
+    def loss(w):
+        return embedding_bag(w, idx, off, padding_idx=2, bounds="zero", sparse=True, backend=backend).square().sum()
+
+    g, = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(weight), weight)
+    g_eager, = torch.autograd.grad(loss(weight), weight)
+    assert g.is_coalesced() and torch.equal(g._indices(), g_eager._indices())
+    assert g._indices()[0].tolist() == rows_read(idx, 9, "zero", 2)
+    torch.testing.assert_close(g._values(), g_eager._values())
 
 
 def test_backend_selection():

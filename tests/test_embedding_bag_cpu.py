@@ -5,7 +5,7 @@ against the reference backward op, errors of the native op called directly, opch
 import pytest
 import torch
 
-from helpers import EMBEDDING_ISAS as ISAS, has_avx2 as _has_avx2, has_cpu_feature, on_isa
+from helpers import EMBEDDING_ISAS as ISAS, has_avx2 as _has_avx2, has_cpu_feature, on_isa, on_threads
 from recsys_kernels import _loader
 from recsys_kernels.ops.embedding import embedding_bag
 from recsys_kernels.ops.embedding_grouped import embedding_bag_grouped
@@ -373,20 +373,25 @@ def test_backward_matches_reference_backward(mode, weighted, sparse, dtype, boun
     torch.testing.assert_close(gp, gp_ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
-def test_dense_backward_large_and_deterministic(mode):
-    # enough work for several row-owning threads; a hot row gets thousands of contributions
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
+def test_dense_backward_large_and_deterministic(mode, weighted):
+    """Enough work for several threads, each owning consecutive rows; a hot row gets thousands of
+    contributions. Each row's sum is the reference's index_add_ (index order): the same bits, on
+    any number of threads."""
     g = torch.Generator().manual_seed(6)
     weight = torch.randn(3_000, 64, generator=g)
     lengths = torch.randint(0, 40, (2_000,), generator=g)
     lengths[10] = 10_000
     idx, off = bags(lengths, 3_000, generator=g)
     idx[::7] = 11
+    psw = torch.randn(idx.numel(), generator=g) if weighted else None
     grad = torch.randn(off.numel() - 1, 64, generator=g)
-    (gw, _), (gw_ref, _) = _backward_both(grad, weight, idx, off, None, mode, None, "raise", False)
-    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
-    again, _ = OPS.embedding_bag_backward(grad, weight, idx, off, None, mode, None, "raise", False)
-    assert torch.equal(gw, again)
+    (gw, _), (gw_ref, _) = _backward_both(grad, weight, idx, off, psw, mode, None, "raise", False)
+    assert torch.equal(gw, gw_ref)
+    for threads in (1, 2, 3):
+        again, _ = on_threads(threads, lambda: OPS.embedding_bag_backward(grad, weight, idx, off, psw, mode, None,
+                                                                          "raise", False))
+        assert torch.equal(gw, again)
 
 
 def test_backward_max_ties_and_nan():

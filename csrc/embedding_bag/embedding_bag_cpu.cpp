@@ -16,9 +16,11 @@
 //
 // Backward: the per-index gradient rows G [nnz, D] (grad_output of the bag, / count for mean, only
 // at the first arg-max index for max, * per-sample weight) are computed in parallel over bags,
-// with the per-sample-weight gradient. sparse=True returns G; the dense gradient is reduced from G
-// deterministically: each thread owns a range of table rows and adds, in index order, the G rows
-// of the indices that fall in it (no atomics, the same sums as the reference's index_add_).
+// with the per-sample-weight gradient. sparse=True returns G. The dense gradient is reduced
+// deterministically: the indices are grouped by row (a counting sort, index order kept), then
+// each thread writes a run of rows once, each the sum in index order of its indices' G rows, or of
+// their bags' grad_output rows when sum / mean need no G (no atomics, the reference's index_add_
+// sums, and no zero-filling pass over the [N, D] output first).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -27,6 +29,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -66,7 +69,7 @@ at::Tensor embedding_bag_forward_cpu(const at::Tensor& weight, const at::Tensor&
 // ----------------------------------------------------------------------------- backward
 template <typename I, typename T, typename Acc>
 void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& grad, const Acc* psw,
-                   bool direct, Acc* G, Acc* grad_psw, int64_t* row_of) {
+                   bool direct, Acc* G, Acc* grad_psw, int64_t* row_of, int64_t* bag_of, int64_t* bag_count) {
   const I* idx = c.indices.const_data_ptr<I>();
   const I* off = c.offsets.const_data_ptr<I>();
   const int64_t d = weight.size(1);
@@ -85,7 +88,11 @@ void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& 
       }
       // the dense sum/mean gradient is reduced from grad directly (not `G == nullptr`: an empty G
       // of D = 0 has none either, and the per-sample-weight gradient was left unwritten)
-      if (direct) continue;
+      if (direct) {
+        std::fill(bag_of + s, bag_of + e, b);
+        bag_count[b] = count;
+        continue;
+      }
       const Acc* gb = g + b * d;
       if (c.mode == Mode::kMax) {
         // first position attaining the max, per column; -1 where a NaN makes the max NaN
@@ -139,50 +146,48 @@ void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& 
   });
 }
 
-// grad_weight[r] += G[p] for every contributing index p (row_of[p] = r), in index order per row.
-template <typename Acc>
-void reduce_dense(const Acc* G, const int64_t* row_of, int64_t nnz, int64_t n_rows, int64_t d, Acc* gw) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>({threads, n_rows, nnz * d / 32768}));
-  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t r0 = n_rows * t0 / n_tasks, r1 = n_rows * t1 / n_tasks;
-    for (int64_t p = 0; p < nnz; ++p) {
-      const int64_t r = row_of[p];
-      if (r < r0 || r >= r1) continue;  // also skips -1
-      Acc* dst = gw + r * d;
-      const Acc* src = G + p * d;
-      for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + src[col];
-    }
-  });
+// The contributing positions of each table row, ascending (a counting sort of row_of, whose -1s
+// are dropped): row r's are pos[start[r] .. start[r + 1]).
+struct PositionsByRow {
+  std::vector<int64_t> start, pos;
+};
+
+PositionsByRow group_positions_by_row(const int64_t* row_of, int64_t nnz, int64_t n_rows) {
+  PositionsByRow g;
+  std::vector<int64_t>& s = g.start;
+  s.assign(n_rows + 1, 0);
+  for (int64_t p = 0; p < nnz; ++p)
+    if (row_of[p] >= 0) ++s[row_of[p]];
+  for (int64_t r = 1; r < n_rows; ++r) s[r] += s[r - 1];  // s[r]: the end of row r
+  if (n_rows > 0) s[n_rows] = s[n_rows - 1];
+  g.pos.resize(s[n_rows]);
+  for (int64_t p = nnz - 1; p >= 0; --p)  // filled from each row's end back: s[r] ends at its start
+    if (row_of[p] >= 0) g.pos[--s[row_of[p]]] = p;
+  return g;
 }
 
-// The same sums without the per-index rows, for a dense gradient of mode sum / mean without
-// per-sample weights: grad_weight[r] += grad[b] (mean: grad[b] / count(b), the value backward_impl
-// would have written) for every contributing index p of bag b, in index order per row.
-template <typename I, typename Acc>
-void reduce_dense_from_bags(const Acc* g, const I* off, int64_t n_bags, const int64_t* row_of, bool mean,
-                            int64_t nnz, int64_t n_rows, int64_t d, Acc* gw) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>({threads, n_rows, nnz * d / 32768}));
+// grad_weight [n_rows, D], every row written once: 0 + the gradient rows of its positions, added
+// in index order by add_position(p, dst) (no atomics, the same sums as the reference's
+// index_add_). One pass over the output, with no zero-filling pass before it. The tasks take
+// consecutive rows of about equal work (rows + positions: Zipf-hot rows have many).
+template <typename Acc, typename AddPosition>
+void reduce_by_row(const PositionsByRow& g, int64_t n_rows, int64_t d, Acc* gw, const AddPosition& add_position) {
+  const int64_t work = n_rows + static_cast<int64_t>(g.pos.size());
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work * d / 32768));
+  auto first_row = [&](int64_t task) {  // the first row r with r + start[r] >= its share of the work
+    const int64_t target = work * task / n_tasks;
+    int64_t lo = 0, hi = n_rows;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (mid + g.start[mid] < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t r0 = n_rows * t0 / n_tasks, r1 = n_rows * t1 / n_tasks;
-    for (int64_t b = 0; b < n_bags; ++b) {
-      const int64_t s = off[b], e = off[b + 1];
-      int64_t n = 0;
-      if (mean)
-        for (int64_t p = s; p < e; ++p) n += row_of[p] >= 0;
-      const Acc count = static_cast<Acc>(n);
-      const Acc* gb = g + b * d;
-      for (int64_t p = s; p < e; ++p) {
-        const int64_t r = row_of[p];
-        if (r < r0 || r >= r1) continue;  // also skips -1
-        Acc* dst = gw + r * d;
-        if (mean) {
-          for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + gb[col] / count;
-        } else {
-          for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + gb[col];
-        }
-      }
+    for (int64_t r = first_row(t0), end = first_row(t1); r < end; ++r) {
+      Acc* dst = gw + r * d;
+      std::fill(dst, dst + d, Acc(0));
+      for (int64_t k = g.start[r]; k < g.start[r + 1]; ++k) add_position(g.pos[k], dst);
     }
   });
 }
@@ -213,67 +218,52 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
   std::optional<at::Tensor> psw;
   if (c.psw.has_value()) psw = c.psw->to(acc).contiguous();
 
-  // a dense sum / mean gradient without per-sample weights needs no per-index rows
+  // a dense sum / mean gradient without per-sample weights needs no per-index rows, only each
+  // index's bag (and the bag's count, for mean)
   const bool direct = !sparse && c.mode != Mode::kMax && !psw.has_value();
+  const auto long_opts = weight_in.options().dtype(at::kLong);
   at::Tensor G = at::empty({direct ? 0 : c.nnz, d}, acc_opts);
   at::Tensor grad_psw = psw.has_value() ? at::empty({c.nnz}, acc_opts) : weight_in.new_empty({0});
-  at::Tensor row_of = at::empty({c.nnz}, weight_in.options().dtype(at::kLong));
-  at::Tensor grad_weight;
+  at::Tensor row_of = at::empty({c.nnz}, long_opts);
+  at::Tensor bag_of = at::empty({direct ? c.nnz : 0}, long_opts);
+  at::Tensor bag_count = at::empty({direct ? c.n_bags : 0}, long_opts);
 
   AT_DISPATCH_INDEX_TYPES(c.indices.scalar_type(), "embedding_bag_backward_cpu", [&] {
     using I = index_t;
-    AT_DISPATCH_SWITCH(wt, "embedding_bag_backward_cpu_table",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          direct, G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
-                                          row_of.data_ptr<int64_t>());
-      })
-      AT_DISPATCH_CASE(at::kHalf, [&] {
-        backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          direct, G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
-                                          row_of.data_ptr<int64_t>());
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        backward_impl<I, scalar_t, float>(c, weight, grad, psw ? psw->const_data_ptr<float>() : nullptr,
-                                          direct, G.data_ptr<float>(), psw ? grad_psw.data_ptr<float>() : nullptr,
-                                          row_of.data_ptr<int64_t>());
-      })
-      AT_DISPATCH_CASE(at::kDouble, [&] {
-        backward_impl<I, scalar_t, double>(c, weight, grad, psw ? psw->const_data_ptr<double>() : nullptr,
-                                           direct, G.data_ptr<double>(), psw ? grad_psw.data_ptr<double>() : nullptr,
-                                           row_of.data_ptr<int64_t>());
-      }));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt, "embedding_bag_backward_cpu_table", [&] {
+      using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      backward_impl<I, scalar_t, Acc>(c, weight, grad, psw ? psw->const_data_ptr<Acc>() : nullptr, direct,
+                                      G.data_ptr<Acc>(), psw ? grad_psw.data_ptr<Acc>() : nullptr,
+                                      row_of.data_ptr<int64_t>(), bag_of.data_ptr<int64_t>(),
+                                      bag_count.data_ptr<int64_t>());
+    });
   });
   if (psw.has_value()) grad_psw = grad_psw.to(c.psw->scalar_type());  // c.psw keeps the caller's dtype
+  if (sparse) return {G.to(wt).contiguous(), grad_psw.contiguous()};
 
-  if (sparse) {
-    grad_weight = G.to(wt);
-  } else {
-    at::Tensor gw = at::zeros({c.n_rows, d}, acc_opts);
-    if (c.n_rows > 0 && c.nnz > 0 && d > 0 && direct) {
-      const bool mean = c.mode == Mode::kMean;
-      AT_DISPATCH_INDEX_TYPES(c.indices.scalar_type(), "embedding_bag_backward_cpu_direct", [&] {
-        const index_t* off = c.offsets.const_data_ptr<index_t>();
-        if (acc == at::kDouble)
-          reduce_dense_from_bags<index_t, double>(grad.const_data_ptr<double>(), off, c.n_bags,
-                                                  row_of.const_data_ptr<int64_t>(), mean, c.nnz, c.n_rows, d,
-                                                  gw.data_ptr<double>());
-        else
-          reduce_dense_from_bags<index_t, float>(grad.const_data_ptr<float>(), off, c.n_bags,
-                                                 row_of.const_data_ptr<int64_t>(), mean, c.nnz, c.n_rows, d,
-                                                 gw.data_ptr<float>());
-      });
-    } else if (c.n_rows > 0 && c.nnz > 0 && d > 0) {
-      if (acc == at::kDouble)
-        reduce_dense<double>(G.const_data_ptr<double>(), row_of.const_data_ptr<int64_t>(), c.nnz, c.n_rows, d,
-                             gw.data_ptr<double>());
-      else
-        reduce_dense<float>(G.const_data_ptr<float>(), row_of.const_data_ptr<int64_t>(), c.nnz, c.n_rows, d,
-                            gw.data_ptr<float>());
-    }
-    grad_weight = gw.to(wt);
-  }
-  return {grad_weight.contiguous(), grad_psw.contiguous()};
+  at::Tensor gw = at::empty({c.n_rows, d}, acc_opts);
+  const PositionsByRow by_row = group_positions_by_row(row_of.const_data_ptr<int64_t>(), c.nnz, c.n_rows);
+  AT_DISPATCH_FLOATING_TYPES(acc, "embedding_bag_backward_cpu_reduce", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* rows = G.const_data_ptr<scalar_t>();
+    const int64_t* bag = bag_of.const_data_ptr<int64_t>();
+    const int64_t* count = bag_count.const_data_ptr<int64_t>();
+    const bool mean = c.mode == Mode::kMean;
+    reduce_by_row(by_row, c.n_rows, d, gw.data_ptr<scalar_t>(), [&](int64_t p, scalar_t* dst) {
+      if (!direct) {
+        const scalar_t* src = rows + p * d;
+        for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + src[col];
+      } else if (mean) {  // the value backward_impl would have written: grad[b] / count(b)
+        const scalar_t* src = g + bag[p] * d;
+        const scalar_t n = static_cast<scalar_t>(count[bag[p]]);
+        for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + src[col] / n;
+      } else {
+        const scalar_t* src = g + bag[p] * d;
+        for (int64_t col = 0; col < d; ++col) dst[col] = dst[col] + src[col];
+      }
+    });
+  });
+  return {gw.to(wt).contiguous(), grad_psw.contiguous()};
 }
 
 }  // namespace

@@ -18,9 +18,9 @@ Conventions, for every backend:
   clamped to [0, N-1] (padding_idx is compared after clamping: it names a row).
 - max mode: the gradient of each output element goes to the first index of the bag that attains
   the maximum (ties -> the earliest position, as torch's CPU kernel).
-- Backward: dense grad [N, D], or with sparse=True a sparse COO gradient with one row per index
-  (like torch's sparse embedding gradient; padding positions give zero rows, out-of-range ones
-  under bounds="zero" no row). Quantized (uint8) tables are inference only.
+- Backward: dense grad [N, D], or with sparse=True a coalesced sparse COO gradient: one row per
+  table row read, ascending (torch's has one per index); the indices that read nothing (padding,
+  out of range under bounds="zero") give no row. Quantized (uint8) tables are inference only.
 """
 from __future__ import annotations
 
@@ -203,21 +203,37 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (mode, padding_idx, bounds, sparse)
 
 
-def _sparse_grad(grad_rows: Tensor, indices: Tensor, n_rows: int, bounds: str) -> Tensor:
-    """Per-index rows [nnz, D] -> sparse COO [N, D], as torch's sparse embedding gradient (one row
-    per index). Under bounds="zero" an out-of-range index contributed nothing and gets no row: a
-    zero row at some coordinate would still mark that row touched, and SparseAdam moves a touched
-    row by its momentum. (Under "clamp" the index read the clamped row, which gets the gradient.)"""
-    dim = grad_rows.shape[1]
-    if bounds == "zero" and n_rows > 0:
-        keep = (indices >= 0) & (indices < n_rows)
-        grad_rows, indices = grad_rows[keep], indices[keep]
-    if n_rows == 0:
-        return torch.sparse_coo_tensor(indices.new_zeros(1, 0, dtype=torch.long), grad_rows[:0], (0, dim),
-                                       check_invariants=False)
-    coords = indices.long().clamp(0, n_rows - 1).view(1, -1)
-    # the coordinates are in range by construction, so the (costly) invariant check is skipped
-    return torch.sparse_coo_tensor(coords, grad_rows, (n_rows, dim), check_invariants=False)
+def weight_and_psw_grads(backward_op, grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor,
+                         per_sample_weights: Optional[Tensor], mode: str, padding_idx: Optional[int], bounds: str,
+                         sparse: bool) -> tuple[Tensor, Tensor]:
+    """(grad_weight, grad_per_sample_weights) of one lookup through `backward_op` (a backend's
+    embedding_bag_backward). sparse=True gives a coalesced sparse COO gradient: each row the lookup
+    read once, ascending, holding the sum of its gradients in index order; like FBGEMM's
+    deduplicated backward, and unlike torch's one row per index, which every optimizer then has to
+    coalesce (SparseAdam, Adagrad) or scatter row by row (SGD). It is the dense gradient of a
+    compact table: one spare row, named as padding_idx by the indices that read nothing (padding,
+    or out of range under bounds="zero": they get no row, since SparseAdam would move a row with a
+    zero gradient by its momentum), then the rows read. No data-dependent branch, so it traces."""
+    if not sparse:
+        return backward_op(grad, weight, indices, offsets, per_sample_weights, mode, padding_idx, bounds, False)
+    n_rows, dim = weight.shape
+    idx = indices.long()
+    if bounds == "clamp" and n_rows > 0:  # (the forward refused clamping into an empty table)
+        idx = idx.clamp(0, n_rows - 1)
+    reads = (idx >= 0) & (idx < n_rows)
+    if padding_idx is not None:
+        reads &= idx != padding_idx
+    spare = idx.new_full((1,), -1)  # sorts first: the compact table's row 0
+    rows, place = torch.unique(torch.cat([spare, torch.where(reads, idx, -1)]), sorted=True, return_inverse=True)
+    if mode == "max" or per_sample_weights is not None:  # the only gradients that read the table
+        compact = torch.cat([weight.new_zeros(1, dim), weight[rows[1:]]])
+    else:
+        compact = weight.new_empty(rows.shape[0], dim)  # read for its shape only
+    grad_compact, grad_psw = backward_op(grad, compact, place[1:], offsets.long(), per_sample_weights, mode, 0,
+                                         "raise", False)
+    grad_weight = torch.sparse_coo_tensor(rows[None, 1:], grad_compact[1:], (n_rows, dim), is_coalesced=True,
+                                          check_invariants=False)
+    return grad_weight, grad_psw
 
 
 def _make_backward(pick):
@@ -228,12 +244,10 @@ def _make_backward(pick):
         if weight.dtype == torch.uint8:
             raise NotImplementedError("embedding_bag: quantized (uint8) tables are inference only; "
                                       "there is no gradient through them")
-        grad_weight, grad_psw = pick(weight.is_cuda)(grad.contiguous(), weight, indices, offsets,
-                                                     per_sample_weights, mode, padding_idx, bounds, sparse)
+        grad_weight, grad_psw = weight_and_psw_grads(pick(weight.is_cuda), grad.contiguous(), weight, indices,
+                                                     offsets, per_sample_weights, mode, padding_idx, bounds, sparse)
         if not ctx.needs_input_grad[0]:
             grad_weight = None
-        elif sparse:
-            grad_weight = _sparse_grad(grad_weight, indices, weight.shape[0], bounds)
         if per_sample_weights is None or not ctx.needs_input_grad[3]:
             grad_psw = None
         return grad_weight, None, None, grad_psw, None, None, None, None, None, None
@@ -283,7 +297,7 @@ def embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor | None = None
     `bits` (8 or 4; see recsys_kernels.ops.rowwise). indices: int32/int64 [nnz], or [B, L] (one
     bag per row, with neither offsets nor lengths). offsets: CSR [B+1]; or lengths [B].
     per_sample_weights: float [nnz] (or [B, L] with 2-D indices), mode="sum" only.
-    sparse: the weight gradient is a sparse COO tensor (one row per index).
+    sparse: the weight gradient is a coalesced sparse COO tensor (one row per table row read).
     """
     op = (_direct_op(weight, indices, offsets, mode, padding_idx, bounds, bits, sparse, backend)
           if lengths is None and per_sample_weights is None and output_dtype is None else None)

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from . import _common
-from .embedding import (BACKWARD, BOUNDS, _embedding_bag_ref, _sparse_grad, direct_lookup, embedding_bag,
-                        prepare_lookup)
+from .embedding import (BACKWARD, BOUNDS, _embedding_bag_ref, direct_lookup, embedding_bag,
+                        prepare_lookup, weight_and_psw_grads)
 from .rowwise import unpacked_dim
 
 NAME = "embedding_bag_grouped"
@@ -105,11 +105,11 @@ def _make_backward(pick):
                 raise NotImplementedError("embedding_bag_grouped: quantized (uint8) tables are inference only; "
                                           "per_sample_weights must not require grad with them")
             pad = padding_idx[f] if padding_idx[f] >= 0 else None
-            grad_weight, grad_psw = pick(weight.is_cuda)(grad[:, start:col].contiguous(), weight, indices[f],
-                                                         offsets[f], psws[f], modes[f], pad, bounds, sparse[f])
+            grad_weight, grad_psw = weight_and_psw_grads(pick(weight.is_cuda), grad[:, start:col].contiguous(),
+                                                         weight, indices[f], offsets[f], psws[f], modes[f], pad,
+                                                         bounds, sparse[f])
             if needs_weight[f]:
-                grad_weights[f] = (_sparse_grad(grad_weight, indices[f], weight.shape[0], bounds) if sparse[f]
-                                  else grad_weight)
+                grad_weights[f] = grad_weight
             if needs_psw[f]:
                 grad_psws[f] = grad_psw
         return (grad_weights, [None] * n, [None] * n, grad_psws if psw_is_input else None,
