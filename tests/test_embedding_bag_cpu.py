@@ -394,6 +394,23 @@ def test_dense_backward_large_and_deterministic(mode, weighted):
         assert torch.equal(gw, again)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("mean", False), ("sum", True)])
+def test_half_dense_backward_has_the_references_bits(isa, dtype, mode, weighted):
+    """fp16 / bf16 tables: each gradient row is summed in fp32 and rounded once into the table's
+    dtype as it is written (F16C / AVX2 on the avx2 path, the scalar cast on the scalar one): the
+    reference's bits, index_add_ in fp32 then .to(dtype)."""
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(500, 24, generator=g).to(dtype)
+    idx, off = bags(torch.randint(0, 30, (300,), generator=g), 500, generator=g)
+    idx[::5] = 7
+    psw = torch.randn(idx.numel(), generator=g).to(dtype) if weighted else None
+    grad = torch.randn(off.numel() - 1, 24, generator=g).to(dtype)
+    (gw, _), (gw_ref, _) = on_isa(isa, lambda: _backward_both(grad, weight, idx, off, psw, mode, None, "raise", False))
+    assert gw.dtype == dtype and torch.equal(gw, gw_ref)
+
+
 def test_backward_max_ties_and_nan():
     weight = torch.tensor([[1.0, 5.0], [3.0, float("nan")], [3.0, 2.0]])
     idx, off = torch.tensor([0, 2, 1, 1]), torch.tensor([0, 3, 4])
