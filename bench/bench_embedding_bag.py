@@ -250,6 +250,34 @@ def test_fp32_backward(run_bench, shape, impl, sparse):
               peer=impl == "torch", case=f"{shape} {'sparse' if sparse else 'dense'}")
 
 
+@pytest.mark.parametrize("case", ["A_dense_fp32", "A_dense_fp16", "A_dense_bf16", "A_sparse_fp32", "B_dense_fp32",
+                                  "B_sparse_fp32"])
+def test_paired_backward(paired_ratio, case):
+    """The weight gradient alone (autograd.grad on a kept graph), torch's embedding_bag backward
+    and ours in turn: dense in the table's dtype, or sparse (torch's one row per index, ours
+    coalesced: fewer rows, each summed)."""
+    _skip_unless_ours("ours")
+    shape, kind, dtype = case.split("_")
+    (n, d), dist = (SHAPE_A, "uniform") if shape == "A" else (SHAPE_B, "zipf")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    sparse = kind == "sparse"
+    w = _table(n, d).to(dtype).requires_grad_()
+    idx, off = _bags(n, dist)
+    go = _grad_output(d).to(dtype)
+    theirs = F.embedding_bag(idx, w, off, mode="sum", include_last_offset=True, sparse=sparse)
+    ours = rk.embedding_bag(w, idx, off, sparse=sparse, backend="cpu")
+
+    def grad(out):
+        return lambda: torch.autograd.grad(out, w, go, retain_graph=True)[0]
+
+    want, got = grad(theirs)(), grad(ours)()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.to_dense() if sparse else got, want.to_dense() if sparse else want,
+                               rtol=tol, atol=tol)
+    paired_ratio(f"embedding_bag backward {case}", grad(theirs), {"ours": grad(ours)},
+                 rounds=7 if shape == "A" else 20)
+
+
 @pytest.mark.parametrize("optimizer", ["SGD", "SparseAdam", "Adagrad"])
 @pytest.mark.parametrize("shape", ["A_uniform", "B_zipf"])
 def test_paired_sparse_training_step(paired_ratio, shape, optimizer):

@@ -373,16 +373,18 @@ def test_backward_matches_reference_backward(mode, weighted, sparse, dtype, boun
     torch.testing.assert_close(gp, gp_ref, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("n_rows", [3_000, 400_000], ids=["most_rows_read", "few_rows_read"])
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
-def test_dense_backward_large_and_deterministic(mode, weighted):
+def test_dense_backward_large_and_deterministic(mode, weighted, n_rows):
     """Enough work for several threads, each owning consecutive rows; a hot row gets thousands of
     contributions. Each row's sum is the reference's index_add_ (index order): the same bits, on
-    any number of threads."""
+    any number of threads, through either reduction (most rows read: each row written once; few
+    read: zeros, then the indices added in place)."""
     g = torch.Generator().manual_seed(6)
-    weight = torch.randn(3_000, 64, generator=g)
+    weight = torch.randn(n_rows, 64, generator=g)
     lengths = torch.randint(0, 40, (2_000,), generator=g)
     lengths[10] = 10_000
-    idx, off = bags(lengths, 3_000, generator=g)
+    idx, off = bags(lengths, n_rows, generator=g)
     idx[::7] = 11
     psw = torch.randn(idx.numel(), generator=g) if weighted else None
     grad = torch.randn(off.numel() - 1, 64, generator=g)
