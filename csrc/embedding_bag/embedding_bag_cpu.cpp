@@ -17,10 +17,11 @@
 // Backward: the per-index gradient rows G [nnz, D] (grad_output of the bag, / count for mean, only
 // at the first arg-max index for max, * per-sample weight) are computed in parallel over bags,
 // with the per-sample-weight gradient. sparse=True returns G. The dense gradient is reduced
-// deterministically: the indices are grouped by row (a counting sort, index order kept), then
-// each thread writes a run of rows once, each the sum in index order of its indices' G rows, or of
-// their bags' grad_output rows when sum / mean need no G (no atomics, the reference's index_add_
-// sums, and no zero-filling pass over the [N, D] output first).
+// deterministically, each row the sum in index order of its indices' G rows, or of their bags'
+// grad_output rows when sum / mean need no G (no atomics, the reference's index_add_ sums), by
+// each thread over its run of rows: scatter_to_rows (zeros, then in-place adds) for an fp32 /
+// fp64 table whose rows are mostly unread, else reduce_by_row (the indices grouped by row, each
+// row written once, fp16 / bf16 rounded as it is stored).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
