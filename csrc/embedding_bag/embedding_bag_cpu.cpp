@@ -151,19 +151,6 @@ void backward_impl(const Common& c, const at::Tensor& weight, const at::Tensor& 
   });
 }
 
-// One gradient row, summed in Acc, into the table's dtype T: fp16 / bf16 through F16C / AVX2 where
-// the path allows it (half_convert.h: the casts' bits; c10::Half's scalar cast is a software
-// conversion, which doubled the whole fp16 backward at shape A).
-template <typename T, typename Acc>
-void store_row(const Acc* sum, T* dst, int64_t d, bool avx2) {
-  if constexpr (std::is_same_v<T, at::Half>) {
-    if (avx2) return f32_to_f16_avx2(sum, reinterpret_cast<uint16_t*>(dst), d);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (avx2) return f32_to_bf16_avx2(sum, reinterpret_cast<uint16_t*>(dst), d);
-  }
-  for (int64_t col = 0; col < d; ++col) dst[col] = static_cast<T>(sum[col]);
-}
-
 // The contributing positions of rows r0, ..., r1 - 1 grouped by row, ascending (a counting sort
 // over those rows from two scans of row_of, whose -1s are dropped): row r's are
 // pos[start[r - r0] .. start[r - r0 + 1]).
@@ -202,7 +189,8 @@ void scatter_to_rows(const int64_t* row_of, int64_t nnz, int64_t n_rows, int64_t
 }
 
 // grad_weight [n_rows, D] in the table's dtype, every row written once, summed in Acc and rounded
-// once; a run of rows no index reads is one memset. Each task groups its own indices by row.
+// once (store_values: F16C / AVX2 for fp16 / bf16); a run of rows no index reads is one memset.
+// Each task groups its own indices by row.
 // Best where most rows are read (the compact table of a sparse gradient: 25 ms against 39 at
 // shape A), and for fp16 / bf16 tables, which need no fp32 [N, D] copy (that had made them 2x
 // slower than torch).
@@ -230,7 +218,7 @@ void reduce_by_row(const int64_t* row_of, int64_t nnz, int64_t n_rows, int64_t d
         Acc* acc = std::is_same_v<T, Acc> ? reinterpret_cast<Acc*>(gw + r * d) : sum.data();
         std::fill(acc, acc + d, Acc(0));
         for (int64_t k = start[r - r0]; k < start[r - r0 + 1]; ++k) add_position(pos[k], acc);
-        if constexpr (!std::is_same_v<T, Acc>) store_row(acc, gw + r * d, d, avx2);
+        if constexpr (!std::is_same_v<T, Acc>) store_values(acc, gw + r * d, d, avx2);
         ++r;
       }
     }

@@ -342,28 +342,29 @@ inline void record_bad_index(Lookup& lk, int64_t p) {
   }
 }
 
+// n values summed in Acc into dst of dtype T; avx2: fp32 into fp16 / bf16 with F16C / AVX2
+// (half_convert.h: the same bits as the casts; c10::Half's scalar cast is a software conversion).
+template <typename T, typename Acc>
+void store_values(const Acc* src, T* dst, int64_t n, bool avx2) {
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<T, at::Half>) {
+    if (avx2) return f32_to_f16_avx2(src, reinterpret_cast<uint16_t*>(dst), n);
+  } else if constexpr (std::is_same_v<Acc, float> && std::is_same_v<T, at::BFloat16>) {
+    if (avx2) return f32_to_bf16_avx2(src, reinterpret_cast<uint16_t*>(dst), n);
+  }
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]);
+}
+
 // Writes bags b, ..., b + n_bags - 1's D pooled values (src: n_bags x D in the accumulation type)
-// into the output in its dtype; avx2: fp32 into fp16 / bf16 with F16C / AVX2 (half_convert.h: the
-// same bits as the casts below), in one call when the output rows are contiguous.
+// into the output in its dtype, in one call when the output rows are contiguous.
 template <typename Acc>
 void store_converted(const Lookup& lk, int64_t b, int64_t n_bags, const Acc* src, bool avx2) {
   const int64_t d = lk.dim();
-  if constexpr (std::is_same_v<Acc, float>) {
-    if (avx2 && (lk.out_dtype == at::kHalf || lk.out_dtype == at::kBFloat16)) {
-      const auto convert = lk.out_dtype == at::kHalf ? f32_to_f16_avx2 : f32_to_bf16_avx2;
-      uint16_t* o = reinterpret_cast<uint16_t*>(lk.out) + b * lk.out_stride + lk.col0;
-      if (lk.out_stride == d) {
-        convert(src, o, n_bags * d);
-      } else {
-        for (int64_t j = 0; j < n_bags; ++j) convert(src + j * d, o + j * lk.out_stride, d);
-      }
-      return;
-    }
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lk.out_dtype, "embedding_bag_cpu_out", [&] {
-    for (int64_t j = 0; j < n_bags; ++j) {
-      auto* o = reinterpret_cast<scalar_t*>(lk.out) + (b + j) * lk.out_stride + lk.col0;
-      for (int64_t col = 0; col < d; ++col) o[col] = static_cast<scalar_t>(src[j * d + col]);
+    scalar_t* o = reinterpret_cast<scalar_t*>(lk.out) + b * lk.out_stride + lk.col0;
+    if (lk.out_stride == d) {
+      store_values(src, o, n_bags * d, avx2);
+    } else {
+      for (int64_t j = 0; j < n_bags; ++j) store_values(src + j * d, o + j * lk.out_stride, d, avx2);
     }
   });
 }
