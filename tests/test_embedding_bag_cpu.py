@@ -2,6 +2,8 @@
 test_embedding_bag.py: every CPU path (AVX-512 where the CPU has it, AVX2 and the forced scalar
 fallback, which must agree bit for bit), wide and odd D, skewed bags, many bags with int32 offsets, quantized tables, the backward op
 against the reference backward op, errors of the native op called directly, opcheck, compile."""
+import os
+
 import pytest
 import torch
 
@@ -394,6 +396,43 @@ def test_dense_backward_large_and_deterministic(mode, weighted, n_rows):
         again, _ = on_threads(threads, lambda: OPS.embedding_bag_backward(grad, weight, idx, off, psw, mode, None,
                                                                           "raise", False))
         assert torch.equal(gw, again)
+
+
+def _vm_flags_at(address):
+    """The VmFlags of the mapping that holds address (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="this kernel has no transparent huge pages")
+@pytest.mark.parametrize("n_indices", [5_000, 100_000], ids=["few_rows_read", "most_rows_read"])
+def test_large_gradient_asks_for_huge_pages(monkeypatch, n_indices):
+    """A dense gradient of 32 MiB or more (which glibc maps afresh on every call) is advised to the
+    kernel for 2 MiB pages, unless RECSYS_KERNELS_HUGE_PAGES=0; the values are the reference's
+    either way, through both reductions."""
+    g = torch.Generator().manual_seed(12)
+    weight = torch.randn(150_000, 64, generator=g)  # a 38.4 MB gradient
+    idx, off = bags(torch.full((n_indices // 20,), 20), 150_000, generator=g)
+    grad = torch.randn(off.numel() - 1, 64, generator=g)
+    huge = 2 << 20
+    got = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("RECSYS_KERNELS_HUGE_PAGES", setting)
+        gw, _ = OPS.embedding_bag_backward(grad, weight, idx, off, None, "sum", None, "raise", False)
+        first_huge_page = (gw.data_ptr() + huge - 1) // huge * huge
+        assert ("hg" in _vm_flags_at(first_huge_page)) == (setting == "1")
+        got[setting] = gw
+    gw_ref, _ = OPS.embedding_bag_backward_reference(grad, weight, idx, off, None, "sum", None, "raise", False)
+    assert torch.equal(got["1"], gw_ref) and torch.equal(got["0"], gw_ref)
 
 
 @pytest.mark.parametrize("isa", ISAS)

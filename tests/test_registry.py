@@ -365,6 +365,20 @@ def test_l2_prefetch_threshold_is_the_l3_or_the_env(monkeypatch):
             rk._C.cpu_features()
 
 
+def test_huge_pages_setting_is_the_env(monkeypatch):
+    if "_C" not in _loader.EXTENSIONS:
+        pytest.skip("C++ extension not loaded")
+    for value, shown in ((None, "32"), ("1", "32"), ("0", "off")):
+        if value is None:
+            monkeypatch.delenv("RECSYS_KERNELS_HUGE_PAGES", raising=False)
+        else:
+            monkeypatch.setenv("RECSYS_KERNELS_HUGE_PAGES", value)
+        assert rk._C.cpu_features()["huge_pages_above_mib"] == shown
+    monkeypatch.setenv("RECSYS_KERNELS_HUGE_PAGES", "yes")
+    with pytest.raises(ValueError, match="RECSYS_KERNELS_HUGE_PAGES='yes' is not 0 or 1"):
+        rk._C.cpu_features()
+
+
 @pytest.mark.parametrize("name", ["_C", "_C_cuda"])
 def test_extension_links_the_shared_cxx_runtime(name):
     """setup.py names -lstdc++ so that a compiler driver which links libstdc++ statically (a g++

@@ -1,4 +1,5 @@
 #include "common/cpu_features.h"
+#include "common/fresh_memory.h"
 
 #include <cpuid.h>
 #include <cstdlib>
@@ -108,6 +109,7 @@ std::map<std::string, std::string> cpu_features_dict() {
           {"avx512_vbmi", yn(f.avx512_vbmi)},
           {"amx_int8", yn(f.amx_int8)},
           {"l2_prefetch_above_mib", std::to_string(l2_prefetch_bytes() >> 20)},
+          {"huge_pages_above_mib", huge_pages_enabled() ? std::to_string(kFreshMappingBytes >> 20) : "off"},
           {"best_path", isa_name(highest_supported(f))},
           {"selected_path", isa_name(cpu_isa())}};
 }

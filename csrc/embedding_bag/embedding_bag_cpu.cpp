@@ -39,6 +39,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "common/fresh_memory.h"
 #include "embedding_bag/embedding_bag_cpu_forward.h"
 
 namespace recsys_kernels {
@@ -58,7 +59,7 @@ at::Tensor embedding_bag_forward_cpu(const at::Tensor& weight, const at::Tensor&
     TORCH_CHECK_TYPE(is_table_float(*output_dtype), "output_dtype must be float32, float16, bfloat16 or float64, got ",
                      dtype_name(*output_dtype));
   lk.out_dtype = output_dtype.value_or(lk.default_out);
-  at::Tensor out = at::empty({lk.c.n_bags, lk.dim()}, weight.options().dtype(lk.out_dtype));
+  at::Tensor out = empty_for_writing({lk.c.n_bags, lk.dim()}, weight.options().dtype(lk.out_dtype));
   if (lk.c.n_bags == 0 || lk.dim() == 0) return out;
   lk.out = static_cast<uint8_t*>(out.data_ptr());
   lk.out_stride = lk.dim();
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
   // index's bag (and the bag's count, for mean)
   const bool direct = !sparse && c.mode != Mode::kMax && !psw.has_value();
   const auto long_opts = weight_in.options().dtype(at::kLong);
-  at::Tensor G = at::empty({direct ? 0 : c.nnz, d}, acc_opts);
+  at::Tensor G = empty_for_writing({direct ? 0 : c.nnz, d}, acc_opts);
   at::Tensor grad_psw = psw.has_value() ? at::empty({c.nnz}, acc_opts) : weight_in.new_empty({0});
   at::Tensor row_of = at::empty({c.nnz}, long_opts);
   at::Tensor bag_of = at::empty({direct ? c.nnz : 0}, long_opts);
@@ -277,8 +278,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_cpu(
   // reduce_by_row unless the table is fp32 / fp64 and most rows go unread (the measured crossover
   // lies between 13% read, shape A's dense gradient, and ~100%, a sparse gradient's compact table)
   const bool scatter = (wt == at::kFloat || wt == at::kDouble) && c.nnz * 4 < c.n_rows;
-  at::Tensor grad_weight =
-      scatter ? at::zeros({c.n_rows, d}, weight_in.options()) : at::empty({c.n_rows, d}, weight_in.options());
+  at::Tensor grad_weight = empty_for_writing({c.n_rows, d}, weight_in.options());
+  if (scatter) grad_weight.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt, "embedding_bag_backward_cpu_reduce", [&] {
     using Acc = AccOf<scalar_t>;
     const Acc* g = grad.const_data_ptr<Acc>();

@@ -9,6 +9,7 @@
 
 #include <torch/library.h>
 
+#include "common/fresh_memory.h"
 #include "embedding_bag/embedding_bag_cpu_forward.h"
 
 namespace recsys_kernels {
@@ -64,7 +65,7 @@ at::Tensor embedding_bag_grouped_cpu(at::TensorList weights, at::TensorList indi
   for (size_t f = 1; f < n; ++f)
     TORCH_CHECK_VALUE(lookups[f]->c.n_bags == n_bags, "offsets[", f, "] has ", lookups[f]->c.n_bags + 1,
                       " entries, offsets[0] has ", n_bags + 1, ": every lookup needs the same batch size B");
-  at::Tensor out = at::empty({n_bags, total_dim}, weights[0].options().dtype(output_dtype));
+  at::Tensor out = empty_for_writing({n_bags, total_dim}, weights[0].options().dtype(output_dtype));
   if (n_bags == 0 || total_dim == 0) return out;
   std::vector<Lookup*> group;
   int64_t col = 0;

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/fresh_memory.h"
 #include "scoring/scoring_cpu_common.h"
 
 namespace recsys_kernels {
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(
   const at::Tensor ui = user_idx.to(at::kLong).contiguous(), ii = item_idx.to(at::kLong).contiguous();
   const auto f32 = user_emb.options().dtype(at::kFloat);
 
-  at::Tensor grad_user = at::empty({users.rows, users.dim}, f32);
+  at::Tensor grad_user = empty_for_writing({users.rows, users.dim}, f32);
   bool ok = accumulate_rows(group_by_row(ui, users.rows), g.const_data_ptr<float>(), items,
                             ii.const_data_ptr<int64_t>(), grad_user.data_ptr<float>(), users.rows, nullptr);
   if (!ok) raise_non_finite();
@@ -142,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(
     at::Tensor bias_f = want_bias ? at::empty({items.rows}, f32) : at::Tensor();
     float* bias_out = want_bias ? bias_f.data_ptr<float>() : nullptr;
     if (items.kind != Kind::kQ8) {
-      grad_item = at::empty({items.rows, items.dim}, f32);
+      grad_item = empty_for_writing({items.rows, items.dim}, f32);
       accumulate_rows(by_item, g.const_data_ptr<float>(), users, ui.const_data_ptr<int64_t>(),
                       grad_item.data_ptr<float>(), items.rows, bias_out);
       grad_item = grad_item.to(item_emb.scalar_type());
