@@ -503,3 +503,40 @@ def test_collection_explicit_backend_without_a_grouped_kernel_loops(monkeypatch)
     feats = features()
     torch.testing.assert_close(ebc(feats), torch.cat(expected(ebc, feats), 1))
     assert calls == {"grouped": 0, "single": 4}
+
+
+def test_sparse_grad_keeps_the_coalesced_flag():
+    """Our sparse gradient is coalesced; torch's AccumulateGrad drops the flag from the .grad it
+    keeps, and the module's hook puts it back (so SparseAdam / Adagrad need not coalesce again),
+    but only where the rows are strictly increasing: torch's one row per index through the shared
+    Parameter, alone or summed into ours, stays uncoalesced."""
+    ref, fused = pair("sum", sparse=True, dtype=torch.float64)
+    fused.weight = ref.weight  # one Parameter, as from_embedding_bag makes it
+    idx, starts = torch.tensor([3, 1, 3, 7, 1, 0]), torch.tensor([0, 2, 5])
+    fused(idx, starts).sum().backward()
+    grad = fused.weight.grad
+    assert grad.is_sparse and grad.is_coalesced()
+    assert grad._indices()[0].tolist() == [0, 1, 3, 7]
+    once = grad.to_dense()
+    torch.testing.assert_close(once, torch.zeros(12, 5, dtype=torch.float64).index_add_(
+        0, idx, torch.ones(6, 5, dtype=torch.float64)))
+    ref(idx, starts).sum().backward()  # torch's gradient summed in: its row per index, repeats
+    assert not fused.weight.grad.is_coalesced()
+    torch.testing.assert_close(fused.weight.grad.to_dense(), 2 * once)
+    fused.weight.grad = None
+    ref(idx, starts).sum().backward()  # torch's alone
+    assert not fused.weight.grad.is_coalesced()
+    torch.testing.assert_close(fused.weight.grad.to_dense(), once)
+    fused.weight.grad = None
+    fused(torch.tensor([5]), torch.tensor([0])).sum().backward()  # one row is coalesced as it is
+    assert fused.weight.grad.is_coalesced()
+    assert len(fused.weight._post_accumulate_grad_hooks) == 1  # registered once, not per call
+
+
+def test_collection_sparse_table_keeps_the_coalesced_flag():
+    ebc = FusedEmbeddingBagCollection(TABLES)
+    ebc.embedding_bags["items"].sparse = True
+    ebc(features()).sum().backward()
+    grad = ebc.embedding_bags["items"].weight.grad
+    assert grad.is_sparse and grad.is_coalesced()
+    assert not ebc.embedding_bags["users"].weight.grad.is_sparse

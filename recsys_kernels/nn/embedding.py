@@ -22,6 +22,32 @@ from ..ops.embedding_grouped import embedding_bag_grouped
 from ..ops.rowwise import check_packed_table, packed_width, quantize_rowwise
 
 
+def _flag_coalesced_grad(weight: Tensor) -> None:
+    """Post-accumulate-grad hook of a sparse table's weight. Our sparse gradient is coalesced,
+    but torch's AccumulateGrad rebuilds a gradient it keeps without that flag, so SparseAdam and
+    Adagrad would coalesce it again (a sort and a copy: 36 ms at shape A). Where the rows are
+    strictly increasing, which is what coalesced means for a gradient with one sparse dimension,
+    the flag is put back; anything else (two backward passes summed, torch's one row per index)
+    is left as it is. CPU only: the check reads the rows, which would sync a GPU."""
+    grad = weight.grad
+    if grad is None or not grad.is_sparse or grad.is_coalesced() or not grad.is_cpu or grad.sparse_dim() != 1:
+        return
+    rows = grad._indices()[0]
+    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        weight.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                              check_invariants=False)
+
+
+def _keep_coalesced_flag(weight: Tensor) -> None:
+    """Gives a trainable table with sparse gradients _flag_coalesced_grad, once (in eager mode;
+    hooks are not carried by pickling, hence the look at the tensor's own hooks)."""
+    if torch.compiler.is_compiling() or not weight.requires_grad or not weight.is_leaf:
+        return
+    hooks = weight._post_accumulate_grad_hooks
+    if hooks is None or _flag_coalesced_grad not in hooks.values():
+        weight.register_post_accumulate_grad_hook(_flag_coalesced_grad)
+
+
 def _quantizable(table: Tensor) -> Tensor:
     """The table as the row-wise quantizer takes it: a float64 table is rounded to float32 first
     (torch's prepack ops refuse float64; the codes are far coarser than that rounding)."""
@@ -185,6 +211,8 @@ class FusedEmbeddingBag(nn.Module):
         if per_sample_weights is not None and per_sample_weights.shape != input.shape:
             raise ValueError(f"per_sample_weights must have the shape of input {tuple(input.shape)}, "
                              f"got {tuple(per_sample_weights.shape)}")
+        if self.sparse:
+            _keep_coalesced_flag(weight)
         return embedding_bag(weight, input, offsets, per_sample_weights=per_sample_weights, mode=self.mode,
                              padding_idx=self.padding_idx, bounds=self.bounds, bits=self.bits or 8,
                              sparse=self.sparse, backend=self.backend)
@@ -314,6 +342,9 @@ class FusedEmbeddingBagCollection(nn.Module):
         backend = bags[0].backend
         loop = backend is not None and backend not in _backend.available_backends("embedding_bag_grouped",
                                                                                    device.type)
+        for bag, weight in zip(bags, table_weights):
+            if bag.sparse:
+                _keep_coalesced_flag(weight)
         grouped = [k for k, w in enumerate(table_weights) if not loop and w.dtype != torch.float64]
         cols: list[Tensor | None] = [None] * len(lookups)
         if len(grouped) < len(lookups):
