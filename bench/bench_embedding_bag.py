@@ -13,6 +13,7 @@ bandwidth. The CPU path follows RECSYS_KERNELS_CPU_ISA (set it to "scalar" to ti
 
 Run: pytest bench/bench_embedding_bag.py -q (add --benchmark-json=out.json to keep the numbers)."""
 import functools
+import os
 
 import pytest
 import torch
@@ -274,8 +275,26 @@ def test_paired_backward(paired_ratio, case):
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.to_dense() if sparse else got, want.to_dense() if sparse else want,
                                rtol=tol, atol=tol)
-    paired_ratio(f"embedding_bag backward {case}", grad(theirs), {"ours": grad(ours)},
-                 rounds=7 if shape == "A" else 20)
+    impls = {"ours": grad(ours)}
+    if shape == "A" and dtype == torch.float32:  # gradients of 32 MiB or more: the huge-page policy both ways
+        impls.update(ours_huge_pages=_with_env("RECSYS_KERNELS_HUGE_PAGES", "1", grad(ours)),
+                     ours_4k_pages=_with_env("RECSYS_KERNELS_HUGE_PAGES", "0", grad(ours)))
+    paired_ratio(f"embedding_bag backward {case}", grad(theirs), impls, rounds=7 if shape == "A" else 20)
+
+
+def _with_env(name, value, fn):
+    """fn called with the environment variable `name` set to `value` (the C++ ops read it per call)."""
+    def call():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return call
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "SparseAdam", "Adagrad"])

@@ -36,8 +36,8 @@ import pytest
 import torch
 
 _BANDWIDTH_GBPS: dict[str, float] = {}  # device type -> measured read bandwidth, GB/s
-# paired_ratio's results: (case, impl, rounds, q1, median, q3)
-_PAIRED: list[tuple[str, str, int, float, float, float]] = []
+# paired_ratio's results: (case, impl, rounds, q1, median, q3, total: summed peer time / summed impl time)
+_PAIRED: list[tuple[str, str, int, float, float, float, float]] = []
 _PROBE_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
 
 
@@ -214,7 +214,8 @@ def paired_ratio(request):
         for name in impls:
             ratios = [p / t for p, t in zip(times["peer"], times[name])]
             q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-            _PAIRED.append((case, name, n, q1, med, q3))
+            total = sum(times["peer"]) / sum(times[name])  # what a loop of such calls gains, its slow rounds included
+            _PAIRED.append((case, name, n, q1, med, q3, total))
             medians[name] = med
         return medians
 
@@ -222,11 +223,12 @@ def paired_ratio(request):
 
 
 def _write_paired(tr) -> None:
-    tr.write_sep("-", "paired ratios (per round: the peer's time / ours, called in turn; > 1: ours faster)")
+    tr.write_sep("-", "paired ratios (per round: the peer's time / ours, called in turn; > 1: ours faster; "
+                      "total: the peer's summed time / ours)")
     width = max(len(case) + len(name) + 3 for case, name, *_ in _PAIRED)
-    tr.write_line(f"{'case':<{width}}  {'rounds':>6} {'median':>7} {'q1':>6} {'q3':>6}")
-    for case, name, n, q1, med, q3 in _PAIRED:
-        tr.write_line(f"{case + ' / ' + name:<{width}}  {n:>6} {med:6.2f}x {q1:5.2f}x {q3:5.2f}x")
+    tr.write_line(f"{'case':<{width}}  {'rounds':>6} {'median':>7} {'q1':>6} {'q3':>6} {'total':>6}")
+    for case, name, n, q1, med, q3, total in _PAIRED:
+        tr.write_line(f"{case + ' / ' + name:<{width}}  {n:>6} {med:6.2f}x {q1:5.2f}x {q3:5.2f}x {total:5.2f}x")
 
 
 @pytest.hookimpl(trylast=True)

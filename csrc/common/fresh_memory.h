@@ -7,7 +7,12 @@
 // the buffer with 2 MiB transparent huge pages (madvise(MADV_HUGEPAGE), which THP's usual
 // "madvise" mode honours): one fault per 2 MiB, and the same 512 MB filled in ~55 ms. It is
 // at::empty otherwise (smaller buffers, other devices, other systems, or THP off).
-// RECSYS_KERNELS_HUGE_PAGES=0 turns it off (read on every call: tests and benchmarks compare both).
+//
+// Off by default in a VM whose virtio balloon reports free pages to the host (as the CI machines'
+// does): the host takes back free 2 MiB blocks every ~2 s, and re-faulting one there costs ~3 ms,
+// so a training loop measured the same mean step time either way, with a longer tail (a 512 MB
+// gradient: 130 ms median, 0.7–1 s every few steps). RECSYS_KERNELS_HUGE_PAGES=1 / 0 forces it on
+// / off (read on every call: tests and benchmarks compare both).
 #pragma once
 
 #include <ATen/ATen.h>
