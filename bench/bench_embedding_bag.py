@@ -14,6 +14,7 @@ bandwidth. The CPU path follows RECSYS_KERNELS_CPU_ISA (set it to "scalar" to ti
 Run: pytest bench/bench_embedding_bag.py -q (add --benchmark-json=out.json to keep the numbers)."""
 import functools
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -285,15 +286,8 @@ def test_paired_backward(paired_ratio, case):
 def _with_env(name, value, fn):
     """fn called with the environment variable `name` set to `value` (the C++ ops read it per call)."""
     def call():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with mock.patch.dict(os.environ, {name: value}):
             return fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
     return call
 
 

@@ -27,8 +27,8 @@ def _flag_coalesced_grad(weight: Tensor) -> None:
     but torch's AccumulateGrad rebuilds a gradient it keeps without that flag, so SparseAdam and
     Adagrad would coalesce it again (a sort and a copy: 36 ms at shape A). Where the rows are
     strictly increasing, which is what coalesced means for a gradient with one sparse dimension,
-    the flag is put back; anything else (two backward passes summed, torch's one row per index)
-    is left as it is. CPU only: the check reads the rows, which would sync a GPU."""
+    the flag is put back; anything else (torch's one row per index, or ours summed with it) is
+    left as it is. CPU only: the check reads the rows, which would sync a GPU."""
     grad = weight.grad
     if grad is None or not grad.is_sparse or grad.is_coalesced() or not grad.is_cpu or grad.sparse_dim() != 1:
         return
