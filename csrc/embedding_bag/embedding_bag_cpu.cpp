@@ -173,6 +173,12 @@ void group_positions_by_row(const int64_t* row_of, int64_t nnz, int64_t r0, int6
 // index_add_ sums; no atomics). Each task owns a run of rows (an even split: hot rows lie
 // scattered through a table).
 
+// The number of tasks of a reduction over n_rows rows: one per thread, but no more than there are
+// rows, and none with under ~32k values of work (`work_values`).
+int64_t row_tasks(int64_t n_rows, int64_t work_values) {
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), n_rows, work_values / 32768}));
+}
+
 // grad_weight [n_rows, D] in an fp32 / fp64 table's own dtype, zeroed by the caller: each task
 // scans the indices in order and adds those of its rows in place. Best where few rows are read (a
 // large table's dense gradient): the zeros cost one bulk page-faulting memset and the scan keeps
@@ -181,7 +187,7 @@ void group_positions_by_row(const int64_t* row_of, int64_t nnz, int64_t r0, int6
 template <typename Acc, typename AddPosition>
 void scatter_to_rows(const int64_t* row_of, int64_t nnz, int64_t n_rows, int64_t d, Acc* gw,
                      const AddPosition& add_position) {
-  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), n_rows, nnz * d / 32768}));
+  const int64_t n_tasks = row_tasks(n_rows, nnz * d);
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     const int64_t r0 = n_rows * t0 / n_tasks, r1 = n_rows * t1 / n_tasks;
     for (int64_t p = 0; p < nnz; ++p)
@@ -198,8 +204,7 @@ void scatter_to_rows(const int64_t* row_of, int64_t nnz, int64_t n_rows, int64_t
 template <typename Acc, typename T, typename AddPosition>
 void reduce_by_row(const int64_t* row_of, int64_t nnz, int64_t n_rows, int64_t d, T* gw,
                    const AddPosition& add_position) {
-  const int64_t n_tasks =
-      std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), n_rows, (n_rows + nnz) * d / 32768}));
+  const int64_t n_tasks = row_tasks(n_rows, (n_rows + nnz) * d);
   const bool avx2 = cpu_isa() >= CpuIsa::kAvx2;
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<Acc> sum(std::is_same_v<T, Acc> ? 0 : d);
