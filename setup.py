@@ -64,11 +64,22 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
 
 
-# Link the C++ runtime as a shared library whatever the compiler driver adds: a g++ wrapper that
-# appends -static-libstdc++ (the GPU machine's image has one) puts a second libstdc++ inside the
-# extension, beside the one torch loads, and then formatting a number into an error message crashes
-# the process. Named before the driver's own -lstdc++, the shared one resolves every reference.
-SHARED_LIBSTDCXX = ["-lstdc++"]
+# Link the C++ runtime as a shared library whatever the compiler driver finds: the GPU machine's g++
+# is a wrapper (-B/opt/gcc/lib/gcc/x86_64-linux-gnu/13/) under which both the driver's -lstdc++ and
+# our own resolved to a static libstdc++.a, a second C++ runtime inside the extension beside the one
+# torch loads; formatting a number into an error message then crashed the process (2026-11-28/30).
+# The file itself, the libstdc++ this python has loaded with torch, is always linked as a shared
+# library (after -Bdynamic, in case a driver switched to -Bstatic before our arguments).
+def shared_libstdcxx():
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = [line.split()[-1] for line in maps if "/libstdc++.so" in line]
+    except OSError:  # not Linux
+        loaded = []
+    return ["-Wl,-Bdynamic", loaded[0]] if loaded else ["-lstdc++"]
+
+
+SHARED_LIBSTDCXX = shared_libstdcxx()
 
 
 # Python's own build flags carry -g: with it the CPU extension was 115 MB (8 MB without the debug

@@ -14,8 +14,9 @@
 # GPU_CHECK_NO_GPU_OK=1 runs it without a GPU (to test the script itself; CUDA tests then skip);
 # GPU_CHECK_TESTS narrows the test selection (default: tests, -k "cuda or triton"; GPU_CHECK_CPU_TOO=1
 # drops the -k), GPU_CHECK_BENCH the benchmark files, GPU_CHECK_AFTER_BUILD runs a command once the
-# build is in place (output in after_build.log); GPU_CHECK_BUDGET_S (470) and
-# GPU_CHECK_BUILD_S (270) change the time limits, for slow machines.
+# build is in place (output in after_build.log); GPU_CHECK_CPU_STEPS=0 skips the two CPU steps
+# (when the development machine itself has AVX-512 and AMX); GPU_CHECK_BUDGET_S (470),
+# GPU_CHECK_BUILD_S (270) and GPU_CHECK_TESTS_S (220) change the time limits, for slow machines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -112,7 +113,7 @@ fi
 # so a step cut short still says what passed. The CPU-only tests are CI's (CPU_TOO=1 adds them).
 XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-12}")
 SELECT=(-k "cuda or triton"); [[ "${GPU_CHECK_CPU_TOO:-0}" == 1 ]] && SELECT=()
-OMP_NUM_THREADS=1 step tests 220 "$OUT/tests.log" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} "${SELECT[@]}" \
+OMP_NUM_THREADS=1 step tests "${GPU_CHECK_TESTS_S:-220}" "$OUT/tests.log" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} "${SELECT[@]}" \
   "${XDIST[@]}" -v -rfE --tb=short -p no:cacheprovider --junitxml="$OUT/junit.xml"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
 tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
@@ -123,15 +124,17 @@ step bench 130 "$OUT/bench.log" "$PY" -m pytest ${GPU_CHECK_BENCH:-bench/bench_e
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,ops
 sed -n '/throughput (median/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 
-# --- the CPU's AVX-512 kernels (the development machines have AVX2 only): embedding_bag's pooling
+# --- the CPU's AVX-512 kernels (some development machines have AVX2 only): embedding_bag's pooling
 # and topk_scores' tile and int8 prefilter (the tests there compare them with AVX2), the int8
 # GEMM's AVX512-VNNI / AMX kernels, on the real instructions; then each CPU path against the peers
+if [[ "${GPU_CHECK_CPU_STEPS:-1}" == 1 ]]; then
 OMP_NUM_THREADS=4 step cpu-wide-tests 100 "$OUT/cpu_wide_tests.log" "$PY" -m pytest tests/test_embedding_bag_cpu.py \
   tests/test_int8_matmul_cpu.py tests/test_scoring_cpu.py -q -rfE --tb=short -p no:cacheprovider
 grep -E "^(FAILED|ERROR)" "$OUT/cpu_wide_tests.log" | head -20 | tee -a "$OUT/summary.txt"
 tail -1 "$OUT/cpu_wide_tests.log" | tee -a "$OUT/summary.txt"
 step cpu-paths 150 "$OUT/cpu_paths.log" "$PY" bench/cpu_paths.py --threads 2 --rounds 7
 grep -E "^(threads|Int8Linear|embedding_bag|  )" "$OUT/cpu_paths.log" | tee -a "$OUT/summary.txt"
+fi
 
 log "done, status $STATUS"
 exit $STATUS

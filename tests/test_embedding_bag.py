@@ -473,7 +473,10 @@ def test_sparse_gradient_is_the_dense_one_coalesced(device, backend, mode, weigh
     sparse_grad = grads[True][0]
     assert sparse_grad.is_sparse and sparse_grad.is_coalesced() and sparse_grad.shape == base.shape
     assert sparse_grad._indices().cpu()[0].tolist() == rows_read(indices, n_rows, bounds, padding_idx)
-    assert torch.equal(sparse_grad.to_dense(), grads[False][0])
+    if device == "cuda" and backend == "reference":  # torch's index_add_ there: atomics, in no set order
+        torch.testing.assert_close(sparse_grad.to_dense(), grads[False][0])
+    else:
+        assert torch.equal(sparse_grad.to_dense(), grads[False][0])
     if weighted:
         assert torch.equal(grads[True][1], grads[False][1])
 
@@ -549,7 +552,7 @@ def test_max_with_nan_rows(device, backend):
     grad_out = torch.randn(6, d)
     outs, grads = [], []
     for be, dev in (("reference", "cpu"), (backend, device)):
-        w = weight.to(dev).requires_grad_()
+        w = weight.to(dev, copy=True).requires_grad_()  # a leaf of its own on each device
         out = embedding_bag(w, indices.to(dev), offsets.to(dev), mode="max", backend=be)
         out.backward(grad_out.to(dev))
         outs.append(out.detach().cpu())

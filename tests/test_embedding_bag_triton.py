@@ -184,7 +184,8 @@ def test_dequantized_values_means_and_fp64_casts_have_the_reference_bits():
     """Where the reference's result is exact arithmetic plus its roundings, the Triton backend gives
     its bits: a max over int8 / int4 rows (each output one dequantized code * scale + bias, two
     roundings: on a GPU Triton contracted them into one fma), a mean of bags whose sums are exact
-    (a GPU's fp32 `/` is div.full.f32, 2 ulp), an fp64 table's one-row bags cast to fp16 / bf16
+    (a GPU's fp32 `/` is div.full.f32, 2 ulp; inexact sums would depend on the order of the
+    reference's index_add_, atomics on a GPU), an fp64 table's one-row bags cast to fp16 / bf16
     (torch casts through fp32, a GPU's cvt rounds once; the interpreter's fp64 -> bf16 cast gave
     garbage). Checked in the compiled PTX for sm_90 as well (docs/design.md)."""
     g = torch.Generator().manual_seed(3)
@@ -192,9 +193,8 @@ def test_dequantized_values_means_and_fp64_casts_have_the_reference_bits():
     off = torch.arange(0, 61, 3).to(DEVICE)
     for bits in (8, 4):
         packed = quantize_rowwise(torch.randn(50, 64, generator=g) * 3, bits).to(DEVICE)
-        for mode in ("max", "mean") if bits == 8 else ("max",):
-            got, ref = (embedding_bag(packed, idx, off, mode=mode, bits=bits, backend=b) for b in ("triton", "reference"))
-            assert torch.equal(got.cpu(), ref.cpu()), (bits, mode)
+        got, ref = (embedding_bag(packed, idx, off, mode="max", bits=bits, backend=b) for b in ("triton", "reference"))
+        assert torch.equal(got.cpu(), ref.cpu()), bits
     ints = torch.randint(-50, 50, (50, 33), generator=g).float().to(DEVICE)  # exact sums
     got, ref = (embedding_bag(ints, idx, off, mode="mean", backend=b) for b in ("triton", "reference"))
     assert torch.equal(got.cpu(), ref.cpu())

@@ -388,10 +388,10 @@ def test_huge_pages_setting_is_the_env(monkeypatch):
 
 @pytest.mark.parametrize("name", ["_C", "_C_cuda"])
 def test_extension_links_the_shared_cxx_runtime(name):
-    """setup.py names -lstdc++ so that a compiler driver which links libstdc++ statically (a g++
-    wrapper adding -static-libstdc++, as on the GPU machine's image) cannot put a second C++
-    runtime inside the extension: with one, every C++ error message that formats a number crashed
-    the process there."""
+    """setup.py links the shared libstdc++ by its path, so that a compiler driver which finds only
+    the static libstdc++.a (the GPU machine's g++ wrapper) cannot put a second C++ runtime inside
+    the extension: with one, every C++ error message that formats a number crashed the process
+    there."""
     if name not in _loader.EXTENSIONS:
         pytest.skip(f"recsys_kernels.{name} is not built here")
     if shutil.which("readelf") is None:
@@ -399,3 +399,8 @@ def test_extension_links_the_shared_cxx_runtime(name):
     path = _loader.EXTENSIONS[name].__file__
     needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
     assert "libstdc++.so" in needed, f"{path} does not load the shared libstdc++:\n{needed}"
+    # and holds no copy of its own: std::ostream's members (_ZNSo..., where the crash was) are imported
+    symbols = subprocess.run(["readelf", "-sW", path], capture_output=True, text=True, check=True).stdout
+    defined = [line for line in symbols.splitlines()
+               if re.search(r"\s_ZNSo\w*", line) and " UND " not in line]
+    assert not defined, f"{path} defines std::ostream code of its own:\n" + "\n".join(defined)

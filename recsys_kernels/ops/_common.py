@@ -129,11 +129,12 @@ def launch_triton(kernel, grid):
     return launch
 
 
-def keep_opaque_under_interpreter(op) -> None:
-    """Under TRITON_INTERPRET=1 wrap_triton returns the kernel itself, so tracing a triton_op's
-    body (what torch.compile does) would launch it on fake tensors. Keep the op opaque to the
-    compiler instead, as torch.export does for triton ops: the compiled graph calls it eagerly.
-    On a GPU the body is traced and Inductor sees the kernel."""
+def keep_opaque_to_compile(op) -> None:
+    """Keep a triton_op opaque to the compiler, as torch.export does for triton ops: the compiled
+    graph calls it eagerly instead of tracing its body. Needed under TRITON_INTERPRET=1, where
+    wrap_triton returns the kernel itself and tracing would launch it on fake tensors, and for ops
+    whose body branches on an int argument (a SymInt while tracing: each value would compile a
+    graph of its own). Otherwise, on a GPU, the body is traced and Inductor sees the kernel."""
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     def opaque(mode, func, types, args, kwargs):

@@ -225,14 +225,18 @@ def weight_and_psw_grads(backward_op, grad: Tensor, weight: Tensor, indices: Ten
         reads &= idx != padding_idx
     spare = idx.new_full((1,), -1)  # sorts first: the compact table's row 0
     rows, place = torch.unique(torch.cat([spare, torch.where(reads, idx, -1)]), sorted=True, return_inverse=True)
+    # narrow, not [1:]: traced, a slice of the unique rows' data-dependent size got a size symbol of
+    # its own under torch 2.11, and the sparse tensor could not tell its indices and values agree
+    n_read = rows.shape[0] - 1
+    rows_read = rows.narrow(0, 1, n_read)
     if mode == "max" or per_sample_weights is not None:  # the only gradients that read the table
-        compact = torch.cat([weight.new_zeros(1, dim), weight[rows[1:]]])
+        compact = torch.cat([weight.new_zeros(1, dim), weight[rows_read]])
     else:
         compact = weight.new_empty(rows.shape[0], dim)  # read for its shape only
     grad_compact, grad_psw = backward_op(grad, compact, place[1:], offsets.long(), per_sample_weights, mode, 0,
                                          "raise", False)
-    grad_weight = torch.sparse_coo_tensor(rows[None, 1:], grad_compact[1:], (n_rows, dim), is_coalesced=True,
-                                          check_invariants=False)
+    grad_weight = torch.sparse_coo_tensor(rows_read[None], grad_compact.narrow(0, 1, n_read), (n_rows, dim),
+                                          is_coalesced=True, check_invariants=False)
     return grad_weight, grad_psw
 
 

@@ -215,8 +215,8 @@ if _k is not None:
     OP.register_fake(_embedding_bag_fake)
     BACKWARD_OP.register_fake(_embedding_bag_backward_fake)
     if _k.interpreted():
-        _common.keep_opaque_under_interpreter(OP)
-        _common.keep_opaque_under_interpreter(BACKWARD_OP)
+        _common.keep_opaque_to_compile(OP)
+        _common.keep_opaque_to_compile(BACKWARD_OP)
     _common.register_autograd_with_backward_op({"triton": OP}, {**BACKWARD, "triton": BACKWARD_OP},
                                                "embedding_bag_backward", _make_backward, _setup_context)
 else:

@@ -172,7 +172,7 @@ for _name, _fn, _fake in (("quantize_rows_int8", _quantize_rows_int8_triton, _qu
         _op = torch.library.triton_op(f"{_common.LIB}::{_name}_triton", _fn, mutates_args=())
         _op.register_fake(_fake)  # the shared fake kernel (a triton_op's own would trace the body)
         if _k.interpreted():
-            _common.keep_opaque_under_interpreter(_op)
+            _common.keep_opaque_to_compile(_op)
         _common.register_autograd({"triton": _op}, _no_backward(_name), _common.setup_nothing)
     OPS[_name] = _op
     _backend.register(_name, "triton", _op, devices=_common.triton_devices(), reason=_REASON)

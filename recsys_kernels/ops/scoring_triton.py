@@ -346,8 +346,10 @@ for _name, _fn, _fake in _OPS:
     if _k is not None:
         _op = torch.library.triton_op(f"{_common.LIB}::{_name}_triton", _fn, mutates_args=())
         _op.register_fake(_fake)  # the shared fake kernel (a triton_op's own would trace the body)
-        if _k.interpreted():
-            _common.keep_opaque_under_interpreter(_op)
+        # the top-k bodies pick chunks and kernel configurations from k: traced, each k compiled a
+        # graph of its own (5 graphs for k = 1..11 on an H200, 2026-11-30)
+        if _k.interpreted() or _name in ("candidate_topk", "topk_scores"):
+            _common.keep_opaque_to_compile(_op)
     OPS[_name] = _op
     _backend.register(_name, "triton", _op, devices=_common.triton_devices(), reason=_REASON)
 
