@@ -2,11 +2,13 @@
 # The one prepared GPU check (DESIGN.md §8). On a fresh GPU machine, from any directory:
 #   bash bench/gpu_check.sh
 # builds the package with the CUDA extension (sm_90 only, to save time), runs the tests that use
-# the GPU, runs the GPU benchmarks, then the tests of the CPU's AVX-512 / AVX512-VNNI / AMX kernels
-# and a path comparison of Int8Linear (that machine's Xeon has them), and writes everything under $OUT (default
+# the GPU, runs the GPU benchmarks and a hardware-counter profile of the CUDA embedding_bag forward
+# (with GPU_CHECK_CPU_STEPS=1 then the tests of the CPU's AVX-512 / AVX512-VNNI / AMX kernels and a
+# path comparison of Int8Linear: that machine's Xeon has them), and writes everything under $OUT (default
 # /tmp/recsys_kernels_gpu_check): summary.txt (read this first), nvidia-smi.txt, build.log,
-# tests.log, junit.xml, bench.log, bench.json, cpu_wide_tests.log, cpu_paths.log (and
-# build_pip_failed.log if pip could not install). Everything fits in 8 minutes: each step runs under `timeout`.
+# tests.log, junit.xml, bench.log, bench.json, ncu_embedding_bag.txt (cpu_wide_tests.log and
+# cpu_paths.log with GPU_CHECK_CPU_STEPS=1, build_pip_failed.log if pip could not install).
+# Everything fits in 9 minutes (run it with timeout_s 560): each step runs under `timeout`.
 #
 # The machine has no network: it uses the python3 that holds PyTorch there (override with
 # PYTHON=...), and that torch, whatever its version; nothing is downloaded. Exit status: 0 when
@@ -14,9 +16,11 @@
 # GPU_CHECK_NO_GPU_OK=1 runs it without a GPU (to test the script itself; CUDA tests then skip);
 # GPU_CHECK_TESTS narrows the test selection (default: tests, -k "cuda or triton"; GPU_CHECK_CPU_TOO=1
 # drops the -k), GPU_CHECK_BENCH the benchmark files, GPU_CHECK_AFTER_BUILD runs a command once the
-# build is in place (output in after_build.log); GPU_CHECK_CPU_STEPS=0 skips the two CPU steps
-# (when the development machine itself has AVX-512 and AMX); GPU_CHECK_BUDGET_S (470),
-# GPU_CHECK_BUILD_S (270) and GPU_CHECK_TESTS_S (220) change the time limits, for slow machines.
+# build is in place (output in after_build.log); GPU_CHECK_CPU_STEPS=1 adds the two CPU steps (off
+# by default: the development machines have had AVX-512 and AMX since 2026-11-30, and the device
+# tool brings back 8 files at most); GPU_CHECK_PROFILE=0 skips the Nsight Compute profile of the
+# CUDA embedding_bag forward (ncu_embedding_bag.txt); GPU_CHECK_BUDGET_S (520),
+# GPU_CHECK_BUILD_S (270) and GPU_CHECK_TESTS_S (250) change the time limits, for slow machines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +28,7 @@ OUT="${OUT:-/tmp/recsys_kernels_gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"   # 8 minutes minus a margin for the caller
+BUDGET_S="${GPU_CHECK_BUDGET_S:-520}"   # 9 minutes minus a margin for the caller
 STATUS=0
 
 log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -113,7 +117,7 @@ fi
 # so a step cut short still says what passed. The CPU-only tests are CI's (CPU_TOO=1 adds them).
 XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-12}")
 SELECT=(-k "cuda or triton"); [[ "${GPU_CHECK_CPU_TOO:-0}" == 1 ]] && SELECT=()
-OMP_NUM_THREADS=1 step tests "${GPU_CHECK_TESTS_S:-220}" "$OUT/tests.log" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} "${SELECT[@]}" \
+OMP_NUM_THREADS=1 step tests "${GPU_CHECK_TESTS_S:-250}" "$OUT/tests.log" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} "${SELECT[@]}" \
   "${XDIST[@]}" -v -rfE --tb=short -p no:cacheprovider --junitxml="$OUT/junit.xml"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
 tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
@@ -124,10 +128,21 @@ step bench 130 "$OUT/bench.log" "$PY" -m pytest ${GPU_CHECK_BENCH:-bench/bench_e
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,ops
 sed -n '/throughput (median/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 
+# --- hardware counters of the CUDA embedding_bag forward, fp32 / int8 / int4 rows (Nsight Compute;
+# the clocks left as they are): occupancy, memory throughput, and what the warps wait on
+if [[ "${GPU_CHECK_PROFILE:-1}" == 1 ]] && command -v ncu > /dev/null; then
+  step profile 60 "$OUT/ncu_embedding_bag.txt" ncu --clock-control none --nvtx --nvtx-include profile_fp32/ \
+    --nvtx-include profile_int8/ --nvtx-include profile_int4/ --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
+    "$PY" bench/profile_embedding_bag_cuda.py
+  grep -E "embedding_bag|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy" \
+    "$OUT/ncu_embedding_bag.txt" | head -40 | tee -a "$OUT/summary.txt"
+fi
+
 # --- the CPU's AVX-512 kernels (some development machines have AVX2 only): embedding_bag's pooling
 # and topk_scores' tile and int8 prefilter (the tests there compare them with AVX2), the int8
 # GEMM's AVX512-VNNI / AMX kernels, on the real instructions; then each CPU path against the peers
-if [[ "${GPU_CHECK_CPU_STEPS:-1}" == 1 ]]; then
+if [[ "${GPU_CHECK_CPU_STEPS:-0}" == 1 ]]; then
 OMP_NUM_THREADS=4 step cpu-wide-tests 100 "$OUT/cpu_wide_tests.log" "$PY" -m pytest tests/test_embedding_bag_cpu.py \
   tests/test_int8_matmul_cpu.py tests/test_scoring_cpu.py -q -rfE --tb=short -p no:cacheprovider
 grep -E "^(FAILED|ERROR)" "$OUT/cpu_wide_tests.log" | head -20 | tee -a "$OUT/summary.txt"
