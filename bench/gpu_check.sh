@@ -8,7 +8,7 @@
 # /tmp/recsys_kernels_gpu_check): summary.txt (read this first), nvidia-smi.txt, build.log,
 # tests.log, junit.xml, bench.log, bench.json, ncu_embedding_bag.txt (cpu_wide_tests.log and
 # cpu_paths.log with GPU_CHECK_CPU_STEPS=1, build_pip_failed.log if pip could not install).
-# Everything fits in 9 minutes (run it with timeout_s 560): each step runs under `timeout`.
+# Everything fits in 8 minutes (DESIGN.md; call it with timeout_s 530): each step runs under `timeout`.
 #
 # The machine has no network: it uses the python3 that holds PyTorch there (override with
 # PYTHON=...), and that torch, whatever its version; nothing is downloaded. Exit status: 0 when
@@ -19,7 +19,7 @@
 # build is in place (output in after_build.log); GPU_CHECK_CPU_STEPS=1 adds the two CPU steps (off
 # by default: the development machines have had AVX-512 and AMX since 2026-11-30, and the device
 # tool brings back 8 files at most); GPU_CHECK_PROFILE=0 skips the Nsight Compute profile of the
-# CUDA embedding_bag forward (ncu_embedding_bag.txt); GPU_CHECK_BUDGET_S (520),
+# CUDA embedding_bag forward (ncu_embedding_bag.txt); GPU_CHECK_BUDGET_S (470),
 # GPU_CHECK_BUILD_S (270) and GPU_CHECK_TESTS_S (250) change the time limits, for slow machines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ OUT="${OUT:-/tmp/recsys_kernels_gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-BUDGET_S="${GPU_CHECK_BUDGET_S:-520}"   # 9 minutes minus a margin for the caller
+BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"   # 8 minutes minus a margin for the caller
 STATUS=0
 
 log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
