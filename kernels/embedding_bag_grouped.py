@@ -75,9 +75,9 @@ def _load_rows(w_addr, fmt, row, row_stride, dim, cols, keep, m2, GPU_RN: tl.con
     elif fmt == 2:
         vals = _float_rows(w_addr.to(tl.pointer_type(tl.bfloat16)), row, row_stride, cols, m2)
     elif fmt == 3:
-        vals = _int8_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2, GPU_RN)
+        vals = _int8_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2, GPU_RN, 1)
     else:
-        vals = _int4_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2, GPU_RN)
+        vals = _int4_rows(w_addr.to(tl.pointer_type(tl.uint8)), row, row_stride, dim, cols, keep, m2, GPU_RN, 1)
     return vals
 
 

@@ -161,3 +161,44 @@ def _build_library(out_dir: Path, sources: list[str], flags: list[str]) -> ctype
                             text=True)
     assert linked.returncode == 0, linked.stderr[-4000:]
     return ctypes.CDLL(str(so_path))
+
+
+# ----------------------------------------------------------------------------- Triton for sm_90, offline
+SM90_PRELUDE = r'''
+import os, re, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def build(fn, sig, consts, num_warps, divisible_by_16=()):
+    """(PTX, SASS) of a Triton kernel compiled for sm_90; divisible_by_16 names the arguments that
+    a launch would specialize as multiples of 16 (aligned pointers, such sizes and strides)."""
+    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
+    c = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+    path = os.path.join(sys.argv[1], "k.cubin")
+    open(path, "wb").write(c.asm["cubin"])
+    sass = subprocess.run([NVDISASM, path], capture_output=True, text=True, check=True).stdout
+    return c.asm["ptx"], sass
+'''
+
+
+def run_sm90_compile(script: str, tmp_path) -> str:
+    """Run SM90_PRELUDE + script in a fresh interpreter (Triton compiled for sm_90 ahead of time,
+    with the ptxas and nvdisasm in the triton wheel: no GPU needed; TRITON_INTERPRET unset) and
+    return its output, which must end with "ok". Skips where the wheel lacks the NVIDIA tools."""
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("triton wheel without the NVIDIA tools")
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", SM90_PRELUDE + script, str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
+    return out.stdout

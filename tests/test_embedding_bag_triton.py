@@ -6,6 +6,7 @@ tensors under TRITON_INTERPRET=1 (set by conftest.py without a GPU): shapes are 
 import pytest
 import torch
 
+from helpers import run_sm90_compile
 from recsys_kernels import _backend
 from recsys_kernels.ops import embedding_triton  # noqa: F401 - registers the triton backend
 from recsys_kernels.ops.embedding import embedding_bag
@@ -178,6 +179,30 @@ def test_bf16_results_round_to_nearest_even():
             embedding_bag(w, idx, off, output_dtype=torch.float32, sparse=sparse, backend=backend).backward(values)
             grads.append(w.grad.to_dense().cpu())
     assert all(torch.equal(g, grads[0]) for g in grads) and grads[0][2, 0] == 1.0078125
+
+
+@pytest.mark.parametrize("bits,dim,align", [(8, 64, 8), (8, 4, 4), (8, 6, 2), (8, 5, 1), (8, 264, 8),
+                                            (4, 8, 8), (4, 64, 4), (4, 4, 2), (4, 6, 1), (4, 264, 8)])
+def test_packed_rows_read_several_bytes_at_once_where_aligned(bits, dim, align):
+    """The forward reads a packed table several bytes at a time where every row starts on a
+    multiple of ROW_ALIGN bytes (the address and the row stride, D + 8 or D / 2 + 4 bytes); the
+    same rows at an odd address (a view one byte into a buffer) are read byte by byte. Both give
+    the same bits, and the reference's values, for each mode, with an index range that has
+    padding and out-of-range indices; D = 264 spans two column blocks (BLOCK_D <= 256)."""
+    g = torch.Generator().manual_seed(dim * bits)
+    table = quantize_rowwise(torch.randn(40, dim, generator=g) * 2, bits).to(DEVICE)
+    buffer = torch.empty(table.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    odd = buffer[1:].view(table.shape)
+    odd.copy_(table)
+    assert embedding_triton._row_alignment(table) == align and embedding_triton._row_alignment(odd) == 1
+    indices, offsets = bags(9, max_len=7, n_rows=40, lo=-2, hi=42, gen=g)
+    indices, offsets = indices.to(DEVICE), offsets.to(DEVICE)
+    for mode in ("sum", "mean", "max"):
+        kw = dict(mode=mode, bits=bits, bounds="zero", padding_idx=5)
+        got = embedding_bag(table, indices, offsets, backend="triton", **kw)
+        assert torch.equal(got, embedding_bag(odd, indices, offsets, backend="triton", **kw)), mode
+        ref = embedding_bag(table.cpu(), indices.cpu(), offsets.cpu(), backend="reference", **kw)
+        assert_matches(got.cpu(), ref)
 
 
 def test_dequantized_values_means_and_fp64_casts_have_the_reference_bits():
@@ -520,3 +545,40 @@ def test_compile_backward():
     g_ref, = torch.autograd.grad(embedding_bag(weight, idx, off, mode="mean", backend="reference").square().sum(),
                                  weight)
     torch.testing.assert_close(g, g_ref)
+
+
+# ----------------------------------------------------------------------------- GPU code
+_SM90_FORWARD = r'''
+import collections
+from recsys_kernels._triton import embedding_bag as k
+
+D = 128  # issue 3's shape: rows of 512 (fp32), 136 (int8) or 68 (int4) bytes
+for bits, align in ((0, 1), (8, 8), (8, 1), (4, 4), (4, 1)):
+    cfg = k.launch_config(D, True)
+    warps = cfg.pop("num_warps")
+    sig = dict(W="*u8" if bits else "*fp32", IDX="*i64", OFF="*i64", PSW="*fp32", OUT="*fp32", TOKEN="*fp32",
+               n_rows="i32", row_stride="i32", D="i32", pad="i32")
+    consts = dict(MODE=0, BOUNDS=0, HAS_PAD=False, HAS_PSW=False, BITS=bits, ROW_ALIGN=align, ACC64=False,
+                  GPU_RN=True, **cfg)
+    stride = {0: D, 8: D + 8, 4: D // 2 + 4}[bits]
+    ptx, sass = build(k._embedding_bag_fwd_kernel, {**sig, **{n: "constexpr" for n in consts}}, consts, warps,
+                      ["W", "IDX", "OFF", "PSW", "OUT", "TOKEN", "n_rows", "D"] + (["row_stride"] if stride % 16 == 0 else []))
+    loads = collections.Counter(re.findall(r"\bLDG\.E[.A-Z0-9]*", sass))
+    print(bits, align, dict(loads), "mul.rn", ptx.count("mul.rn.f32"), "fma.rn", ptx.count("fma.rn.f32"))
+    assert sass.count("STL") == 0, "register spill stores"
+    if bits:  # the dequantization's product rounded on its own, never contracted with the bias add
+        assert ptx.count("mul.rn.f32") > 0 and ptx.count("fma.rn.f32") == 0
+    if bits and align > 1:  # rows read several bytes at a time: no byte loads, a dozen loads a step
+        assert loads["LDG.E.U8"] == 0 and sum(loads.values()) <= 12, loads
+    elif bits:  # (byte by byte: 144 loads for int8, 80 for int4, with Triton 3.8)
+        assert loads["LDG.E.U8"] > 0, loads
+print("ok")
+'''
+
+
+def test_forward_compiles_for_sm90_with_wide_loads(tmp_path):
+    """The forward kernel as a GPU launch at D = 128 compiles it: no register spills; packed rows
+    read several bytes a load where aligned (2026-11-30: int8 144 byte loads per step -> 4 word
+    loads, int4 80 -> 2 + 4 halves; fp32 rows 4 16-byte loads); the dequantization's mul.rn kept."""
+    out = run_sm90_compile(_SM90_FORWARD, tmp_path)
+    print(out)

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import run_sm90_compile
 from recsys_kernels import _backend
 from recsys_kernels.ops import scoring, scoring_triton  # noqa: F401 - registers the triton backend
 from recsys_kernels.ops.rowwise import dequantize_rowwise, quantize_rowwise
@@ -385,22 +386,7 @@ def test_compile_backward():
 
 # ----------------------------------------------------------------------------- GPU code paths
 _SM90_COMPILE = r'''
-import os, re, subprocess, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from recsys_kernels._triton import scoring as k
-
-NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
-
-
-def build(fn, sig, consts, num_warps):
-    c = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    path = os.path.join(sys.argv[1], "k.cubin")
-    open(path, "wb").write(c.asm["cubin"])
-    sass = subprocess.run([NVDISASM, path], capture_output=True, text=True, check=True).stdout
-    return c.asm["ptx"], sass
 
 
 def gather(int8):
@@ -449,18 +435,5 @@ print("ok")
 
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    # the GPU-only paths (inline mul.rn, tl.topk, native bf16 dot, the chosen GPU tiles) compiled
-    # ahead of time with the ptxas in the triton wheel: no GPU needed
-    import os
-    import subprocess
-    import sys
-
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
-        pytest.skip("triton wheel without the NVIDIA tools")
-    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE, str(tmp_path)], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
+    # the GPU-only paths (inline mul.rn, tl.topk, native bf16 dot, the chosen GPU tiles)
+    run_sm90_compile(_SM90_COMPILE, tmp_path)
