@@ -194,7 +194,7 @@ def test_packed_rows_read_several_bytes_at_once_where_aligned(bits, dim, align):
     buffer = torch.empty(table.numel() + 1, dtype=torch.uint8, device=DEVICE)
     odd = buffer[1:].view(table.shape)
     odd.copy_(table)
-    assert embedding_triton._row_alignment(table) == align and embedding_triton._row_alignment(odd) == 1
+    assert embedding_triton.row_alignment(table) == align and embedding_triton.row_alignment(odd) == 1
     indices, offsets = bags(9, max_len=7, n_rows=40, lo=-2, hi=42, gen=g)
     indices, offsets = indices.to(DEVICE), offsets.to(DEVICE)
     for mode in ("sum", "mean", "max"):

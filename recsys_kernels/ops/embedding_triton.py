@@ -140,14 +140,14 @@ def _embedding_bag_triton(weight: Tensor, indices: Tensor, offsets: Tensor, per_
         n_rows, weight.stride(0), dim,
         -1 if padding_idx is None else padding_idx,
         MODE=_k.MODE_CODES[mode], BOUNDS=_k.BOUNDS_CODES[bounds], HAS_PAD=padding_idx is not None,
-        HAS_PSW=psw is not None, BITS=bits if quantized else 0, ROW_ALIGN=_row_alignment(weight),
+        HAS_PSW=psw is not None, BITS=bits if quantized else 0, ROW_ALIGN=row_alignment(weight),
         ACC64=weight.dtype == torch.float64,
         GPU_RN=_k.compiled_on_gpu(weight),
         **cfg)
     return out
 
 
-def _row_alignment(weight: Tensor) -> int:
+def row_alignment(weight: Tensor) -> int:
     """The largest of 8, 4, 2 bytes that the address and the row stride of a packed uint8 table
     are multiples of (so is every row start), or 1: the forward kernel's ROW_ALIGN. A view into a
     table may start anywhere, and rows of D + 8 bytes for an odd D are not aligned. A fake tensor
