@@ -43,9 +43,9 @@ def _bag_rows(IDX, pos, pmask, n_rows, pad, BOUNDS: tl.constexpr, HAS_PAD: tl.co
 
 @triton.jit
 def _row_base(W, row, row_stride, ALIGN: tl.constexpr):
-    """[BLOCK_L] row pointers; ALIGN > 1 tells the compiler every row start is a multiple of ALIGN
-    bytes (the caller checked the table's address and row stride), so that it may
-    load several bytes of a row at once."""
+    """[BLOCK_L] row pointers; ALIGN > 1 tells the compiler that every row start is a multiple of
+    ALIGN bytes (the caller checked the table's address and row stride), so that it may load
+    several bytes of a row at once."""
     offset = row * row_stride
     if ALIGN > 1:
         offset = tl.multiple_of(offset, ALIGN)
@@ -88,18 +88,15 @@ def _int4_rows(W, row, row_stride, dim, cols, keep, m2, GPU_RN: tl.constexpr, AL
     read byte by byte."""
     base = _row_base(W, row, row_stride, ALIGN)
     if ALIGN >= 2:
-        # each byte loaded once (a tile of BLOCK_D / 2 bytes), its two nibbles put side by side
-        half = col0 // 2 + tl.arange(0, BLOCK_D // 2)
+        half = col0 // 2 + tl.arange(0, BLOCK_D // 2)  # (the mask keeps the reads inside the row)
         packed = tl.load(base[:, None] + half[None, :], mask=keep[:, None] & (half < dim // 2)[None, :], other=0)
         codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [BLOCK_L, BLOCK_D])
-    else:
-        packed = tl.load(base[:, None] + (cols // 2)[None, :], mask=m2, other=0)
-        codes = tl.where((cols % 2 == 0)[None, :], packed & 0xF, packed >> 4)
-    if ALIGN >= 2:
         tail = (base + dim // 2).to(tl.pointer_type(tl.float16))
         scale = tl.load(tail, mask=keep, other=0.0).to(tl.float32)
         bias = tl.load(tail + 1, mask=keep, other=0.0).to(tl.float32)
     else:
+        packed = tl.load(base[:, None] + (cols // 2)[None, :], mask=m2, other=0)
+        codes = tl.where((cols % 2 == 0)[None, :], packed & 0xF, packed >> 4)
         tail = base + dim // 2
         s0 = tl.load(tail + 0, mask=keep, other=0).to(tl.uint16)
         s1 = tl.load(tail + 1, mask=keep, other=0).to(tl.uint16)
