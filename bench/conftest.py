@@ -119,7 +119,7 @@ def measured_peak(device: torch.device | str, kind: str) -> float:
     key = (device.type, kind)
     if key not in _PEAK_GOPS:
         sizes = [(4096, 1024)] if device.type == "cpu" else [(4096, 4096), (8192, 8192)]
-        best = float("nan")
+        rates = []
         for m, n in sizes:
             fn = None
             if kind == "fp32":
@@ -137,9 +137,8 @@ def measured_peak(device: torch.device | str, kind: str) -> float:
                     torch._int_mm(a, b)
             if fn is not None:
                 with temporarily(torch.backends.cuda.matmul, "allow_tf32", False):  # fp32 means fp32
-                    gops = 2 * m * n * n / _best_time(fn, device) / 1e9
-                best = gops if best != best else max(best, gops)
-        _PEAK_GOPS[key] = best
+                    rates.append(2 * m * n * n / _best_time(fn, device) / 1e9)
+        _PEAK_GOPS[key] = max(rates, default=float("nan"))
     return _PEAK_GOPS[key]
 
 

@@ -34,8 +34,7 @@ def _flag_coalesced_grad(weight: Tensor) -> None:
         return
     rows = grad._indices()[0]
     if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-        weight.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
-                                              check_invariants=False)
+        grad._coalesced_(True)
 
 
 def _keep_coalesced_flag(weight: Tensor) -> None:
