@@ -1,8 +1,10 @@
 // What the arithmetic of an int8 row-wise bag costs when the rows are in L1, in plain C (no torch,
 // no recsys_kernels): D = 128 codes + fp32 scale + fp32 bias a row (136 bytes), bags of 32 rows,
-// one thread, five ways to add a row's 16 values (one vector) into the bag's sum:
-//   exact    acc + (code * scale + bias): two roundings, then the sum (our kernels and the
-//            reference: 5 vector ops with the code's widening and conversion)
+// one thread, six ways to add a row's 16 values (one vector) into the bag's sum:
+//   exact    acc + (code * scale + bias): two roundings, then the sum (the reference, and our
+//            kernels until 2026-12-01: 5 vector ops with the code's widening and conversion)
+//   folded   fma(code, scale, acc), the biases summed apart and added every 4 rows: our kernels
+//            now (embedding_bag_cpu_kernels.h, kBiasFoldRows; 3 ops, and 1 per 4 rows)
 //   bias_fma the same bits with the bias added by fma(x, 1, bias), on the multiply pipes
 //   one_fma  acc + fma(code, scale, bias): one rounding fewer (4 ops)
 //   fbgemm   fma(code, scale, acc + bias): FBGEMM's form (4 ops)
@@ -22,7 +24,7 @@
 
 enum { kDim = 128, kRowBytes = kDim + 8, kBags = 1024, kLen = 32, kRows = 100, kRounds = 31 };
 
-enum Form { kExact, kBiasFma, kOneFma, kFbgemm, kMagic };
+enum Form { kExact, kFolded, kBiasFma, kOneFma, kFbgemm, kMagic };
 
 // Bags of kLen rows of the int8 table t (idx: kBags * kLen row numbers) into out [kBags][kDim].
 static inline __attribute__((always_inline)) void pool_q8(const uint8_t* t, const int32_t* idx, float* out,
@@ -38,12 +40,26 @@ static inline __attribute__((always_inline)) void pool_q8(const uint8_t* t, cons
   for (int b = 0; b < kBags; ++b) {
     __m512 acc[8];
     for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+    float biases = 0.0f;  // kFolded's biases not yet added
     for (int j = 0; j < kLen; ++j) {
       const uint8_t* row = t + (int64_t)idx[b * kLen + j] * kRowBytes;
       float s, o;
       memcpy(&s, row + kDim, 4);
       memcpy(&o, row + kDim + 4, 4);
       const __m512 scale = _mm512_set1_ps(s), bias = _mm512_set1_ps(o), offset = _mm512_set1_ps(-0x1p23f * s);
+      if (form == kFolded) {
+        biases += o;
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+          const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + 16 * k))));
+          acc[k] = _mm512_fmadd_ps(c, scale, acc[k]);
+        }
+        if (j % 4 == 3) {  // kLen is a multiple of 4: the last row folds too
+          for (int k = 0; k < 8; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_set1_ps(biases));
+          biases = 0.0f;
+        }
+        continue;
+      }
       if (form == kMagic) {
 #pragma GCC unroll 8
         for (int k = 0; k < 8; ++k) {
@@ -62,7 +78,8 @@ static inline __attribute__((always_inline)) void pool_q8(const uint8_t* t, cons
           case kBiasFma: acc[k] = _mm512_add_ps(acc[k], _mm512_fmadd_ps(_mm512_mul_ps(c, scale), one, bias)); break;
           case kOneFma: acc[k] = _mm512_add_ps(acc[k], _mm512_fmadd_ps(c, scale, bias)); break;
           case kFbgemm: acc[k] = _mm512_fmadd_ps(c, scale, _mm512_add_ps(acc[k], bias)); break;
-          case kMagic: break;  // above
+          case kMagic:
+          case kFolded: break;  // above
         }
       }
     }
@@ -74,6 +91,7 @@ static inline __attribute__((always_inline)) void pool_q8(const uint8_t* t, cons
 #define POOL_Q8(name, form) \
   static __attribute__((noinline)) void name(const uint8_t* t, const int32_t* idx, float* out) { pool_q8(t, idx, out, form); }
 POOL_Q8(pool_exact, kExact)
+POOL_Q8(pool_folded, kFolded)
 POOL_Q8(pool_bias_fma, kBiasFma)
 POOL_Q8(pool_one_fma, kOneFma)
 POOL_Q8(pool_fbgemm, kFbgemm)
@@ -119,10 +137,10 @@ int main(void) {
   }
   float* out = aligned_alloc(64, kBags * kDim * sizeof(float));
 
-  const char* q8_names[] = {"exact", "bias_fma", "one_fma", "fbgemm", "magic"};
-  void (*q8_forms[])(const uint8_t*, const int32_t*, float*) = {pool_exact, pool_bias_fma, pool_one_fma, pool_fbgemm,
-                                                                pool_magic};
-  enum { kQ8Forms = 5 };
+  const char* q8_names[] = {"exact", "folded (ours)", "bias_fma", "one_fma", "fbgemm", "magic"};
+  void (*q8_forms[])(const uint8_t*, const int32_t*, float*) = {pool_exact, pool_folded, pool_bias_fma, pool_one_fma,
+                                                                pool_fbgemm, pool_magic};
+  enum { kQ8Forms = 6 };
   const char* f32_names[] = {"fp32 D=64, no prefetch", "fp32 D=64, prefetch"};
   void (*f32_forms[])(const float*, const int32_t*, float*) = {pool_f32_plain, pool_f32_prefetch};
   double t[kQ8Forms + 2][kRounds];

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out=$(mktemp -d)
-gcc -O3 -mavx512f -fopenmp -o "$out/gather_floor" gather_floor.c
+gcc -O3 -mavx512f -fopenmp -o "$out/gather_floor" gather_floor.c -lm
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$out/gather_floor"
 rm -rf "$out"

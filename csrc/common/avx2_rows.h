@@ -67,6 +67,7 @@ struct RowParams {
 struct F32 {
   static constexpr int64_t kTailBytes = 0;  // after the codes: nothing
   static constexpr bool kQuant = false;
+  static constexpr bool kFusedSum = false;
   RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
@@ -82,6 +83,7 @@ struct F32 {
 struct F16 {
   static constexpr int64_t kTailBytes = 0;  // after the codes: nothing
   static constexpr bool kQuant = false;
+  static constexpr bool kFusedSum = false;
   RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
@@ -97,6 +99,7 @@ struct F16 {
 struct BF16 {
   static constexpr int64_t kTailBytes = 0;  // after the codes: nothing
   static constexpr bool kQuant = false;
+  static constexpr bool kFusedSum = false;
   RK_AVX2_INLINE static RowParams params(const uint8_t*, int64_t, bool&) { return {}; }
   RK_AVX2_INLINE static __m256 load(const uint8_t* row, int64_t c, const RowParams&) {
     const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
@@ -117,6 +120,9 @@ struct BF16 {
 struct Q8 {
   static constexpr int64_t kTailBytes = 8;  // after the codes: fp32 scale, fp32 bias
   static constexpr bool kQuant = true;
+  // embedding_bag's sums take code * scale in one fma and the biases apart
+  // (embedding_bag_cpu_kernels.h, kBiasFoldRows); codes() and code() are the codes as floats
+  static constexpr bool kFusedSum = true;
   RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
     RowParams p;
     std::memcpy(&p.scale, row + dim, 4);
@@ -134,6 +140,10 @@ struct Q8 {
   RK_AVX2_INLINE static float scalar(const uint8_t* row, int64_t c, const RowParams& p) {
     return static_cast<float>(row[c]) * p.scale + p.bias;
   }
+  RK_AVX2_INLINE static __m256 codes(const uint8_t* row, int64_t c) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c))));
+  }
+  RK_AVX2_INLINE static float code(const uint8_t* row, int64_t c) { return static_cast<float>(row[c]); }
   static constexpr int64_t byte_of(int64_t c) { return c; }
 };
 
@@ -141,6 +151,7 @@ struct Q8 {
 struct Q4 {
   static constexpr int64_t kTailBytes = 4;  // after the codes: fp16 scale, fp16 bias
   static constexpr bool kQuant = true;
+  static constexpr bool kFusedSum = false;  // its values come from a per-row table (the AVX-512 reader)
   RK_AVX2_INLINE static RowParams params(const uint8_t* row, int64_t dim, bool& ok) {
     uint32_t bits;  // fp16 scale in the low half, fp16 bias in the high half (x86: little endian)
     std::memcpy(&bits, row + dim / 2, 4);

@@ -32,6 +32,7 @@ RK_AVX2_INLINE Vec vzero() { return _mm256_setzero_ps(); }
 RK_AVX2_INLINE Vec vset1(float x) { return _mm256_set1_ps(x); }
 RK_AVX2_INLINE Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 RK_AVX2_INLINE Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+RK_AVX2_INLINE Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 RK_AVX2_INLINE Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
 RK_AVX2_INLINE void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 

@@ -53,6 +53,7 @@ RK_AVX512_INLINE Vec vzero() { return _mm512_setzero_ps(); }
 RK_AVX512_INLINE Vec vset1(float x) { return _mm512_set1_ps(x); }
 RK_AVX512_INLINE Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 RK_AVX512_INLINE Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+RK_AVX512_INLINE Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 RK_AVX512_INLINE Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
 RK_AVX512_INLINE void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 
@@ -93,6 +94,9 @@ struct BF16 : avx2::BF16 {
 struct Q8 : avx2::Q8 {
   RK_AVX512_INLINE static Vec load(const uint8_t* row, int64_t c, const RowParams& p) {
     return dequantize(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c))), p);
+  }
+  RK_AVX512_INLINE static Vec codes(const uint8_t* row, int64_t c) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c))));
   }
 };
 

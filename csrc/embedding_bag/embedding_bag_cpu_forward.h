@@ -242,11 +242,25 @@ bool pool_scalar(const RowReader& r, const int64_t* rows, const Acc* weights, in
   std::fill(out, out + d, init);
   bool ok = true;
   constexpr bool kFloat = !std::is_same_v<T, uint8_t>;
+  const bool fused = !kFloat && r.kind == TableKind::kQ8 && !is_max;  // embedding_bag_cpu_kernels.h
+  float biases = 0.0f;  // fused: the biases (* weights) not yet folded into out
   for (int64_t p = 0; p < n; ++p) {
     const uint8_t* row = r.table + rows[p] * r.row_bytes;
     float scale = 1.0f, bias = 0.0f;
     if constexpr (!kFloat) std::tie(scale, bias) = quant_params(r, row, ok);
     const Acc w = weights ? weights[p] : Acc(1);
+    if constexpr (!kFloat) {
+      if (fused) {
+        const float s = weights ? scale * weights[p] : scale;
+        biases += weights ? bias * weights[p] : bias;
+        for (int64_t c = 0; c < d; ++c) out[c] = std::fma(static_cast<float>(row[c]), s, out[c]);
+        if (p % kBiasFoldRows == kBiasFoldRows - 1 || p + 1 == n) {
+          for (int64_t c = 0; c < d; ++c) out[c] = out[c] + biases;
+          biases = 0.0f;
+        }
+        continue;
+      }
+    }
     for (int64_t c = 0; c < d; ++c) {
       Acc v;
       if constexpr (kFloat) {

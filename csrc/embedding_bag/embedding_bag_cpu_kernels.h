@@ -7,7 +7,11 @@
 // fallback is in embedding_bag_cpu_forward.h. Both compute, per column, the same float operations
 // in the same order (row value = code * scale + bias for quantized rows, then * weight, then
 // acc + value or max(acc, value), index order, then / count for mean), so the two paths give
-// bit-identical results. No FMA: the reference rounds the product and the sum separately.
+// bit-identical results. No FMA there: the reference rounds the product and the sum separately.
+// The exception is the int8 sums (sum, mean, weighted sum), in a form like FBGEMM's: per row
+// acc = fma(code, scale * weight, acc), the bias * weight summed apart and added to acc after every
+// kBiasFoldRows rows of the bag and after its last. Every CPU path still gives the same bits; they
+// match the reference to its 1e-5 (DESIGN.md's tolerance for quantized paths), not its bits.
 //
 // Kept free of torch headers on purpose: the vector translation units must not instantiate any
 // inline function that the rest of the library could link against.
@@ -20,6 +24,15 @@
 namespace recsys_kernels::embedding_bag_cpu {
 
 enum class TableKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 3, kQ4 = 4 };
+
+// The int8 sums fold their biases into the accumulators every 4 rows of a bag: summing code *
+// scale alone lets the accumulators grow with the bag (codes are 0..255, so each row adds about
+// half its range) and the rounding error with them (once per bag of 32: 15x the reference's
+// error against the exact sum; every 4 rows: 1.1-1.9x). Three vector operations per 16 columns
+// (widen, convert, fma) and one per 4 rows, where the reference's arithmetic takes five and
+// FBGEMM's four: int8 shape A 0.86-0.90x -> 1.06-1.12x torch's op on a Xeon (docs/performance.md,
+// "int8 sums in FBGEMM's form").
+constexpr int64_t kBiasFoldRows = 4;
 
 // A run of bags to pool, all of whose indices contribute (the caller resolved the bounds policy and
 // padding_idx, or they have nothing to resolve): bag b pools the rows idx[off[b]], ...,

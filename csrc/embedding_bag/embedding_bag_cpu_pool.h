@@ -3,13 +3,16 @@
 // embedding_bag_cpu_avx512.h include it inside their kernel namespace, after defining
 //   RK_POOL, RK_POOL_INLINE   the function attributes (target ISA, fp-contract=off);
 //   Vec, kLanes               the float vector type and its lane count;
-//   vzero, vset1, vadd, vmul, vdiv, vstore, max_nan (NaN-propagating max), prefetch_line(s);
+//   vzero, vset1, vadd, vmul, vfma, vdiv, vstore, max_nan (NaN-propagating max),
+//   prefetch_line(s);
 //   F32, F16, BF16, Q8, Q4    the row readers: params (a RowParams, or a reader's own type
 //                             derived from it), load (kLanes columns from column c, a multiple
-//                             of kLanes), scalar, byte_of, kQuant, and Q4::load_of_4.
+//                             of kLanes), scalar, byte_of, kQuant, kFusedSum, Q4::load_of_4, and
+//                             Q8's codes (kLanes codes as floats) and code (one).
 // Per column every instruction set performs the same float operations in the same order
-// (value = code * scale + bias, * weight, then acc + value or max, index order, / count), so the
-// AVX-512, AVX2 and scalar paths give the same bits.
+// (value = code * scale + bias, * weight, then acc + value or max, index order, / count; int8
+// sums in the fused form of embedding_bag_cpu_kernels.h), so the AVX-512, AVX2 and scalar paths
+// give the same bits.
 //
 // Per bag, the columns go in blocks of up to kMaxVecs vectors: the block's fp32 accumulators stay
 // in registers while the kernel walks the bag's rows in index order; the first block prefetches
@@ -120,6 +123,7 @@ RK_POOL_INLINE bool out_of_range(int64_t r, const PoolArgs& a) {
 // the KNOWN first lines of the row ahead, MORE: and its further lines too.
 template <class L, int NV, bool MAX, bool W, Ahead AHEAD, int64_t KNOWN, bool MORE, class I>
 RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c0, RowLines more, bool& ok) {
+  constexpr bool kFused = L::kFusedSum && !MAX;  // int8 sums (embedding_bag_cpu_kernels.h)
   Vec acc[NV];
   const Vec init = MAX ? vset1(-INFINITY) : vzero();
   // unrolled: as a loop GCC turned it into a memset of the array on the stack (a microcoded
@@ -127,6 +131,7 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
 #pragma GCC unroll 16
   for (int k = 0; k < NV; ++k) acc[k] = init;
   bool finite = true;  // a local: through the reference GCC stored it on every row
+  float biases = 0.0f;  // kFused: the biases (* weights) not yet folded into acc
   for (int64_t p = bag.s; p < bag.e; ++p) {
     const int64_t r = bag.idx[p];
     if constexpr (AHEAD != Ahead::kNone) {
@@ -136,6 +141,18 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
     const uint8_t* row = a.table + r * a.row_bytes;
     const auto prm = L::params(row, a.dim, finite);
     const uint8_t* block = row + L::byte_of(c0);  // constant offsets below (c0 is a multiple of kLanes)
+    if constexpr (kFused) {
+      const Vec scale = vset1(W ? prm.scale * a.weights[p] : prm.scale);
+      biases += W ? prm.bias * a.weights[p] : prm.bias;
+#pragma GCC unroll 16
+      for (int k = 0; k < NV; ++k) acc[k] = vfma(L::codes(block, kLanes * k), scale, acc[k]);
+      if ((p - bag.s) % kBiasFoldRows == kBiasFoldRows - 1) {
+#pragma GCC unroll 16
+        for (int k = 0; k < NV; ++k) acc[k] = vadd(acc[k], vset1(biases));
+        biases = 0.0f;
+      }
+      continue;
+    }
     Vec w;
     if constexpr (W) w = vset1(a.weights[p]);
 #pragma GCC unroll 16  // k must be a constant in load_vector
@@ -143,6 +160,12 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
       Vec v = load_vector<L, NV>(block, k, prm);
       if constexpr (W) v = vmul(v, w);
       acc[k] = MAX ? max_nan(acc[k], v) : vadd(acc[k], v);
+    }
+  }
+  if constexpr (kFused) {
+    if ((bag.e - bag.s) % kBiasFoldRows != 0) {  // else the last row folded them
+#pragma GCC unroll 16
+      for (int k = 0; k < NV; ++k) acc[k] = vadd(acc[k], vset1(biases));
     }
   }
   ok &= finite;
@@ -178,10 +201,12 @@ RK_POOL int64_t pool_block(const PoolArgs& args, const Bag<I>& bag, int64_t c0, 
 template <class L, bool MAX, bool W, Ahead AHEAD, class I>
 RK_POOL int64_t pool_tail(const PoolArgs& args, const Bag<I>& bag, int64_t c0, bool& ok) {
   const PoolArgs a = args;  // not reloaded from memory on every row (see pool_bags_one_block)
+  constexpr bool kFused = L::kFusedSum && !MAX;  // int8 sums (embedding_bag_cpu_kernels.h)
   float acc[kLanes];
   const int64_t nc = a.dim - c0;
   for (int64_t c = 0; c < nc; ++c) acc[c] = MAX ? -INFINITY : 0.0f;
   const RowLines all = row_lines(a, 0);
+  float biases = 0.0f;  // as in pool_rows
   for (int64_t p = bag.s; p < bag.e; ++p) {
     const int64_t r = bag.idx[p];
     if constexpr (AHEAD != Ahead::kNone) {
@@ -190,6 +215,16 @@ RK_POOL int64_t pool_tail(const PoolArgs& args, const Bag<I>& bag, int64_t c0, b
     }
     const uint8_t* row = a.table + r * a.row_bytes;
     const RowParams prm = L::params(row, a.dim, ok);
+    if constexpr (kFused) {
+      const float scale = W ? prm.scale * a.weights[p] : prm.scale;
+      biases += W ? prm.bias * a.weights[p] : prm.bias;
+      for (int64_t c = 0; c < nc; ++c) acc[c] = std::fma(L::code(row, c0 + c), scale, acc[c]);
+      if ((p - bag.s) % kBiasFoldRows == kBiasFoldRows - 1 || p + 1 == bag.e) {
+        for (int64_t c = 0; c < nc; ++c) acc[c] = acc[c] + biases;
+        biases = 0.0f;
+      }
+      continue;
+    }
     for (int64_t c = 0; c < nc; ++c) {
       float v = L::scalar(row, c0 + c, prm);
       if constexpr (W) v = v * a.weights[p];
