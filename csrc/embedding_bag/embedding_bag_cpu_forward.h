@@ -254,7 +254,7 @@ bool pool_scalar(const RowReader& r, const int64_t* rows, const Acc* weights, in
         const float s = weights ? scale * weights[p] : scale;
         biases += weights ? bias * weights[p] : bias;
         for (int64_t c = 0; c < d; ++c) out[c] = std::fma(static_cast<float>(row[c]), s, out[c]);
-        if (p % kBiasFoldRows == kBiasFoldRows - 1 || p + 1 == n) {
+        if (fold_biases_after(p, n)) {
           for (int64_t c = 0; c < d; ++c) out[c] = out[c] + biases;
           biases = 0.0f;
         }

@@ -34,6 +34,13 @@ enum class TableKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 3, kQ4 = 4 };
 // "int8 sums in FBGEMM's form").
 constexpr int64_t kBiasFoldRows = 4;
 
+// Whether the int8 sums add their biases into the accumulators after row j (from 0) of a bag of n
+// rows: the one rule of every CPU path. static: each translation unit keeps its own copy, compiled
+// for its own instruction set (see above).
+static inline bool fold_biases_after(int64_t j, int64_t n) {
+  return j % kBiasFoldRows == kBiasFoldRows - 1 || j + 1 == n;
+}
+
 // A run of bags to pool, all of whose indices contribute (the caller resolved the bounds policy and
 // padding_idx, or they have nothing to resolve): bag b pools the rows idx[off[b]], ...,
 // idx[off[b + 1] - 1], in index order, into out + b * out_stride.

@@ -146,7 +146,7 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
       biases += W ? prm.bias * a.weights[p] : prm.bias;
 #pragma GCC unroll 16
       for (int k = 0; k < NV; ++k) acc[k] = vfma(L::codes(block, kLanes * k), scale, acc[k]);
-      if ((p - bag.s) % kBiasFoldRows == kBiasFoldRows - 1) {
+      if (fold_biases_after(p - bag.s, bag.e - bag.s)) {
 #pragma GCC unroll 16
         for (int k = 0; k < NV; ++k) acc[k] = vadd(acc[k], vset1(biases));
         biases = 0.0f;
@@ -160,12 +160,6 @@ RK_POOL_INLINE int64_t pool_rows(const PoolArgs& a, const Bag<I>& bag, int64_t c
       Vec v = load_vector<L, NV>(block, k, prm);
       if constexpr (W) v = vmul(v, w);
       acc[k] = MAX ? max_nan(acc[k], v) : vadd(acc[k], v);
-    }
-  }
-  if constexpr (kFused) {
-    if ((bag.e - bag.s) % kBiasFoldRows != 0) {  // else the last row folded them
-#pragma GCC unroll 16
-      for (int k = 0; k < NV; ++k) acc[k] = vadd(acc[k], vset1(biases));
     }
   }
   ok &= finite;
@@ -219,7 +213,7 @@ RK_POOL int64_t pool_tail(const PoolArgs& args, const Bag<I>& bag, int64_t c0, b
       const float scale = W ? prm.scale * a.weights[p] : prm.scale;
       biases += W ? prm.bias * a.weights[p] : prm.bias;
       for (int64_t c = 0; c < nc; ++c) acc[c] = std::fma(L::code(row, c0 + c), scale, acc[c]);
-      if ((p - bag.s) % kBiasFoldRows == kBiasFoldRows - 1 || p + 1 == bag.e) {
+      if (fold_biases_after(p - bag.s, bag.e - bag.s)) {
         for (int64_t c = 0; c < nc; ++c) acc[c] = acc[c] + biases;
         biases = 0.0f;
       }

@@ -335,20 +335,21 @@ def _topk_scores_triton(queries: Tensor, items: Tensor, k: int, exclude_offsets:
 
 
 # ----------------------------------------------------------------------------- registration
-_OPS = (("pair_scores", _pair_scores_triton, _s._pair_scores_fake),
-        ("pair_scores_backward", _pair_scores_backward_triton, _s._pair_scores_backward_fake),
-        ("candidate_scores", _candidate_scores_triton, _s._candidate_scores_fake),
-        ("candidate_topk", _candidate_topk_triton, _s._candidate_topk_fake),
-        ("topk_scores", _topk_scores_triton, _s._topk_scores_fake))
+# (name, body, fake kernel, opaque to torch.compile on a GPU too): the top-k bodies pick chunks and
+# kernel configurations from k, so traced, each k compiled a graph of its own (5 graphs for
+# k = 1..11 on an H200, 2026-11-30); under the interpreter every op is opaque
+_OPS = (("pair_scores", _pair_scores_triton, _s._pair_scores_fake, False),
+        ("pair_scores_backward", _pair_scores_backward_triton, _s._pair_scores_backward_fake, False),
+        ("candidate_scores", _candidate_scores_triton, _s._candidate_scores_fake, False),
+        ("candidate_topk", _candidate_topk_triton, _s._candidate_topk_fake, True),
+        ("topk_scores", _topk_scores_triton, _s._topk_scores_fake, True))
 OPS = {}
-for _name, _fn, _fake in _OPS:
+for _name, _fn, _fake, _opaque in _OPS:
     _op = None
     if _k is not None:
         _op = torch.library.triton_op(f"{_common.LIB}::{_name}_triton", _fn, mutates_args=())
         _op.register_fake(_fake)  # the shared fake kernel (a triton_op's own would trace the body)
-        # the top-k bodies pick chunks and kernel configurations from k: traced, each k compiled a
-        # graph of its own (5 graphs for k = 1..11 on an H200, 2026-11-30)
-        if _k.interpreted() or _name in ("candidate_topk", "topk_scores"):
+        if _k.interpreted() or _opaque:
             _common.keep_opaque_to_compile(_op)
     OPS[_name] = _op
     _backend.register(_name, "triton", _op, devices=_common.triton_devices(), reason=_REASON)
